@@ -1,0 +1,106 @@
+"""`PruneConfig`: the pruning settings, frozen and validated.
+
+One object carries everything that decides a selection, so it can be logged, compared, saved with a
+checkpoint (``to_dict``) and restored (``from_dict``). Invalid values raise :class:`ConfigError`
+naming the field, the value and the allowed range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ._validate import check_number
+from .errors import ConfigError
+
+#: Default for :attr:`PruneConfig.max_nodata`: a sample whose no-data share exceeds this fraction is
+#: dropped in Stage I (an extension of the paper's Stage I, see ``max_nodata``).
+DEFAULT_MAX_NODATA = 0.05
+
+#: Values of :attr:`PruneConfig.entropy_filter`.
+ENTROPY_FILTERS = ("auto", "none")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Settings of one selection.
+
+    Args:
+        prune_ratio: share of the dataset to drop, in [0, 1). The budget is
+            ``B = floor((1 - prune_ratio) * N + 0.5)`` samples of the whole index (N samples).
+        entropy_keep: Stage I by fraction: keep the ``entropy_keep`` share of the dataset with the
+            highest entropy, in (0, 1]. Exclusive with ``entropy_threshold``.
+        entropy_threshold: Stage I by threshold: keep samples with entropy >= this many bits, in [0, 8].
+        entropy_filter: what Stage I does when neither ``entropy_keep`` nor ``entropy_threshold`` is
+            given: ``"auto"`` (default) chooses the cut from the pool's own entropy distribution (see
+            :func:`rsprune_data.selection.auto_entropy_threshold`), ``"none"`` keeps every valid sample.
+        strategy: name in :data:`rsprune_data.selection.STRATEGIES` (``"rsprune"`` is the method).
+        seed: seed of the seeded strategies (``"random"``); ignored by the deterministic ones.
+        max_nodata: drop samples whose no-data share exceeds this fraction in Stage I, in [0, 1], or
+            ``None`` to disable. An extension of the paper's Stage I: swath-edge wedges of no-data
+            barely move global entropy, so the entropy filter alone keeps them.
+
+    Example:
+        >>> cfg = PruneConfig(prune_ratio=0.85, entropy_keep=0.3)
+        >>> PruneConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    prune_ratio: float
+    entropy_keep: float | None = None
+    entropy_threshold: float | None = None
+    entropy_filter: str = "auto"
+    strategy: str = "rsprune"
+    seed: int = 0
+    max_nodata: float | None = DEFAULT_MAX_NODATA
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "prune_ratio", check_number("prune_ratio", self.prune_ratio, 0.0, 1.0, hi_open=True))
+        if self.entropy_keep is not None and self.entropy_threshold is not None:
+            raise ConfigError(
+                "`entropy_keep` and `entropy_threshold` are exclusive, got "
+                f"entropy_keep={self.entropy_keep!r} and entropy_threshold={self.entropy_threshold!r}: "
+                "pass only one"
+            )
+        if self.entropy_keep is not None:
+            set_(self, "entropy_keep",
+                 check_number("entropy_keep", self.entropy_keep, 0.0, 1.0, lo_open=True))
+        if self.entropy_threshold is not None:
+            set_(self, "entropy_threshold",
+                 check_number("entropy_threshold", self.entropy_threshold, 0.0, 8.0))
+        if self.entropy_filter not in ENTROPY_FILTERS:
+            raise ConfigError(
+                f"`entropy_filter` must be one of {list(ENTROPY_FILTERS)}, got {self.entropy_filter!r}"
+            )
+        from .selection import STRATEGIES  # selection imports config: resolve at call time
+
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"`strategy` must be one of {sorted(STRATEGIES)}, got {self.strategy!r}"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"`seed` must be an integer >= 0, got {self.seed!r}")
+        if self.max_nodata is not None:
+            set_(self, "max_nodata", check_number("max_nodata", self.max_nodata, 0.0, 1.0))
+
+    def replace(self, **changes: Any) -> PruneConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return PruneConfig(**{**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form; ``PruneConfig.from_dict(c.to_dict()) == c``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruneConfig:
+        """Build from :meth:`to_dict` output; unknown keys raise :class:`ConfigError`."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown PruneConfig field(s) {unknown}; allowed fields are {sorted(known)}"
+            )
+        if "prune_ratio" not in data:
+            raise ConfigError("`prune_ratio` is required, got a dict without it")
+        return cls(**data)

@@ -1,0 +1,166 @@
+"""From a :class:`PruneConfig` and an index's arrays to a selection and its summary (numpy only).
+
+This is the config layer around :func:`rsprune_data.selection.select_indices`: it folds the no-data
+filter into the validity mask, resolves the data-driven Stage I default, and reports per-stage counts.
+
+Data-driven Stage I (``entropy_filter="auto"`` with neither ``entropy_keep`` nor
+``entropy_threshold``). The paper keeps a fixed 30% by entropy on Git-10M, a global corpus full of
+ocean, desert and cloud. On a pool that is not dominated by such tiles a fixed fraction throws away
+whole natural scene types (fields, grass, water and forest sit at 5-6.5 bits against 7-7.5 for built-up
+scenes) and Stage II then has nothing left to balance. Stage I's job is to remove *junk*, the
+low-information outliers of this pool; balancing is Stage II's. So the cut is the pool's own robust
+low tail::
+
+    t = clip(median(H) - 3 * 1.4826 * MAD(H), AUTO_MIN_BITS, AUTO_MAX_BITS)
+
+over the valid samples that pass ``max_nodata``. ``1.4826 * MAD`` estimates the standard deviation
+of the bulk without being moved by the outliers themselves; 3 of them is the usual outlier fence.
+The floor (2 bits: at most ~4 equally used grey levels) always removes blank, saturated and no-data
+tiles, even in a pool made mostly of them; the ceiling (4.5 bits) keeps a tight, high-entropy pool
+from cutting into real texture. The chosen threshold is reported in the summary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .config import PruneConfig
+from .errors import ConfigError
+from .selection import STAGE1_STRATEGIES, budget, select_indices
+
+AUTO_MIN_BITS = 2.0
+AUTO_MAX_BITS = 4.5
+AUTO_MAD_FENCE = 3.0
+_MAD_TO_SIGMA = 1.4826
+
+
+class IndexArrays(Protocol):
+    """What the config layer reads from an index (``PruneIndex`` or anything alike)."""
+
+    entropy: NDArray[Any]
+    cluster_ids: NDArray[Any]
+    similarity: NDArray[Any]
+    valid: NDArray[np.bool_]
+    num_clusters: int
+
+    @property
+    def nodata(self) -> NDArray[Any] | None: ...
+
+    def __len__(self) -> int: ...
+
+
+def auto_entropy_threshold(entropy: NDArray[Any]) -> float:
+    """The data-driven Stage I cut in bits (see the module docstring).
+
+    Example:
+        >>> auto_entropy_threshold(np.array([7.0, 7.1, 6.9, 7.2, 6.8, 0.1]))
+        4.5
+    """
+    e = np.asarray(entropy, dtype=np.float64)
+    if e.size == 0:
+        return AUTO_MIN_BITS
+    med = float(np.median(e))
+    mad = float(np.median(np.abs(e - med)))
+    cut = med - AUTO_MAD_FENCE * _MAD_TO_SIGMA * mad
+    return float(min(max(cut, AUTO_MIN_BITS), AUTO_MAX_BITS))
+
+
+@dataclass(frozen=True)
+class Stage1:
+    """How Stage I was resolved for one pool."""
+
+    eligible: NDArray[np.bool_]  # valid and within max_nodata
+    entropy_keep: float | None
+    entropy_threshold: float | None
+    rule: str  # "keep", "threshold", "auto" or "none"
+
+
+def resolve_stage1(index: IndexArrays, config: PruneConfig) -> Stage1:
+    """Fold ``max_nodata`` into validity and pick Stage I's arguments for ``config``."""
+    eligible = np.asarray(index.valid, dtype=bool)
+    uses_stage1 = config.strategy in STAGE1_STRATEGIES
+    nodata = index.nodata
+    if uses_stage1 and config.max_nodata is not None and nodata is not None:
+        eligible = eligible & (nodata <= config.max_nodata)
+    if not uses_stage1 or config.strategy == "entropy":
+        return Stage1(eligible, None, None, "none")
+    if config.entropy_keep is not None:
+        return Stage1(eligible, config.entropy_keep, None, "keep")
+    if config.entropy_threshold is not None:
+        return Stage1(eligible, None, config.entropy_threshold, "threshold")
+    if config.entropy_filter == "auto":
+        return Stage1(eligible, None, auto_entropy_threshold(index.entropy[eligible]), "auto")
+    return Stage1(eligible, None, None, "none")
+
+
+def _check_clusters(index: IndexArrays, config: PruneConfig) -> None:
+    if index.num_clusters < 1 and config.strategy not in ("entropy", "random"):
+        raise ConfigError(
+            f"strategy {config.strategy!r} needs cluster assignments, but the index was built "
+            "without centroids: use strategy='entropy' or 'random', or re-run `rsprune-data index "
+            "... --centroids centroids.safetensors`"
+        )
+
+
+def select_with_config(index: IndexArrays, config: PruneConfig) -> NDArray[np.int64]:
+    """Sorted global positions that ``config`` keeps from ``index``."""
+    _check_clusters(index, config)
+    st = resolve_stage1(index, config)
+    return select_indices(
+        index.entropy, index.cluster_ids, index.similarity,
+        num_clusters=max(index.num_clusters, 1), prune_ratio=config.prune_ratio,
+        entropy_keep=st.entropy_keep, entropy_threshold=st.entropy_threshold,
+        valid=st.eligible, strategy=config.strategy, seed=config.seed,
+    )
+
+
+def selection_summary(index: IndexArrays, config: PruneConfig,
+                      selected: NDArray[np.int64] | None = None) -> dict[str, Any]:
+    """Per-stage counts of a selection, as plain JSON types.
+
+    Keys: ``config``, ``samples``, ``budget``, ``invalid``, ``nodata_dropped``, ``stage1_rule``,
+    ``entropy_threshold``/``entropy_keep`` (what Stage I used), ``stage1_dropped``, ``candidates``,
+    ``selected``, ``shortfall``, ``num_clusters``, ``clusters_in_pool``, ``clusters_covered``.
+    """
+    if selected is None:
+        selected = select_with_config(index, config)
+    n = len(index)
+    valid = np.asarray(index.valid, dtype=bool)
+    st = resolve_stage1(index, config)
+    n_valid = int(valid.sum())
+    n_eligible = int(st.eligible.sum())
+    if st.entropy_keep is not None:
+        candidates = min(math.floor(st.entropy_keep * n + 0.5), n_eligible)
+    elif st.entropy_threshold is not None:
+        candidates = int((st.eligible & (index.entropy >= st.entropy_threshold)).sum())
+    else:
+        candidates = n_eligible
+    b = budget(n, config.prune_ratio)
+    k = int(index.num_clusters)
+    covered = in_pool = 0
+    if k > 0:
+        z = np.asarray(index.cluster_ids)
+        in_pool = int(np.count_nonzero(np.bincount(z[valid], minlength=k)))
+        covered = int(np.count_nonzero(np.bincount(z[selected], minlength=k)))
+    return {
+        "config": config.to_dict(),
+        "samples": n,
+        "budget": b,
+        "invalid": n - n_valid,
+        "nodata_dropped": n_valid - n_eligible,
+        "stage1_rule": st.rule,
+        "entropy_threshold": st.entropy_threshold,
+        "entropy_keep": st.entropy_keep,
+        "stage1_dropped": n_eligible - candidates,
+        "candidates": candidates,
+        "selected": int(selected.shape[0]),
+        "shortfall": max(0, b - int(selected.shape[0])),
+        "num_clusters": k,
+        "clusters_in_pool": in_pool,
+        "clusters_covered": covered,
+    }
