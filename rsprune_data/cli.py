@@ -1,0 +1,225 @@
+"""`rsprune-data`: pack folders into shards, build centroids, index, select, report, demo.
+
+Exit status: 0 success; 1 the job ran but something failed (a shard could not be indexed); 2 bad
+arguments or input (the message says what to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import PruneConfig
+from .errors import RsPruneError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pruning")
+    g.add_argument("--prune-ratio", type=float, default=0.85, help="share to drop (default 0.85)")
+    stage1 = g.add_mutually_exclusive_group()
+    stage1.add_argument("--entropy-keep", type=float, help="Stage I: keep this share by entropy")
+    stage1.add_argument("--entropy-threshold", type=float, help="Stage I: keep entropy >= T bits")
+    stage1.add_argument("--no-entropy-filter", action="store_true",
+                        help="no Stage I unless --entropy-keep/--entropy-threshold (default: auto)")
+    g.add_argument("--strategy", default="rsprune", help="rsprune (default) or a baseline")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random strategy")
+    g.add_argument("--max-nodata", type=float, default=None,
+                   help="drop samples with more no-data than this share (default 0.05; "
+                        "negative disables)")
+
+
+def config_from_args(a: argparse.Namespace) -> PruneConfig:
+    """The :class:`PruneConfig` named by the pruning arguments."""
+    from .config import DEFAULT_MAX_NODATA
+
+    max_nodata: float | None = DEFAULT_MAX_NODATA if a.max_nodata is None else a.max_nodata
+    if max_nodata is not None and max_nodata < 0:
+        max_nodata = None
+    return PruneConfig(prune_ratio=a.prune_ratio, entropy_keep=a.entropy_keep,
+                       entropy_threshold=a.entropy_threshold,
+                       entropy_filter="none" if a.no_entropy_filter else "auto",
+                       strategy=a.strategy, seed=a.seed, max_nodata=max_nodata)
+
+
+def _cmd_pack(a: argparse.Namespace) -> int:
+    from .pack import pack_folder
+
+    res = pack_folder(a.src_dir, a.out_dir, shard_size=a.shard_size, prefix=a.prefix,
+                      progress=not a.quiet)
+    print(f"packed {res.num_samples:,} images into {len(res.shards)} shard(s) in {a.out_dir}")
+    for path, why in getattr(res, "skipped", [])[:20]:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _load_encoder(a: argparse.Namespace, default: str | None = None):  # type: ignore[no-untyped-def]
+    from .encoders import load_encoder
+
+    spec = a.encoder or default or "efficientnet-lite0"
+    kwargs = {"checkpoint": a.checkpoint, "device": a.device}
+    if getattr(a, "image_size", None):
+        kwargs["image_size"] = a.image_size
+    return load_encoder(spec, **kwargs)
+
+
+def _cmd_centroids(a: argparse.Namespace) -> int:
+    from .centroids import build_centroids
+
+    enc = _load_encoder(a)
+    cents = build_centroids(a.ref_dirs, enc, k=a.k, seed=a.seed, batch_size=a.batch_size,
+                            num_workers=a.workers, progress=not a.quiet)
+    cents.save(a.output)
+    counts = ", ".join(f"{d}: {c}" for d, c in zip(cents.ref_dirs, cents.ref_counts, strict=True))
+    print(f"wrote {a.output}: K={cents.centroids.shape[0]} dim={cents.centroids.shape[1]} "
+          f"encoder={cents.encoder} digest={cents.digest} ({counts})")
+    return EXIT_OK
+
+
+def _cmd_index(a: argparse.Namespace) -> int:
+    from .indexer import index_shards
+
+    cents = enc = None
+    if a.centroids:
+        from .centroids import Centroids
+
+        cents = Centroids.load(a.centroids)
+        enc = _load_encoder(a, default=cents.encoder_spec)
+    report = index_shards(a.shards, centroids=cents, encoder=enc, index_dir=a.index_dir,
+                          workers=a.workers, batch_size=a.batch_size, rank=a.rank,
+                          world_size=a.world_size, force=a.force, progress=not a.quiet)
+    for line in report.lines():
+        print(line, file=sys.stderr if line.startswith("FAILED") else sys.stdout)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _cmd_select(a: argparse.Namespace) -> int:
+    from .index import PruneIndex
+
+    index = PruneIndex.load(a.shards, index_dir=a.index_dir)
+    cfg = config_from_args(a)
+    selected = index.select(cfg)
+    summary = index.summary(cfg)
+    if a.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        rule, thr, keep = summary["stage1_rule"], summary["entropy_threshold"], summary["entropy_keep"]
+        stage1 = (f"auto cut at {thr:.2f} bits" if rule == "auto" else
+                  f"entropy >= {thr:g} bits" if rule == "threshold" else
+                  f"top {keep:g} by entropy" if rule == "keep" else "off")
+        print(f"samples {summary['samples']:,}  budget {summary['budget']:,} "
+              f"(prune ratio {cfg.prune_ratio:g}, strategy {cfg.strategy})")
+        print(f"  invalid {summary['invalid']:,}  no-data > {cfg.max_nodata} dropped "
+              f"{summary['nodata_dropped']:,}  Stage I ({stage1}) dropped "
+              f"{summary['stage1_dropped']:,}  candidates {summary['candidates']:,}")
+        print(f"  kept {summary['selected']:,}  shortfall {summary['shortfall']:,}  clusters "
+              f"covered {summary['clusters_covered']}/{summary['clusters_in_pool']} in pool "
+              f"(K={summary['num_clusters']})")
+    if a.output:
+        keys = index.keys
+        tmp = Path(str(a.output) + ".tmp")
+        tmp.write_text("".join(f"{keys[i]}\n" for i in selected.tolist()))
+        tmp.replace(a.output)
+        print(f"wrote {len(selected):,} keys to {a.output}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_report(a: argparse.Namespace) -> int:
+    from .report import write_report
+
+    out = write_report(a.shards, a.output, config_from_args(a), index_dir=a.index_dir,
+                       centroids=a.centroids)
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(a.out), quick=a.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="rsprune-data", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version="%(prog)s 0.1.0")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pack", help="turn a folder of images into WebDataset tar shards")
+    p.add_argument("src_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--prefix", default="shard", help="shard name prefix (default 'shard')")
+    p.set_defaults(fn=_cmd_pack)
+
+    def encoder_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--encoder", default=None,
+                       help="efficientnet-lite0 (default), open_clip:MODEL or hf:PATH")
+        p.add_argument("--checkpoint", default=None, help="local weights for open_clip encoders")
+        p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda:N")
+        p.add_argument("--workers", type=int, default=2, help="decoding worker processes")
+        p.add_argument("--batch-size", type=int, default=64)
+
+    p = sub.add_parser("centroids", help="embed reference folders and cluster them (k-means)")
+    p.add_argument("ref_dirs", nargs="+", help="folders laid out as DIR/CLASS/IMAGE")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--k", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    encoder_args(p)
+    p.set_defaults(fn=_cmd_centroids)
+
+    p = sub.add_parser("index", help="write one .rsidx.safetensors index per shard")
+    p.add_argument("shards", nargs="+")
+    p.add_argument("--centroids", help="centroids file; without it, entropy-only indexes")
+    p.add_argument("--index-dir", help="write indexes here instead of beside the shards")
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--world-size", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="index again even when current")
+    encoder_args(p)
+    p.set_defaults(fn=_cmd_index)
+
+    p = sub.add_parser("select", help="print what a pruning keeps; optionally write the keys")
+    p.add_argument("shards", nargs="+")
+    p.add_argument("--index-dir")
+    p.add_argument("-o", "--output", help="write the kept keys, one per line")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_config_args(p)
+    p.set_defaults(fn=_cmd_select)
+
+    p = sub.add_parser("report", help="HTML page + PNG figures to judge a pruning")
+    p.add_argument("shards", nargs="+")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--index-dir")
+    p.add_argument("--centroids", help="centroids file (adds reference-class composition)")
+    _add_config_args(p)
+    p.set_defaults(fn=_cmd_report)
+
+    p = sub.add_parser("demo", help="the whole job on the sample images shipped in the repo")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--quick", action="store_true", help="shorter training (tests)")
+    p.set_defaults(fn=_cmd_demo)
+
+    for sp in sub.choices.values():
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    try:
+        return int(a.fn(a))
+    except RsPruneError as exc:
+        print(f"rsprune-data {a.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

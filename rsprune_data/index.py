@@ -1,0 +1,440 @@
+"""The per-shard index file and :class:`PruneIndex`, the concatenation of many of them.
+
+One safetensors file per tar shard, ``<shard>.rsidx.safetensors`` beside the shard or
+``<index_dir>/<shard basename>.rsidx.safetensors``, holds one row per sample in tar order (schema
+below). It is written atomically and read without pickle. A :class:`PruneIndex` joins the indexes of
+many shards: global position = order of the shards given, then tar order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from functools import cached_property
+from itertools import pairwise
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, overload
+from urllib.parse import urlparse
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .errors import ConfigError, IndexMismatchError, IndexNotFoundError, StaleIndexError
+
+if TYPE_CHECKING:
+    from .config import PruneConfig
+
+# --- schema --------------------------------------------------------------------------------------
+FORMAT_NAME = "rsprune-index"
+FORMAT_VERSION = "1"
+INDEX_SUFFIX = ".rsidx.safetensors"
+SAMPLE_TENSORS: dict[str, type[np.generic]] = {  # one value per sample, in tar order
+    "entropy": np.float32,  # Stage I luma entropy in bits
+    "nodata": np.float32,  # share of no-data pixels
+    "cluster_id": np.int16,  # nearest prior centroid; -1 when invalid or entropy-only
+    "similarity": np.float32,  # cosine to that centroid; 0.0 when invalid
+    "valid": np.uint8,  # 1 = decoded fine
+    "reason": np.uint8,  # 0 = ok, c > 0 = reasons[c - 1] (the "reasons" metadata list)
+    "offset": np.int64,  # byte range of the sample in the tar (tario.TarSample)
+    "length": np.int64,
+}
+# All keys' utf-8 (surrogateescape) bytes back to back: key i = key_bytes[off[i] : off[i + 1]].
+KEY_TENSORS: dict[str, type[np.generic]] = {"key_bytes": np.uint8, "key_offsets": np.int64}
+# Metadata, all str. write_index fills in format, version, num_samples and a default created_by;
+# shard_metadata(shard) gives the four shard_* fields.
+METADATA_KEYS = (
+    *("format", "version", "shard", "shard_size", "shard_mtime_ns", "shard_fingerprint"),
+    *("encoder", "centroids_digest", "num_clusters", "num_samples", "reasons", "created_by"),
+)
+MUST_AGREE = ("version", "encoder", "centroids_digest", "num_clusters")  # across shards
+FINGERPRINT_BYTES = 64 * 1024
+_SCHEMA = {**SAMPLE_TENSORS, **KEY_TENSORS}
+_REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://")
+_PathLike = str | os.PathLike[str]
+_MISSING = "its shard does not exist"
+
+
+def is_remote(shard: _PathLike) -> bool:
+    """Whether ``shard`` is a URL or ``pipe:`` command rather than a local file."""
+    s = os.fspath(shard)
+    return s.startswith(_REMOTE) or ("://" in s and not s.startswith("file://"))
+
+
+def index_path_for(shard: _PathLike, index_dir: _PathLike | None = None) -> Path:
+    """Where the index of ``shard`` lives (a remote shard needs ``index_dir``).
+
+    Example:
+        >>> index_path_for("data/shard-000001.tar", "idx").as_posix()
+        'idx/shard-000001.tar.rsidx.safetensors'
+    """
+    s = os.fspath(shard)
+    if index_dir is None:
+        if is_remote(s):
+            raise ConfigError(f"shard {s!r} is remote: pass index_dir= to say where its index is")
+        return Path(s.removeprefix("file://") + INDEX_SUFFIX)
+    url = s.split()[-1] if s.startswith("pipe:") else s  # `pipe:curl -s URL` -> URL
+    return Path(index_dir) / (os.path.basename(urlparse(url).path or url) + INDEX_SUFFIX)
+
+
+def shard_fingerprint(path: _PathLike) -> str:
+    """A cheap content digest: sha256 of the size and of the first and last 64 KiB."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(FINGERPRINT_BYTES)
+        f.seek(max(0, size - FINGERPRINT_BYTES))
+        return fingerprint_from_parts(size, head, f.read(FINGERPRINT_BYTES))
+
+
+def fingerprint_from_parts(size: int, head: bytes, tail: bytes) -> str:
+    """:func:`shard_fingerprint` of a stream from its size and first/last 64 KiB (or all of it)."""
+    return hashlib.sha256(b"%d\n" % size + head + tail).hexdigest()[:32]
+
+
+def shard_metadata(path: _PathLike) -> dict[str, str]:
+    """The metadata tying an index to its shard; take it *before* reading the shard."""
+    st = os.stat(path)
+    return {"shard": os.path.basename(path), "shard_size": str(st.st_size),
+            "shard_mtime_ns": str(st.st_mtime_ns), "shard_fingerprint": shard_fingerprint(path)}
+
+
+def shard_is_stale(shard: _PathLike, meta: Mapping[str, str]) -> str | None:
+    """Why a local ``shard`` no longer matches its index metadata, or ``None`` when it does.
+
+    Cheap first: another size is stale; the same size and mtime is current; a new mtime costs one
+    :func:`shard_fingerprint` (128 KiB read) to tell a touch or a copy from a rewrite.
+    """
+    local = os.fspath(shard).removeprefix("file://")
+    try:
+        st = os.stat(local)
+    except FileNotFoundError:
+        return _MISSING
+    if st.st_size != int(meta["shard_size"]):
+        return f"shard {shard} changed size from {meta['shard_size']} to {st.st_size} bytes"
+    if st.st_mtime_ns == int(meta["shard_mtime_ns"]):
+        return None
+    same = shard_fingerprint(local) == meta["shard_fingerprint"]
+    return None if same else f"the content of shard {shard} changed since it was indexed"
+
+
+def encode_keys(keys: Sequence[str]) -> dict[str, NDArray[Any]]:
+    """The ``key_bytes`` and ``key_offsets`` tensors of the sample keys, in tar order."""
+    raw = [k.encode("utf-8", "surrogateescape") for k in keys]
+    offsets = np.zeros(len(raw) + 1, dtype=np.int64)
+    np.cumsum([len(r) for r in raw], out=offsets[1:])
+    return {"key_bytes": np.frombuffer(b"".join(raw), np.uint8).copy(), "key_offsets": offsets}
+
+
+# --- one file ------------------------------------------------------------------------------------
+def write_index(path: _PathLike, arrays: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
+    """Check and write one shard index atomically: temp file in the same folder, fsync, rename.
+
+    Raises:
+        ConfigError: a tensor or metadata field is missing or inconsistent (the message names it).
+    """
+    from safetensors.numpy import save
+
+    n = len(arrays["entropy"]) if "entropy" in arrays else 0
+    out = {k: np.ascontiguousarray(arrays.get(k, ()), dtype=dt) for k, dt in _SCHEMA.items()}
+    meta = {"created_by": "rsprune_data", **metadata}
+    meta.update(format=FORMAT_NAME, version=FORMAT_VERSION, num_samples=str(n))
+    _check_arrays(out, meta, path)
+    lossy = [k for k in ("cluster_id", "valid", "reason")
+             if not np.array_equal(out[k], arrays.get(k, ()))]
+    if lossy:
+        raise ConfigError(f"index {path}: {lossy} do not fit "
+                          f"{[_SCHEMA[k].__name__ for k in lossy]}")
+    data = save(out, metadata=meta)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(path: _PathLike) -> None:
+    """Delete the temp files that a killed :func:`write_index` of ``path`` left behind."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def _check_arrays(a: dict[str, NDArray[Any]], meta: dict[str, str], path: object) -> None:
+    n = int(meta["num_samples"])
+    missing = [k for k in METADATA_KEYS if not isinstance(meta.get(k), str)]
+    if missing:
+        raise ConfigError(f"index {path}: metadata {missing} missing or not str "
+                          "(shard_metadata(shard) gives the shard_* fields)")
+    wrong = [k for k in SAMPLE_TENSORS if a[k].shape != (n,)]
+    ko, k, reasons = a["key_offsets"], int(meta["num_clusters"]), json.loads(meta["reasons"])
+    if wrong or ko.shape != (n + 1,) or ko[0] != 0 or ko[-1] != a["key_bytes"].size \
+            or (np.diff(ko) < 0).any():
+        raise ConfigError(f"index {path}: {wrong} must have num_samples={n} values and key_offsets"
+                          " n + 1 rising from 0 to len(key_bytes): use encode_keys(keys)")
+    z, valid, reason = a["cluster_id"], a["valid"], a["reason"]
+    if n and (z.min() < -1 or z.max() >= k or valid.max() > 1 or reason.max() > len(reasons)):
+        raise ConfigError(f"index {path}: cluster_id must be in [-1, num_clusters={k}), valid 0 "
+                          f"or 1 and reason <= len(reasons={reasons})")
+
+
+def _open(path: Path, shard: str | None = None, index_dir: object = None) -> Any:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="np")
+    except FileNotFoundError:
+        where = "" if index_dir is None else f" --index-dir {index_dir}"
+        raise IndexNotFoundError(
+            f"no index for shard {shard or path} (looked for {path}): run "
+            f"`rsprune-data index {shard or '<shard>'}{where} --centroids ...` first") from None
+    except SafetensorError as exc:
+        raise StaleIndexError(f"index {path} is unreadable ({exc}): delete it and run "
+                              "`rsprune-data index` again") from None
+
+
+def _checked(meta: Mapping[str, str] | None, path: Path) -> dict[str, str]:
+    meta = meta or {}
+    if meta.get("format") != FORMAT_NAME:
+        raise IndexMismatchError(f"{path} is not an rsprune index (format={meta.get('format')!r})")
+    if meta.get("version") != FORMAT_VERSION:
+        raise IndexMismatchError(f"index {path} has format version {meta.get('version')!r}, this "
+                                 f"rsprune_data reads {FORMAT_VERSION}: run `rsprune-data index` "
+                                 "again or upgrade rsprune_data")
+    return dict(meta)
+
+
+def read_metadata(path: _PathLike) -> dict[str, str]:
+    """The metadata of one index file (reads only its header)."""
+    with _open(Path(path)) as f:
+        return _checked(f.metadata(), Path(path))
+
+
+def read_index(path: _PathLike) -> tuple[dict[str, NDArray[Any]], dict[str, str]]:
+    """Every tensor and the metadata of one index file."""
+    with _open(Path(path)) as f:
+        return {k: f.get_tensor(k) for k in _SCHEMA}, _checked(f.metadata(), Path(path))
+
+
+# --- many files ----------------------------------------------------------------------------------
+class KeyList(Sequence[str]):
+    """The ``__key__`` of every sample, decoded on access from the packed key tensors."""
+
+    def __init__(self, data: NDArray[np.uint8], offsets: NDArray[np.int64]) -> None:
+        self._data, self._offsets = data, offsets
+
+    @classmethod
+    def of(cls, keys: Sequence[str]) -> KeyList:
+        t = encode_keys(keys)
+        return cls(t["key_bytes"], t["key_offsets"])
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"key position {i} out of range for {len(self)} samples")
+        i %= len(self)
+        return self._data[self._offsets[i] : self._offsets[i + 1]].tobytes().decode(
+            "utf-8", "surrogateescape")
+
+    def __iter__(self) -> Iterator[str]:
+        raw, off = self._data.tobytes(), self._offsets.tolist()
+        return (raw[a:b].decode("utf-8", "surrogateescape") for a, b in pairwise(off))
+
+
+class PruneIndex:
+    """Per-sample scores of many shards, joined in the order the shards were given.
+
+    Global position ``i`` is sample ``i - shard_starts[s]`` (tar order) of shard
+    ``s = shard_ids[i]``.
+    Arrays: ``entropy``, ``nodata``, ``similarity`` (float32), ``cluster_ids`` (int16, -1 = none),
+    ``valid`` (bool), ``reason`` (uint8; ``reasons[code]`` names it, ``reasons[0] == "ok"``),
+    ``offsets``/``lengths`` (int64 byte ranges in the tar). ``keys`` are read on first access.
+    ``fingerprint`` digests the shard fingerprints, encoder, centroids, K and the sample count.
+
+    Example:
+        >>> index = PruneIndex.load("shards/shard-{000000..000099}.tar")  # doctest: +SKIP
+        >>> keep = index.select(PruneConfig(prune_ratio=0.85))  # doctest: +SKIP
+    """
+
+    def __init__(self, columns: Mapping[str, NDArray[Any]], shard_starts: NDArray[np.int64],
+                 metadata: Sequence[Mapping[str, str]], *, shards: Sequence[str],
+                 index_paths: Sequence[Path] = (), reasons: Sequence[str] = ("ok",),
+                 keys: KeyList | None = None) -> None:
+        self.entropy: NDArray[np.float32] = columns["entropy"]
+        self.nodata: NDArray[np.float32] = columns["nodata"]
+        self.cluster_ids: NDArray[np.int16] = columns["cluster_id"]
+        self.similarity: NDArray[np.float32] = columns["similarity"]
+        self.valid: NDArray[np.bool_] = columns["valid"] != 0
+        self.reason: NDArray[np.uint8] = columns["reason"]
+        self.offsets: NDArray[np.int64] = columns["offset"]
+        self.lengths: NDArray[np.int64] = columns["length"]
+        self.shard_starts = shard_starts
+        self.shards, self.index_paths = list(shards), list(index_paths)
+        self.metadata, self.reasons = [dict(m) for m in metadata], list(reasons)
+        self.encoder: str = self.metadata[0].get("encoder", "")
+        self.centroids_digest: str = self.metadata[0].get("centroids_digest", "")
+        self.num_clusters: int = int(self.metadata[0].get("num_clusters", "0"))
+        self._keys = keys
+        parts = [m.get("shard_fingerprint", "") for m in self.metadata]
+        parts += [self.encoder, self.centroids_digest, str(self.num_clusters), str(len(self))]
+        self.fingerprint: str = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+    def __len__(self) -> int:
+        return len(self.entropy)
+
+    def __repr__(self) -> str:
+        return f"PruneIndex({len(self)} samples, {len(self.shards)} shards, K={self.num_clusters})"
+
+    @cached_property
+    def shard_ids(self) -> NDArray[np.int32]:
+        """Which shard each global position comes from."""
+        counts = np.diff(self.shard_starts)
+        return np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+
+    @property
+    def keys(self) -> KeyList:
+        """The ``__key__`` of every sample (read from the index files on first access)."""
+        if self._keys is None:
+            data, offsets, base = [np.zeros(0, np.uint8)], [np.zeros(1, np.int64)], 0
+            for path, n in zip(self.index_paths, np.diff(self.shard_starts), strict=True):
+                with _open(path) as f:
+                    kb, ko = f.get_tensor("key_bytes"), f.get_tensor("key_offsets")
+                if len(ko) != n + 1:
+                    raise StaleIndexError(f"index {path} changed since it was loaded: load again")
+                data.append(kb)
+                offsets.append(ko[1:] + base)
+                base += len(kb)
+            self._keys = KeyList(np.concatenate(data), np.concatenate(offsets))
+        return self._keys
+
+    def select(self, config: PruneConfig) -> NDArray[np.int64]:
+        """Sorted global positions that ``config`` keeps (``plan.select_with_config``)."""
+        from .plan import select_with_config
+
+        return select_with_config(self, config)
+
+    def summary(self, config: PruneConfig) -> dict[str, Any]:
+        """What ``config`` keeps and drops, for reports (``plan.selection_summary``)."""
+        from .plan import selection_summary
+
+        return selection_summary(self, config)
+
+    @classmethod
+    def load(cls, shards: Sequence[_PathLike] | str, index_dir: _PathLike | None = None, *,
+             check_stale: bool = True) -> PruneIndex:
+        """Load and join the indexes of ``shards``; keys are read later, on first use.
+
+        Args:
+            shards: shard paths or URLs (one string may use braces: ``shard-{000..099}.tar``), or
+                index files ``*.rsidx.safetensors`` (the shard is the path without that suffix).
+            index_dir: the folder holding the indexes; default: beside each shard.
+            check_stale: compare each local shard with the size/mtime/fingerprint in its index
+                (see :func:`shard_is_stale`); remote shards are never checked.
+
+        Raises:
+            IndexNotFoundError: a shard has no index (names it and the command to run).
+            StaleIndexError: a local shard changed since indexing, or is missing.
+            IndexMismatchError: shards indexed with other encoders, centroids, K or versions.
+        """
+        names, paths = _resolve(shards, index_dir)
+        metas: list[dict[str, str]] = []
+        cols: dict[str, list[NDArray[Any]]] = {k: [] for k in SAMPLE_TENSORS}
+        reasons = ["ok"]
+        for shard, path in zip(names, paths, strict=True):
+            with _open(path, shard, index_dir) as f:
+                meta = _checked(f.metadata(), path)
+                _check_same(metas[0] if metas else meta, meta, names[0], shard)
+                why = check_stale and not is_remote(shard) and shard_is_stale(shard, meta)
+                if why:
+                    fix = (f"run `rsprune-data index {shard} --centroids ...` again"
+                           if why != _MISSING else "pass its current path (index files with "
+                           "index_dir=...), or check_stale=False to use the index alone")
+                    raise StaleIndexError(f"index {path} is stale: {why}; {fix}")
+                for k in cols:
+                    cols[k].append(f.get_tensor(k))
+            local = json.loads(meta["reasons"])
+            if local != reasons[1 : len(local) + 1]:  # map this shard's reason codes to ours
+                reasons += [r for r in local if r not in reasons]
+                lut = np.array([0] + [reasons.index(r) for r in local], dtype=np.uint8)
+                cols["reason"][-1] = lut[cols["reason"][-1]]
+            metas.append(meta)
+        starts = np.zeros(len(names) + 1, dtype=np.int64)
+        np.cumsum([len(c) for c in cols["entropy"]], out=starts[1:])
+        joined = {k: np.concatenate(v) for k, v in cols.items()}
+        return cls(joined, starts, metas, shards=names, index_paths=paths, reasons=reasons)
+
+    @classmethod
+    def from_arrays(cls, entropy: Any, cluster_ids: Any, similarity: Any, *, num_clusters: int,
+                    valid: Any = None, nodata: Any = None, offsets: Any = None,
+                    lengths: Any = None, shard_ids: Any = None,
+                    shards: Sequence[str] | None = None,
+                    keys: Sequence[str] | None = None) -> PruneIndex:
+        """An in-memory index (tests, notebooks); columns not given are all valid / zero.
+
+        Example:
+            >>> idx = PruneIndex.from_arrays([5.0, 7.0], [0, 1], [0.9, 0.8], num_clusters=2)
+            >>> len(idx), idx.valid.tolist(), idx.shards
+            (2, [True, True], ['<memory-0>'])
+        """
+        n = len(entropy)
+        given = {"entropy": entropy, "cluster_id": cluster_ids, "similarity": similarity,
+                 "nodata": nodata, "offset": offsets, "length": lengths,
+                 "valid": np.ones(n) if valid is None else valid}
+        cols = {k: np.asarray(np.zeros(n) if given.get(k) is None else given[k], dtype=dt)
+                for k, dt in SAMPLE_TENSORS.items()}
+        sid = np.zeros(n, np.int64) if shard_ids is None else np.asarray(shard_ids, np.int64)
+        num_shards = int(sid.max(initial=0)) + 1
+        names = [f"<memory-{i}>" for i in range(num_shards)] if shards is None else list(shards)
+        wrong = [k for k, v in {**cols, "shard_ids": sid}.items() if v.shape != (n,)]
+        z = cols["cluster_id"]
+        lo, hi = z.min(initial=-1), z.max(initial=-1)
+        if wrong or (np.diff(sid) < 0).any() or num_shards > len(names) or lo < -1 \
+                or hi >= num_clusters:
+            raise ConfigError(f"from_arrays: {wrong} must have {n} values like entropy, shard_ids "
+                              f"must rise and be < len(shards)={len(names)} (got up to "
+                              f"{num_shards - 1}), cluster_ids in [-1, num_clusters={num_clusters})"
+                              f" (got [{lo}, {hi}])")
+        starts = np.searchsorted(sid, np.arange(len(names) + 1)).astype(np.int64)
+        content = b"".join(v.tobytes() for v in cols.values())
+        meta = {"shard_fingerprint": hashlib.sha256(content).hexdigest(),
+                "num_clusters": str(num_clusters)}
+        return cls(cols, starts, [meta], shards=names,
+                   keys=None if keys is None else KeyList.of(keys))
+
+
+def _resolve(shards: Sequence[_PathLike] | str, index_dir: _PathLike | None
+             ) -> tuple[list[str], list[Path]]:
+    if isinstance(shards, (str, os.PathLike)):
+        from braceexpand import braceexpand
+
+        shards = list(braceexpand(os.fspath(shards)))
+    names = [os.fspath(s) for s in shards]
+    if not names:
+        raise ConfigError("shards is empty: pass at least one shard path or index file")
+    if len(set(names)) < len(names):
+        dup = next(s for i, s in enumerate(names) if s in names[:i])
+        raise ConfigError(f"shards lists {dup!r} twice: each shard may appear once")
+    paths = [Path(s) if s.endswith(INDEX_SUFFIX) else index_path_for(s, index_dir) for s in names]
+    return [s.removesuffix(INDEX_SUFFIX) for s in names], paths
+
+
+def _check_same(ref: Mapping[str, str], meta: Mapping[str, str], first: str, shard: str) -> None:
+    for field in MUST_AGREE:
+        if meta.get(field) != ref.get(field):
+            raise IndexMismatchError(
+                f"shard {shard} was indexed with {field}={meta.get(field)!r} but {first} with "
+                f"{field}={ref.get(field)!r}: index all shards with the same encoder and centroids "
+                "(`rsprune-data index <shards> --centroids ...`)")
