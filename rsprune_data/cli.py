@@ -91,7 +91,8 @@ def _cmd_index(a: argparse.Namespace) -> int:
         enc = _load_encoder(a, default=cents.encoder_spec)
     report = index_shards(a.shards, centroids=cents, encoder=enc, index_dir=a.index_dir,
                           workers=a.workers, batch_size=a.batch_size, rank=a.rank,
-                          world_size=a.world_size, force=a.force, progress=not a.quiet)
+                          world_size=a.world_size, force=a.force, fast_gray=a.fast_gray,
+                          progress=not a.quiet)
     for line in report.lines():
         print(line, file=sys.stderr if line.startswith("FAILED") else sys.stdout)
     return EXIT_OK if report.ok else EXIT_FAILED
@@ -132,7 +133,7 @@ def _cmd_report(a: argparse.Namespace) -> int:
     from .report import write_report
 
     out = write_report(a.shards, a.output, config_from_args(a), index_dir=a.index_dir,
-                       centroids=a.centroids)
+                       centroids=a.centroids, progress=not a.quiet)
     print(f"wrote {out}")
     return EXIT_OK
 
@@ -179,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--world-size", type=int, default=None)
     p.add_argument("--force", action="store_true", help="index again even when current")
+    p.add_argument("--fast-gray", action="store_true",
+                   help="entropy-only: decode JPEG to libjpeg's Y (2x faster, not PIL-exact)")
     encoder_args(p)
     p.set_defaults(fn=_cmd_index)
 

@@ -1,0 +1,151 @@
+"""`write_report`: index + config -> a folder with ``index.html``, PNG figures and ``summary.json``.
+
+Steps::
+
+    PruneIndex.load -> select_with_config -> compute_stats         (stats.py: numbers, numpy only)
+      -> the tiles each contact sheet shows                         (picks.py: positions, captions)
+      -> read_thumbnails (only those tiles, by byte range)          (sheets.py: a few dozen reads)
+      -> render sheets, draw figures                                (sheets.py, figures.py: PNGs)
+      -> the page and summary.json                                  (page.py)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..config import PruneConfig
+from ..errors import ConfigError, IndexMismatchError
+from . import page, picks
+from .page import IMG_DIR
+from .stats import compute_stats
+
+if TYPE_CHECKING:
+    from ..centroids import Centroids
+    from ..index import PruneIndex
+
+_OWN_PNGS = ("entropy", "nodata", "clusters", "similarity", "stage1-dropped", "stage1-above-cut",
+             "nodata-dropped", "least-covered")
+
+
+def write_report(
+    shards: Sequence[str | os.PathLike[str]] | str,
+    out_dir: str | os.PathLike[str],
+    config: PruneConfig,
+    *,
+    index_dir: str | os.PathLike[str] | None = None,
+    centroids: str | os.PathLike[str] | Centroids | None = None,
+    max_clusters_shown: int = 12,
+    tiles_per_cluster: int = 8,
+    progress: bool = True,
+) -> Path:
+    """Write a report that shows what ``config`` keeps and drops from ``shards``.
+
+    The folder ``out_dir`` gets ``index.html`` (a static page: inline CSS, no script, no external
+    URL), its PNG figures and contact sheets under ``img/``, and ``summary.json`` (the numbers).
+
+    Args:
+        shards: the indexed tar shards, in the order that defines global positions (or one
+            brace pattern, ``"shard-{000000..000099}.tar"``).
+        out_dir: output folder (created; files of an earlier report there are replaced).
+        config: the pruning settings to judge.
+        index_dir: where the indexes are (default: beside each shard).
+        centroids: the centroids the index was built with (path or
+            :class:`~rsprune_data.centroids.Centroids`); adds each cluster's reference-class
+            composition ("cluster 17: 80% forest, 20% river").
+        max_clusters_shown: contact sheets for this many of the most populated clusters.
+        tiles_per_cluster: kept tiles shown per cluster (nearest to the centroid first).
+        progress: show a progress bar while tiles are read.
+
+    Returns:
+        The path of ``index.html``.
+
+    Raises:
+        IndexNotFoundError, StaleIndexError, IndexMismatchError: as :meth:`PruneIndex.load`;
+            IndexMismatchError also when ``centroids`` are not those the index was built with.
+        ConfigError: ``config`` needs clusters the index does not have, or a bad argument.
+
+    Example:
+        >>> write_report(["shard-000000.tar"], "report", PruneConfig(prune_ratio=0.85))  # doctest: +SKIP
+        PosixPath('report/index.html')
+    """
+    from ..index import PruneIndex
+    from ..plan import select_with_config
+    from . import figures
+    from .sheets import read_thumbnails, render_sheet
+
+    for name, value in (("max_clusters_shown", max_clusters_shown),
+                        ("tiles_per_cluster", tiles_per_cluster)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"`{name}` must be an integer >= 0, got {value!r}")
+    t0 = time.perf_counter()
+    index = PruneIndex.load(shards if isinstance(shards, str | os.PathLike) else list(shards),
+                            index_dir)
+    cents = _load_centroids(centroids, index)
+    selected = select_with_config(index, config)
+    st = compute_stats(index, config, selected)
+    out = Path(out_dir)
+    img = out / IMG_DIR
+    img.mkdir(parents=True, exist_ok=True)
+    # files of an earlier report (say, with more clusters) must not linger; others are left alone
+    for old in [*img.glob("cluster-[0-9]*.png"), *(img / f"{n}.png" for n in _OWN_PNGS)]:
+        old.unlink(missing_ok=True)
+
+    comp = picks.compositions(cents) if cents is not None else None
+    stage1 = picks.stage1_sheets(index, st)
+    clusters = picks.cluster_sheets(index, st, comp, max_clusters_shown, tiles_per_cluster)
+    coverage = picks.coverage_sheets(index, st) if index.num_clusters > 0 else []
+    sheets = [s for s in (*stage1, *clusters, *coverage) if s.tiles]
+    thumbs = read_thumbnails(index, [t.pos for s in sheets for t in s.tiles], progress=progress)
+    for s in sheets:
+        render_sheet(s.tiles, thumbs, img / f"{s.name}.png")
+
+    figures.entropy_histogram(st, index.entropy, img / "entropy.png")
+    figures.nodata_histogram(st, index.nodata, img / "nodata.png")
+    least_max = None
+    if index.num_clusters > 0:
+        short = comp.short if comp is not None else None
+        figures.cluster_occupancy(st, img / "clusters.png", labels=short)
+        if coverage and coverage[0].tiles:
+            least_max = float(index.similarity[coverage[0].tiles[-1].pos])
+        figures.similarity_histogram(st, index.similarity, img / "similarity.png", least_max)
+
+    summary = st.to_json(index.shards, comp.text if comp is not None else None)
+    summary["report_seconds"] = round(time.perf_counter() - t0, 3)
+    html = page.render(index, st, summary, comp, stage1, clusters, coverage)
+    _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    _write_text(out / "index.html", html)
+    return out / "index.html"
+
+
+def _load_centroids(centroids: str | os.PathLike[str] | Centroids | None,
+                    index: PruneIndex) -> Centroids | None:
+    if centroids is None:
+        return None
+    from ..centroids import Centroids
+
+    cents = centroids if isinstance(centroids, Centroids) else Centroids.load(centroids)
+    if index.num_clusters == 0:
+        raise IndexMismatchError(
+            "centroids were given but the index was built without centroids (entropy only): "
+            "drop --centroids, or index with `rsprune-data index ... --centroids FILE` first"
+        )
+    if cents.digest != index.centroids_digest:
+        raise IndexMismatchError(
+            f"centroids digest {cents.digest} differs from the index's {index.centroids_digest!r}: "
+            "pass the centroids file the shards were indexed with"
+        )
+    return cents
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+__all__ = ["write_report"]
