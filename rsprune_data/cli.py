@@ -141,7 +141,7 @@ def _cmd_report(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(Path(a.out), quick=a.quick)
+    return run_demo(Path(a.out), quick=a.quick, progress=not a.quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:

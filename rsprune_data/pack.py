@@ -82,7 +82,7 @@ def pack_folder(
     """
     src, out = Path(src_dir), Path(out_dir)
     _check_args(src, shard_size, prefix)
-    files, skipped = _find_images(src)
+    files, skipped = find_images(src)
     if not files:
         raise ConfigError(
             f"src_dir={str(src)!r} holds no image files ({', '.join(IMAGE_EXTS)}, any case); "
@@ -120,7 +120,7 @@ def pack_folder(
                     pattern, maxcount=shard_size, maxsize=float("inf"), post=publish, verbose=0,
                     encoder=False, mtime=0.0,
                 )
-            writer.write(_sample(rel, data, keys))
+            writer.write(pack_sample(rel, data, keys))
             written += 1
     except BaseException:
         if writer is not None:  # close the open shard without publishing it
@@ -147,7 +147,7 @@ def _check_args(src: Path, shard_size: int, prefix: str) -> None:
         )
 
 
-def _find_images(src: Path) -> tuple[list[str], list[tuple[str, str]]]:
+def find_images(src: Path) -> tuple[list[str], list[tuple[str, str]]]:
     """Relative POSIX paths of the image files, sorted as strings, and hidden ones to skip."""
     found: list[str] = []
     skipped: list[tuple[str, str]] = []
@@ -175,7 +175,7 @@ def _clear_old_shards(out: Path, prefix: str, overwrite: bool) -> None:
         p.unlink()
 
 
-def _sample(rel: str, data: bytes, keys: set[str]) -> dict[str, object]:
+def pack_sample(rel: str, data: bytes, keys: set[str]) -> dict[str, object]:
     """One webdataset sample: unique dot-free key, bytes under the lower-cased ext, folder class."""
     parent, _, name = rel.rpartition("/")
     stem, _, ext = name.rpartition(".")

@@ -89,7 +89,7 @@ def test_same_folder_packs_to_identical_bytes(tmp_path: Path) -> None:
 
 
 def test_interrupted_pack_leaves_only_complete_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = pack_mod._sample
+    real = pack_mod.pack_sample
     calls = {"n": 0}
 
     def failing(rel: str, data: bytes, keys: set[str]) -> dict[str, object]:
@@ -98,7 +98,7 @@ def test_interrupted_pack_leaves_only_complete_shards(tmp_path: Path, monkeypatc
             raise KeyboardInterrupt
         return real(rel, data, keys)
 
-    monkeypatch.setattr(pack_mod, "_sample", failing)
+    monkeypatch.setattr(pack_mod, "pack_sample", failing)
     with pytest.raises(KeyboardInterrupt):
         pack_folder(SAMPLE_DATA / "harvey" / "bad_images", tmp_path, shard_size=10, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.tar", "shard-000001.tar"]

@@ -1,0 +1,365 @@
+"""`PrunedSampler`: the RS-Prune selection as a ``torch.utils.data.Sampler[int]`` for map-style data.
+
+The dataset's item ``i`` must be global position ``i`` of the index (:class:`PrunedShardDataset`,
+:class:`PrunedImageFolder`, or any dataset in the same order as the shards)::
+
+    sampler = PrunedSampler(index, PruneConfig(prune_ratio=0.85), seed=0)
+    loader = DataLoader(dataset, batch_size=64, sampler=sampler, num_workers=8)
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for batch in loader: ...
+
+One epoch, per rank (all pure numpy, in :mod:`rsprune_data.partition`)::
+
+    selected = index.select(config)                       # sorted global positions, cached per config
+    order = epoch_order(selected, seed, epoch, shuffle)   # permutation from rng([seed, epoch])
+    share = rank_share(order, num_replicas, rank, drop_last)  # DistributedSampler semantics
+
+**DDP.** Rank ``r`` of ``R`` takes ``order[r::R]``. Without ``drop_last`` the order is padded by
+wrapping around from its start to ``R * ceil(n / R)`` items, so a few samples appear twice in an
+epoch (on different ranks); with ``drop_last`` its tail is cut to ``R * floor(n / R)``. Exactly what
+``torch.utils.data.DistributedSampler`` does. ``num_replicas``/``rank`` default to the initialised
+process group (then ``WORLD_SIZE``/``RANK``); explicit values win.
+
+**Changing the ratio.** :meth:`set_config`/:meth:`set_prune_ratio` never change a pass in progress:
+a pass keeps the selection it started with. The change applies at once when no pass of the current
+epoch is running (before the first ``iter()`` after :meth:`set_epoch`, or after a pass was
+exhausted), otherwise at the next :meth:`set_epoch` or ``iter()``. A *schedule*, a callable
+``epoch -> PruneConfig | float``, is evaluated by :meth:`set_epoch`, so every rank and every rerun
+uses the same config for the same epoch (a float ``r`` means ``PruneConfig(prune_ratio=r)``; return
+``base.replace(prune_ratio=r)`` to keep other settings). :meth:`set_prune_ratio` replaces the ratio
+of the current config and ends a schedule.
+``len()`` is the length of the current pass, or of the next one when none is running.
+
+**Resume.** :meth:`state_dict` is JSON-serialisable: ``{"format", "version", "epoch", "consumed",
+"num_samples", "config", "seed", "shuffle", "drop_last", "num_replicas", "rank",
+"index_fingerprint"}`` where ``consumed`` counts the items of this rank the sampler has handed out
+in this epoch and ``num_samples`` is this rank's epoch length. :meth:`load_state_dict` refuses
+(:class:`StateDictError`) a state from another index, seed, shuffle, drop_last, world size or, while
+items of its epoch remain, config. ``rank`` is informational: ranks step in lockstep, so rank 0's
+state resumes every rank. The training loop owns the epoch: a state taken inside an epoch sets the
+epoch and makes the next pass continue it from ``consumed``; a later :meth:`set_epoch` to another
+epoch abandons that position. A state taken at the end of an epoch leaves the sampler's epoch
+alone: a pass of that same epoch yields nothing, a pass of any other epoch is a full one.
+
+With torchdata's ``StatefulDataLoader`` resume is exact with any ``num_workers``: the loader saves
+the sampler's state at the moment each batch's indices were drawn, so the prefetched batches are
+not counted. With a plain ``DataLoader`` and workers the sampler runs ``prefetch_factor *
+num_workers`` batches ahead of the model; pass the real count: ``state_dict(consumed=steps *
+batch_size)``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import numpy as np
+import torch.utils.data
+from numpy.typing import NDArray
+
+from .config import PruneConfig
+from .errors import ConfigError, StateDictError
+from .partition import epoch_order, per_rank, rank_share
+from .world import distributed_rank
+
+__all__ = ["ConfigSource", "PrunedSampler", "Schedule", "SelectableIndex"]
+
+STATE_FORMAT = "rsprune-sampler"
+STATE_VERSION = 1
+_CACHE_SIZE = 4
+
+#: A schedule: epoch -> config of that epoch, or just its pruning ratio.
+Schedule = Callable[[int], "PruneConfig | float"]
+#: What :class:`PrunedSampler` accepts as its config.
+ConfigSource = PruneConfig | float | Schedule
+
+
+class SelectableIndex(Protocol):
+    """What the sampler needs from an index (:class:`rsprune_data.PruneIndex` is one)."""
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    def select(self, config: PruneConfig) -> NDArray[np.int64]: ...
+
+    def __len__(self) -> int: ...
+
+
+def _as_config(value: PruneConfig | float, base: PruneConfig | None, what: str) -> PruneConfig:
+    """``value`` as a config; a ratio replaces ``base``'s ratio (the defaults when ``base`` is None)."""
+    if isinstance(value, PruneConfig):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(
+            f"`{what}` must be a PruneConfig or a pruning ratio in [0, 1), got {value!r}"
+        )
+    return PruneConfig(prune_ratio=float(value)) if base is None else base.replace(
+        prune_ratio=float(value))
+
+
+def _check_source(config: Any, what: str) -> ConfigSource:
+    if isinstance(config, PruneConfig) or callable(config):
+        return config  # type: ignore[no-any-return]
+    return _as_config(config, None, what)
+
+
+class PrunedSampler(torch.utils.data.Sampler[int]):
+    """Global positions selected by RS-Prune, shuffled per epoch and split across DDP ranks.
+
+    See the module docstring for the DDP padding, ratio-change timing and resume semantics.
+
+    Args:
+        index: a :class:`rsprune_data.PruneIndex` (anything with ``select``, ``fingerprint``
+            and ``len``).
+        config: a :class:`PruneConfig`, a pruning ratio (default config with that ratio), or a
+            schedule ``epoch -> PruneConfig | float``.
+        shuffle: permute the selection every epoch from ``(seed, epoch)``; else ascending order.
+        seed: seed of the epoch permutation; must be the same on every rank.
+        num_replicas: world size; default from ``torch.distributed`` / ``WORLD_SIZE``, else 1.
+        rank: this rank; default from ``torch.distributed`` / ``RANK``, else 0.
+        drop_last: drop the tail instead of padding so that ranks get equal counts.
+
+    Example:
+        >>> sampler = PrunedSampler(index, 0.85, seed=0)  # doctest: +SKIP
+        >>> loader = DataLoader(PrunedShardDataset(index), sampler=sampler)  # doctest: +SKIP
+        >>> sampler.set_prune_ratio(0.7); sampler.set_epoch(1)  # applies from epoch 1  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        index: SelectableIndex,
+        config: ConfigSource,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+            raise ConfigError(f"`seed` must be an integer >= 0, got {seed!r}")
+        self.index = index
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.rank, self.num_replicas = distributed_rank(rank, num_replicas)
+        self._cache: OrderedDict[PruneConfig, NDArray[np.int64]] = OrderedDict()
+        self._source: ConfigSource = _check_source(config, "config")
+        self._next_source: ConfigSource | None = None  # a change waiting for the pass to end
+        self._epoch = 0
+        self._config = self._resolve(self._source, 0)
+        # The latest pass: its id, config, length and how many items it has handed out.
+        self._pass_id = 0
+        self._running = False
+        self._pass_config = self._config
+        self._pass_len = 0
+        self._consumed = 0
+        self._pass_started_in_epoch = False
+        # (epoch, consumed, epoch complete) from load_state_dict, for the next pass of that epoch
+        self._resume: tuple[int, int, bool] | None = None
+
+    # ------------------------------------------------------------------ config and epoch
+    @property
+    def epoch(self) -> int:
+        """The current epoch (set by :meth:`set_epoch`; ``iter()`` never changes it)."""
+        return self._epoch
+
+    @property
+    def config(self) -> PruneConfig:
+        """The config of the current pass, or of the next one when none is running."""
+        return self._pass_config if self._running else self._config
+
+    @property
+    def selected(self) -> NDArray[np.int64]:
+        """Sorted global positions selected by :attr:`config` (all ranks together)."""
+        return self._select(self.config)
+
+    def _resolve(self, source: ConfigSource, epoch: int) -> PruneConfig:
+        if isinstance(source, PruneConfig):
+            return source
+        if callable(source):  # a ratio from a schedule means the default config with that ratio
+            return _as_config(source(epoch), None, f"schedule({epoch})")
+        return _as_config(source, None, "config")
+
+    def _select(self, config: PruneConfig) -> NDArray[np.int64]:
+        hit = self._cache.get(config)
+        if hit is not None:
+            self._cache.move_to_end(config)
+            return hit
+        selected = np.asarray(self.index.select(config), dtype=np.int64)
+        selected.setflags(write=False)
+        self._cache[config] = selected
+        while len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return selected
+
+    def _apply_pending(self) -> None:
+        if self._next_source is not None:
+            self._source, self._next_source = self._next_source, None
+        self._config = self._resolve(self._source, self._epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch``: evaluates the schedule and applies any pending config change."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer) or epoch < 0:
+            raise ConfigError(f"`epoch` must be an integer >= 0, got {epoch!r}")
+        self._epoch = int(epoch)
+        self._running = False
+        self._pass_started_in_epoch = False
+        self._apply_pending()
+        if self._resume is not None and self._resume[0] != self._epoch:
+            self._resume = None
+
+    def set_config(self, config: ConfigSource) -> None:
+        """Use ``config`` (a PruneConfig, ratio or schedule) from now on; see the module docstring.
+
+        Applies at once unless a pass is running, else at the next :meth:`set_epoch` or ``iter()``.
+        """
+        source = _check_source(config, "config")
+        if self._running:
+            self._next_source = source
+        else:
+            self._source, self._next_source = source, None
+            self._config = self._resolve(source, self._epoch)
+
+    def set_prune_ratio(self, prune_ratio: float) -> None:
+        """Shorthand for ``set_config(config.replace(prune_ratio=...))`` (ends any schedule)."""
+        base = self._config if self._next_source is None else self._resolve(
+            self._next_source, self._epoch)
+        self.set_config(_as_config(prune_ratio, base, "prune_ratio"))
+
+    # ------------------------------------------------------------------ iteration
+    def _num_samples(self, config: PruneConfig) -> int:
+        return per_rank(int(self._select(config).shape[0]), self.num_replicas, self.drop_last)
+
+    def __len__(self) -> int:
+        return self._pass_len if self._running else self._num_samples(self._config)
+
+    def __iter__(self) -> Iterator[int]:
+        if self._next_source is not None:  # a change made during the previous pass
+            self._apply_pending()
+        config = self._config
+        order = epoch_order(self._select(config), seed=self.seed, epoch=self._epoch,
+                            shuffle=self.shuffle)
+        share = rank_share(order, self.num_replicas, self.rank, drop_last=self.drop_last)
+        n = int(share.shape[0])
+        start = 0
+        if self._resume is not None:
+            epoch, consumed, complete = self._resume
+            if epoch == self._epoch:
+                start = n if complete else min(consumed, n)
+            self._resume = None
+        self._pass_id += 1
+        self._pass_config = config
+        self._pass_len = n
+        self._consumed = start
+        self._running = True
+        self._pass_started_in_epoch = True
+        return self._yield(share[start:], self._pass_id)
+
+    def _yield(self, rest: NDArray[np.int64], pass_id: int) -> Iterator[int]:
+        # Counted before the item is handed out, so state_dict() taken right after next()
+        # (what StatefulDataLoader does) includes it.
+        for pos in rest.tolist():
+            if self._pass_id == pass_id:
+                self._consumed += 1
+            yield pos
+        if self._pass_id == pass_id:
+            self._running = False
+            self._apply_pending()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+        """This rank's position, JSON-serialisable (see the module docstring).
+
+        Args:
+            consumed: override the count of items of this epoch already used by the model (for a
+                plain DataLoader with workers, where the sampler runs ahead by the prefetch).
+        """
+        started = self._pass_started_in_epoch
+        config = self._pass_config if started else self._config
+        length = self._pass_len if started else self._num_samples(config)
+        done = self._consumed if started else 0
+        if self._resume is not None and self._resume[0] == self._epoch and not started:
+            done = length if self._resume[2] else min(self._resume[1], length)
+        if consumed is not None:
+            if isinstance(consumed, bool) or not isinstance(consumed, int) or not 0 <= consumed <= length:
+                raise ConfigError(f"`consumed` must be an integer in [0, {length}], got {consumed!r}")
+            done = consumed
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "epoch": self._epoch,
+            "consumed": done,
+            "num_samples": length,
+            "config": config.to_dict(),
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+            "num_replicas": self.num_replicas,
+            "rank": self.rank,
+            "index_fingerprint": str(self.index.fingerprint),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` (see the module docstring for the epoch rules).
+
+        Raises:
+            StateDictError: the state is malformed, or was taken on another index, seed,
+                shuffle, drop_last or world size, or (with items of its epoch left) config.
+        """
+        sd = dict(state_dict)
+        missing = sorted({"format", "epoch", "consumed", "num_samples", "config", "seed", "shuffle",
+                          "drop_last", "num_replicas", "index_fingerprint"} - set(sd))
+        if sd.get("format") != STATE_FORMAT or missing:
+            raise StateDictError(
+                f"not a PrunedSampler state (format={sd.get('format')!r}, missing keys {missing}): "
+                "pass the dict returned by PrunedSampler.state_dict()"
+            )
+        if sd.get("version") != STATE_VERSION:
+            raise StateDictError(
+                f"PrunedSampler state version {sd.get('version')!r} is not supported (this "
+                f"version reads {STATE_VERSION}): resume with the rsprune_data version that saved it"
+            )
+        self._check_same(sd, "index_fingerprint", str(self.index.fingerprint),
+                         "the index (shards, their contents or centroids) changed: load the same "
+                         "shards and index files that the state was saved with")
+        for name in ("seed", "shuffle", "drop_last", "num_replicas"):
+            self._check_same(sd, name, getattr(self, name),
+                             f"construct the sampler with {name}={sd[name]!r}")
+        epoch, consumed, length = int(sd["epoch"]), int(sd["consumed"]), int(sd["num_samples"])
+        if epoch < 0 or not 0 <= consumed <= length:
+            raise StateDictError(f"corrupt PrunedSampler state: epoch={epoch}, consumed={consumed}, "
+                                 f"num_samples={length}")
+        if consumed < length:  # items of that epoch remain: they must come from the same config
+            mine = self._resolve(self._source if self._next_source is None else self._next_source,
+                                 epoch)
+            theirs = PruneConfig.from_dict(sd["config"])
+            if mine != theirs:
+                raise StateDictError(
+                    f"the state was saved with config {theirs.to_dict()} in epoch {epoch}, but this "
+                    f"sampler would use {mine.to_dict()}: construct it with that config (or call "
+                    "set_config(PruneConfig.from_dict(state['config']))) before loading"
+                )
+            if self._num_samples(theirs) != length:
+                raise StateDictError(
+                    f"the state's epoch has {length} items on this rank but the same config "
+                    f"selects {self._num_samples(theirs)} here: the index changed")
+            self._epoch = epoch
+            self._apply_pending()
+        self._running = False
+        self._pass_started_in_epoch = False
+        self._resume = (epoch, consumed, consumed >= length)
+
+    @staticmethod
+    def _check_same(sd: dict[str, Any], name: str, mine: Any, fix: str) -> None:
+        if sd[name] != mine:
+            raise StateDictError(
+                f"PrunedSampler state has {name}={sd[name]!r} but this sampler has {mine!r}: {fix}"
+            )
+
+    def __repr__(self) -> str:
+        return (f"PrunedSampler(n={len(self)}, epoch={self._epoch}, rank={self.rank}/"
+                f"{self.num_replicas}, ratio={self.config.prune_ratio}, shuffle={self.shuffle}, "
+                f"seed={self.seed}, drop_last={self.drop_last})")
