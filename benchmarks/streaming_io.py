@@ -1,0 +1,301 @@
+"""Delivering the RS-Prune selection from local shards: PrunedWebDataset vs a filtered plain stream.
+
+    python benchmarks/streaming_io.py [--src /work/shared/data/harvey] [--cache /tmp/rsprune_bench]
+        [--shard-size 1000] [--ratios 0.5 0.7 0.85 0.9] [--repeat 3] [--gaps 0 4096 65536]
+        [--out results/streaming_io.json]
+
+Both sides deliver exactly the same samples (checked) as raw webdataset dicts, in one process,
+nothing decoded:
+
+* ``ours``: ``PrunedWebDataset(shards, config, shuffle_shards=False)``: byte-range reads of the
+  selected samples (neighbours within ``max_gap`` bytes merged into one ``pread``);
+* ``stream``: ``wds.WebDataset(shards, shardshuffle=False).select(lambda s: s["__key__"] in keep)``,
+  what a webdataset user writes today: every sample is read and grouped, then most are dropped.
+
+Per prune ratio and cache state: wall seconds (median of ``--repeat``), samples/s, and bytes read
+from ``/proc/self/io`` (``rchar``: bytes returned by read calls; ``read_bytes``: bytes fetched from
+the block device), with ``stream / ours`` ratios. "cold" empties the page cache before each run:
+``sync`` then ``echo 3 > /proc/sys/vm/drop_caches`` where that is allowed (root), else
+``posix_fadvise(POSIX_FADV_DONTNEED)`` on every shard (unprivileged); the JSON records which.
+The sampler path (map-style ``PrunedShardDataset`` + ``PrunedSampler``, ``DataLoader`` with 2
+workers) and ``PrunedWebDataset`` through the same loader are measured warm, against the stream.
+
+The shards are ``rsprune_data.pack.pack_folder`` output of ``--src`` (real JPEG tiles), written once
+to ``--cache``. The index files hold real byte ranges and keys (``tario.scan_tar``) but synthetic
+scores (uniform entropy, 50 random clusters, random similarity): for I/O what matters is where the
+selected samples sit, and random scores scatter them uniformly over all shards, the worst case for
+range reads. Selection: ``PruneConfig(prune_ratio=r, entropy_filter="none")`` (strategy rsprune).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rsprune_data import PruneConfig, PrunedSampler, PruneIndex
+from rsprune_data import index as idx
+from rsprune_data.tario import scan_tar
+
+NUM_CLUSTERS = 50
+
+
+def prepare(src: Path, cache: Path, shard_size: int) -> list[str]:
+    """Pack ``src`` into shards under ``cache`` and write synthetic-score indexes (once)."""
+    shard_dir = cache / f"shards-{shard_size}"
+    shards = sorted(str(p) for p in shard_dir.glob("shard-*.tar"))
+    if not shards:
+        from rsprune_data.pack import pack_folder
+
+        shards = [str(p) for p in pack_folder(src, shard_dir, shard_size=shard_size).shards]
+    rng = np.random.default_rng(0)
+    for shard in shards:
+        out = idx.index_path_for(shard)
+        if out.exists():
+            continue
+        ts = scan_tar(shard)
+        n = len(ts)
+        arrays = {"entropy": rng.uniform(5.0, 8.0, n), "nodata": np.zeros(n),
+                  "cluster_id": rng.integers(0, NUM_CLUSTERS, n), "similarity": rng.random(n),
+                  "valid": np.ones(n), "reason": np.zeros(n),
+                  "offset": [t.offset for t in ts], "length": [t.length for t in ts],
+                  **idx.encode_keys([t.key for t in ts])}
+        meta = {**idx.shard_metadata(shard), "encoder": "synthetic", "centroids_digest": "synthetic",
+                "num_clusters": str(NUM_CLUSTERS), "reasons": json.dumps(["ok"])}
+        idx.write_index(out, arrays, meta)
+    return shards
+
+
+def proc_io() -> dict[str, int]:
+    with open("/proc/self/io") as f:
+        return {k: int(v) for k, v in (line.split(": ") for line in f.read().splitlines())}
+
+
+def evict(paths: list[str], *, drop_caches: bool) -> None:
+    """Empty the page cache of ``paths``: ``drop_caches`` when allowed, else per-file fadvise."""
+    os.sync()  # dirty pages (freshly packed shards) cannot be dropped
+    if drop_caches:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def warm(paths: list[str]) -> None:
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(1 << 22):
+                pass
+
+
+def drop_caches_allowed() -> bool:
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def timed(fn: Callable[[], list[str]]) -> dict[str, Any]:
+    a = proc_io()
+    t0 = time.perf_counter()
+    keys = fn()
+    dt = time.perf_counter() - t0
+    b = proc_io()
+    return {"seconds": dt, "keys": keys, "rchar": b["rchar"] - a["rchar"],
+            "read_bytes": b["read_bytes"] - a["read_bytes"]}
+
+
+def run_ours(index: PruneIndex, cfg: PruneConfig, max_gap: int) -> list[str]:
+    from rsprune_data import PrunedWebDataset
+
+    ds = PrunedWebDataset(index, cfg, shuffle_shards=False, max_gap=max_gap)
+    return [s["__key__"] for s in ds]
+
+
+def run_stream(shards: list[str], keep: set[str]) -> list[str]:
+    import webdataset as wds
+
+    ds = wds.WebDataset(shards, shardshuffle=False).select(lambda s: s["__key__"] in keep)
+    return [s["__key__"] for s in ds]
+
+
+def _keys(batch: list[dict[str, Any]]) -> list[str]:
+    return [s["__key__"] for s in batch]
+
+
+def run_sampler(index: PruneIndex, cfg: PruneConfig, workers: int) -> list[str]:
+    from torch.utils.data import DataLoader
+
+    from rsprune_data import PrunedShardDataset
+
+    loader: DataLoader[Any] = DataLoader(
+        PrunedShardDataset(index), sampler=PrunedSampler(index, cfg, shuffle=False),
+        batch_size=64, num_workers=workers, collate_fn=_keys)
+    return [k for batch in loader for k in batch]
+
+
+def run_ours_loader(index: PruneIndex, cfg: PruneConfig, workers: int) -> list[str]:
+    from torch.utils.data import DataLoader
+
+    from rsprune_data import PrunedWebDataset
+
+    ds = PrunedWebDataset(index, cfg, shuffle_shards=False)
+    loader: DataLoader[Any] = DataLoader(ds, batch_size=64, num_workers=workers, collate_fn=_keys)
+    return [k for batch in loader for k in batch]
+
+
+def median_run(fn: Callable[[], list[str]], repeat: int, before: Callable[[], None],
+               want: set[str]) -> dict[str, Any]:
+    runs = []
+    for _ in range(repeat):
+        before()
+        r = timed(fn)
+        if set(r.pop("keys")) != want:
+            raise SystemExit(f"{fn} delivered other samples than the selection")
+        r["samples_per_s"] = len(want) / r["seconds"]
+        runs.append(r)
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def measure_ratio(index: PruneIndex, shards: list[str], keys: list[str], ratio: float,
+                  gaps: list[int], repeat: int, workers: int, dropped: bool) -> dict[str, Any]:
+    """Every measurement of one prune ratio (same samples on every path, checked)."""
+    total_bytes = sum(os.path.getsize(s) for s in shards)
+    cfg = PruneConfig(prune_ratio=ratio, entropy_filter="none")
+    sel = index.select(cfg)
+    want = {keys[i] for i in sel.tolist()}
+    row: dict[str, Any] = {"prune_ratio": ratio, "selected": len(sel)}
+    warm_all = partial(warm, shards)
+    for cache, before in (("warm", warm_all), ("cold", partial(evict, shards, drop_caches=dropped))):
+        stream = median_run(partial(run_stream, shards, want), repeat, before, want)
+        row[f"stream_{cache}"] = stream
+        for gap in gaps:
+            ours = median_run(partial(run_ours, index, cfg, gap), repeat, before, want)
+            ours["speedup"] = stream["seconds"] / ours["seconds"]
+            ours["bytes_fraction"] = ours["rchar"] / total_bytes
+            row[f"ours_{cache}_gap{gap}"] = ours
+    for name, fn in (("sampler_loader_warm", run_sampler), ("ours_loader_warm", run_ours_loader)):
+        row[name] = median_run(partial(fn, index, cfg, workers), repeat, warm_all, want)
+        row[name]["vs_stream"] = row["stream_warm"]["seconds"] / row[name]["seconds"]
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", type=Path, default=Path("/work/shared/data/harvey"))
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/rsprune_bench"))
+    ap.add_argument("--shard-size", type=int, default=1000)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7, 0.85, 0.9])
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--gaps", type=int, nargs="+", default=[0, 4096, 65536],
+                    help="max_gap values for PrunedWebDataset (its default is always added)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("results/streaming_io.json"))
+    args = ap.parse_args()
+
+    from rsprune_data.wds import DEFAULT_MAX_GAP
+
+    shards = prepare(args.src, args.cache, args.shard_size)
+    total_bytes = sum(os.path.getsize(s) for s in shards)
+    t0 = time.perf_counter()
+    index = PruneIndex.load(shards)
+    load_s = time.perf_counter() - t0
+    keys = list(index.keys)
+    gaps = sorted(set(args.gaps) | {DEFAULT_MAX_GAP})
+    dropped = drop_caches_allowed()
+    cold = "sync + drop_caches" if dropped else "sync + posix_fadvise(DONTNEED) per shard"
+    print(f"{len(shards)} shards, {len(index)} samples, {total_bytes / 1e6:.1f} MB; index load "
+          f"{load_s:.3f} s; /proc/sys/vm/drop_caches "
+          f"{'allowed' if dropped else 'not allowed here'}; cold cache = {cold}")
+    results = []
+    for ratio in args.ratios:
+        results.append(measure_ratio(index, shards, keys, ratio, gaps, args.repeat, args.workers,
+                                     dropped))
+        _print_row(results[-1], gaps, DEFAULT_MAX_GAP, total_bytes, args.workers)
+    report = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                          "platform": platform.platform()},
+              "shards": len(shards), "samples": len(index), "shard_bytes": total_bytes,
+              "index_load_seconds": load_s, "drop_caches_allowed": dropped,
+              "cold_method": cold + " before each run",
+              "default_max_gap": DEFAULT_MAX_GAP, "workers": args.workers, "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    plot(report, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def _print_row(row: dict[str, Any], gaps: list[int], default_gap: int, total: int,
+               workers: int) -> None:
+    n = row["selected"]
+    print(f"\nprune_ratio {row['prune_ratio']}: {n} samples selected")
+    for cache in ("warm", "cold"):
+        s = row[f"stream_{cache}"]
+        print(f"  {cache:4} stream           {s['seconds']:7.3f} s {n / s['seconds']:9.0f} "
+              f"samples/s  read {s['rchar'] / total:5.3f}x of shards "
+              f"(device {s['read_bytes'] / total:5.3f}x)")
+        for gap in gaps:
+            o = row[f"ours_{cache}_gap{gap}"]
+            mark = " (default)" if gap == default_gap else ""
+            print(f"  {cache:4} ours max_gap={gap:<6d}{o['seconds']:7.3f} s {n / o['seconds']:9.0f} "
+                  f"samples/s  read {o['bytes_fraction']:5.3f}x (device "
+                  f"{o['read_bytes'] / total:5.3f}x)  {o['speedup']:6.1f}x faster{mark}")
+    for name in ("sampler_loader_warm", "ours_loader_warm"):
+        r = row[name]
+        s = row["stream_warm"]["seconds"]
+        print(f"  warm {name} ({workers} workers): {r['seconds']:7.3f} s "
+              f"{n / r['seconds']:9.0f} samples/s, {s / r['seconds']:6.1f}x the stream")
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    ratios = [r["prune_ratio"] for r in rows]
+    gap = report["default_max_gap"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for cache, style in (("warm", "-o"), ("cold", "--s")):
+        ax1.plot(ratios, [r[f"ours_{cache}_gap{gap}"]["speedup"] for r in rows], style,
+                 label=f"PrunedWebDataset, {cache}")
+        ax2.plot(ratios, [r[f"ours_{cache}_gap{gap}"]["bytes_fraction"] for r in rows], style,
+                 label=f"PrunedWebDataset, {cache}")
+    ax2.plot(ratios, [r[f"ours_cold_gap{gap}"]["read_bytes"] / report["shard_bytes"] for r in rows],
+             "-.^", label="PrunedWebDataset, cold, from the device (readahead)")
+    ax2.plot(ratios, [r["stream_warm"]["rchar"] / report["shard_bytes"] for r in rows], ":",
+             label="wds.WebDataset.select")
+    ax2.plot(ratios, [1 - x for x in ratios], color="grey", lw=0.8, label="kept share")
+    ax1.set(xlabel="prune ratio", ylabel="speed-up over wds.WebDataset(...).select",
+            title="wall time to deliver the selection")
+    ax2.set(xlabel="prune ratio", ylabel="bytes read / shard bytes", title="bytes read")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{report['shards']} shards, {report['samples']} samples, "
+                 f"max_gap={gap} B", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
