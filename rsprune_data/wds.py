@@ -61,8 +61,6 @@ its epoch remain, another config; a worker's state also needs the same ``num_wor
 
 from __future__ import annotations
 
-import itertools
-import json
 import os
 import warnings
 from collections import OrderedDict
@@ -76,10 +74,12 @@ from numpy.typing import NDArray
 from webdataset.compat import FluidInterface
 from webdataset.pipeline import DataPipeline
 
+from ._control import _Control
 from .config import PruneConfig
 from .errors import ConfigError, StaleIndexError, StateDictError
 from .index import PruneIndex, is_remote
-from .partition import contiguous_span, epoch_order, per_rank
+from .partition import per_rank
+from .stream_plan import EpochPlan, epoch_plan, shard_runs, worker_batches
 from .tario import iter_tar_samples, parse_sample, read_ranges
 from .world import World, distributed_rank, get_world
 
@@ -99,156 +99,6 @@ _SIGPIPE_STATUS = (-13, 141)  # a child killed by SIGPIPE, as Popen and as a she
 #: A schedule: epoch -> config of that epoch, or just its pruning ratio.
 Schedule = Callable[[int], "PruneConfig | float"]
 Sample = dict[str, Any]
-
-
-# --- one epoch, pure numpy -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """Where every rank's and worker's samples come from in one epoch (module docstring).
-
-    The global sequence is never built: item ``i`` of the padded sequence is item ``i mod n`` of
-    the selected samples laid out shard by shard in ``shard_order``.
-
-    Attributes:
-        selected: sorted global positions selected (``n`` of them).
-        first: per slot of the shard order, the index in ``selected`` of that shard's first sample.
-        ends: per slot, the cumulative count of selected samples up to and including that shard.
-        world_size: ranks sharing the epoch.
-        per_rank: samples every rank delivers.
-    """
-
-    selected: NDArray[np.int64]
-    first: NDArray[np.int64]
-    ends: NDArray[np.int64]
-    world_size: int
-    per_rank: int
-
-    def rank_span(self, rank: int) -> tuple[int, int]:
-        """``[start, stop)`` of rank ``rank`` in the padded global sequence."""
-        return rank * self.per_rank, (rank + 1) * self.per_rank
-
-    def worker_span(self, rank: int, worker: int, num_workers: int) -> tuple[int, int]:
-        """``[start, stop)`` of one DataLoader worker of ``rank`` in the padded global sequence."""
-        a, b = contiguous_span(self.per_rank, num_workers, worker)
-        base = self.rank_span(rank)[0]
-        return base + a, base + b
-
-    def positions(self, start: int, stop: int) -> NDArray[np.int64]:
-        """Global positions of items ``[start, stop)`` of the padded global sequence."""
-        n = int(self.selected.shape[0])
-        if stop <= start or n == 0:
-            return np.zeros(0, dtype=np.int64)
-        j = np.arange(start, stop, dtype=np.int64) % n
-        slot = np.searchsorted(self.ends, j, side="right")
-        begins = self.ends - np.diff(self.ends, prepend=0)
-        return self.selected[self.first[slot] + (j - begins[slot])]
-
-
-def epoch_plan(selected: NDArray[np.int64], shard_starts: NDArray[np.int64], *, seed: int,
-               epoch: int, shuffle_shards: bool, world_size: int,
-               drop_last: bool) -> EpochPlan:
-    """The :class:`EpochPlan` of one epoch (see the module docstring for the order and split).
-
-    Args:
-        selected: sorted global positions (``PruneIndex.select``).
-        shard_starts: ``[num_shards + 1]`` first global position of every shard, then the total.
-        seed, epoch: the shard permutation comes from ``np.random.default_rng([seed, epoch])``.
-        shuffle_shards: permute shards; else the order given.
-        world_size: number of ranks.
-        drop_last: cut the sequence to ``world_size * floor(n / world_size)`` instead of padding.
-
-    Example:
-        >>> plan = epoch_plan(np.array([0, 2, 3, 5]), np.array([0, 3, 6]), seed=0, epoch=0,
-        ...                   shuffle_shards=False, world_size=3, drop_last=False)
-        >>> [plan.positions(*plan.rank_span(r)).tolist() for r in range(3)]
-        [[0, 2], [3, 5], [0, 2]]
-    """
-    selected = np.asarray(selected, dtype=np.int64)
-    starts = np.asarray(shard_starts, dtype=np.int64)
-    order = epoch_order(np.arange(starts.shape[0] - 1, dtype=np.int64), seed=seed, epoch=epoch,
-                        shuffle=shuffle_shards)
-    lo = np.searchsorted(selected, starts[:-1])
-    hi = np.searchsorted(selected, starts[1:])
-    ends = np.cumsum((hi - lo)[order]).astype(np.int64)
-    return EpochPlan(selected, lo[order].astype(np.int64), ends, world_size,
-                     per_rank(int(selected.shape[0]), world_size, drop_last))
-
-
-def worker_batches(per_rank_samples: int, num_workers: int, batch_size: int) -> list[int]:
-    """Items each of a rank's ``num_workers`` workers yields when it batches its own samples.
-
-    Example:
-        >>> worker_batches(10, 3, 2)  # spans of 4, 3 and 3 samples
-        [2, 2, 2]
-    """
-    w = max(1, num_workers)
-    spans = (contiguous_span(per_rank_samples, w, v) for v in range(w))
-    return [-(-(b - a) // batch_size) for a, b in spans]
-
-
-def _runs(positions: NDArray[np.int64], shard_ids: NDArray[Any]) -> list[tuple[int, int, int]]:
-    """``(shard, start, stop)`` of maximal pieces of ``positions`` in one shard, in tar order."""
-    if positions.shape[0] == 0:
-        return []
-    s = shard_ids[positions]
-    cut = np.flatnonzero((s[1:] != s[:-1]) | (positions[1:] <= positions[:-1])) + 1
-    bounds = [0, *cut.tolist(), int(positions.shape[0])]
-    return [(int(s[a]), a, b) for a, b in itertools.pairwise(bounds)]
-
-
-# --- state shared with DataLoader workers --------------------------------------------------------
-
-
-class _Control:
-    """A JSON dict in shared memory, written by the main process, read by every worker.
-
-    Layout of the uint8 tensor: int64 sequence number (odd while a write is in progress), int64
-    payload length, payload. torch pickles a shared tensor by handle, so workers started by fork or
-    spawn all map the same bytes (a ``multiprocessing.Value`` would also need a lock and a fixed
-    type; this holds the config dict as is).
-    """
-
-    SIZE = 1 << 16
-
-    def __init__(self, payload: dict[str, Any]) -> None:
-        import torch
-
-        self._buf = torch.zeros(self.SIZE, dtype=torch.uint8).share_memory_()
-        self.write(payload)
-
-    def write(self, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        if len(data) > self.SIZE - 16:
-            raise ConfigError(f"dataset state of {len(data)} bytes exceeds {self.SIZE - 16} bytes")
-        view = self._buf.numpy()
-        head = view[:16].view(np.int64)
-        head[0] += 1
-        view[16 : 16 + len(data)] = np.frombuffer(data, dtype=np.uint8)
-        head[1] = len(data)
-        head[0] += 1
-
-    def read(self) -> dict[str, Any]:
-        view = self._buf.numpy()
-        head = view[:16].view(np.int64)
-        while True:
-            seq = int(head[0])
-            if seq % 2:
-                os.sched_yield()
-                continue
-            data = view[16 : 16 + int(head[1])].tobytes()
-            if int(head[0]) == seq:
-                return json.loads(data)  # type: ignore[no-any-return]
-
-    def update(self, **changes: Any) -> dict[str, Any]:
-        payload = {**self.read(), **changes}
-        payload["gen"] += 1
-        self.write(payload)
-        return payload
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _Control:
-        return _Control(self.read())  # a deep copy gets its own shared memory
 
 
 @dataclass
@@ -431,7 +281,7 @@ class _Source:
     def _deliver(self, p: _Pass) -> Iterator[Sample]:
         index = self.index
         shard_ids = index.shard_ids
-        for shard, a, b in _runs(p.positions, shard_ids):
+        for shard, a, b in shard_runs(p.positions, shard_ids):
             url = index.shards[shard]
             part = p.positions[a:b]
             if is_remote(url):
