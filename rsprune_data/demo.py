@@ -101,7 +101,7 @@ def train_epochs(batches_per_epoch: Iterable[tuple[int, float, Iterable[Any]]], 
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             seen += x.shape[0]
         log.append({"epoch": epoch, "prune_ratio": ratio, "steps": len(losses),
                     "samples": seen,
