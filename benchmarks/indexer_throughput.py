@@ -61,7 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", type=Path, default=REPO.parent / "shared" / "data" / "harvey")
     ap.add_argument("--limit", type=int, default=6000, help="images for the entropy-only part")
-    ap.add_argument("--encoder-images", type=int, default=384, help="images for the encoder part")
+    ap.add_argument("--encoder-images", type=int, default=500, help="images for the encoder part")
     ap.add_argument("--image-size", type=int, default=None, help="encoder input size (default: the encoder's)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path("results/indexer_throughput.json"))

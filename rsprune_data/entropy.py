@@ -31,6 +31,10 @@ def entropy_from_hist(hist: NDArray[np.integer] | NDArray[np.floating]) -> NDArr
         2.0
     """
     h = np.asarray(hist, dtype=np.float64)
+    if h.ndim == 1:  # the per-image hot path: only the non-empty bins
+        total1 = h.sum()
+        p1 = h[h > 0] / total1 if total1 > 0 else h[:0]
+        return np.asarray(-(p1 * np.log2(p1)).sum() + 0.0)
     total = h.sum(axis=-1, keepdims=True)
     p = np.divide(h, total, out=np.zeros_like(h), where=total > 0)
     logp = np.log2(p, out=np.zeros_like(p), where=p > 0)
