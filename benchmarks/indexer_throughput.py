@@ -46,15 +46,19 @@ def ceiling(blobs: list[bytes], fast: bool) -> float:
     return len(blobs) / (time.perf_counter() - t0)
 
 
-def timed_index(shards: list[str], workdir: Path, **kw) -> float:
-    out = workdir / "idx"
-    shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    rep = index_shards(shards, index_dir=out, progress=False, force=True, **kw)
-    dt = time.perf_counter() - t0
-    if not rep.ok:
-        raise SystemExit(f"indexing failed: {rep.failed}")
-    return rep.samples / dt
+def timed_index(shards: list[str], workdir: Path, repeat: int, **kw) -> float:
+    """Best images/s of ``repeat`` full indexing runs (the machines are shared and noisy)."""
+    best = 0.0
+    for _ in range(repeat):
+        out = workdir / "idx"
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        rep = index_shards(shards, index_dir=out, progress=False, force=True, **kw)
+        dt = time.perf_counter() - t0
+        if not rep.ok:
+            raise SystemExit(f"indexing failed: {rep.failed}")
+        best = max(best, rep.samples / dt)
+    return best
 
 
 def main() -> None:
@@ -64,6 +68,7 @@ def main() -> None:
     ap.add_argument("--encoder-images", type=int, default=500, help="images for the encoder part")
     ap.add_argument("--image-size", type=int, default=None, help="encoder input size (default: the encoder's)")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--repeat", type=int, default=3, help="best of this many runs per figure")
     ap.add_argument("--out", type=Path, default=Path("results/indexer_throughput.json"))
     args = ap.parse_args()
 
@@ -87,13 +92,16 @@ def main() -> None:
 
     rows = []
     for mode, fast in (("exact", False), ("fast_gray", True)):
-        ceil = ceiling(blobs, fast)
+        ceil = max(ceiling(blobs, fast) for _ in range(args.repeat))
+        one = 0.0
         for workers in (1, 2):
-            rate = timed_index(shards, work, workers=workers, fast_gray=fast)
+            rate = timed_index(shards, work, args.repeat, workers=workers, fast_gray=fast)
+            one = one or rate
             rows.append({"mode": mode, "workers": workers, "images_per_s": rate,
-                         "ceiling_per_s": ceil, "ratio": rate / ceil})
+                         "ceiling_per_s": ceil, "ratio": rate / ceil, "scaling": rate / one})
             print(f"entropy-only {mode:<9} {workers} proc: {rate:7.0f} img/s  "
-                  f"ceiling (1 proc, bytes in memory) {ceil:7.0f} img/s  ratio {rate / ceil:4.2f}x")
+                  f"ceiling (1 proc, bytes in memory) {ceil:7.0f} img/s  ratio {rate / ceil:4.2f}x  "
+                  f"scaling vs 1 proc {rate / one:4.2f}x")
     res["entropy_only"] = rows
 
     # --- full pipeline vs bare encoder --------------------------------------------------------

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from .encoders import Encoder
 
 NO_IMAGE = "no_image"
+ENTROPY_CHUNK = 2048  # samples per worker message when no encoder runs
 
 
 @dataclass
@@ -242,7 +243,8 @@ def index_shards(
         encoder: the encoder the centroids were built with (required with ``centroids``).
         index_dir: where to write indexes (default: beside each shard).
         workers: DataLoader worker processes decoding images (0 = in this process).
-        batch_size: samples per chunk, and so per encoder batch.
+        batch_size: samples per chunk, and so per encoder batch (entropy-only indexes send at
+            least :data:`ENTROPY_CHUNK` samples per chunk).
         rank, world_size: override the distributed rank (see :func:`shard_share`).
         rgb_bands: the bands that make RGB for the encoder in multi-band GeoTIFFs.
         force: index again even when an index is current.
@@ -286,9 +288,10 @@ def index_shards(
     for _, out in todo:
         out.parent.mkdir(parents=True, exist_ok=True)
         idx.remove_stale_temporaries(out)
-    job = _Job(tuple(s for s, _ in todo), batch_size,
-               encoder.preprocess if centroids is not None and encoder is not None else None,
-               rgb_bands, fast_gray)
+    preprocess = encoder.preprocess if centroids is not None and encoder is not None else None
+    # entropy-only chunks carry no images: large chunks keep the per-chunk IPC off the hot path
+    chunk = batch_size if preprocess is not None else max(batch_size, ENTROPY_CHUNK)
+    job = _Job(tuple(s for s, _ in todo), chunk, preprocess, rgb_bands, fast_gray)
     nw = min(workers, len(todo))
     loader = DataLoader(_ShardStream(job), batch_size=None, num_workers=nw, collate_fn=_identity,
                         prefetch_factor=4 if nw else None)
