@@ -92,6 +92,7 @@ def _cmd_index(a: argparse.Namespace) -> int:
     report = index_shards(a.shards, centroids=cents, encoder=enc, index_dir=a.index_dir,
                           workers=a.workers, batch_size=a.batch_size, rank=a.rank,
                           world_size=a.world_size, force=a.force, fast_gray=a.fast_gray,
+                          rgb_bands=tuple(a.rgb_bands),
                           progress=not a.quiet)
     for line in report.lines():
         print(line, file=sys.stderr if line.startswith("FAILED") else sys.stdout)
@@ -160,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     def encoder_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--encoder", default=None,
                        help="efficientnet-lite0 (default), open_clip:MODEL or hf:PATH")
-        p.add_argument("--checkpoint", default=None, help="local weights for open_clip encoders")
+        p.add_argument("--checkpoint", default=None, help="local weights: an open_clip .pt file, or a local folder for an hf: hub name "
+                            "(pass it again to `index`; centroid files do not store it)")
         p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda:N")
         p.add_argument("--workers", type=int, default=2, help="decoding worker processes")
         p.add_argument("--batch-size", type=int, default=64)
@@ -180,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--world-size", type=int, default=None)
     p.add_argument("--force", action="store_true", help="index again even when current")
+    p.add_argument("--rgb-bands", type=int, nargs=3, default=(0, 1, 2), metavar=("R", "G", "B"),
+                   help="0-based bands that make RGB in multi-band GeoTIFFs (default 0 1 2)")
     p.add_argument("--fast-gray", action="store_true",
                    help="entropy-only: decode JPEG to libjpeg's Y (2x faster, not PIL-exact)")
     encoder_args(p)

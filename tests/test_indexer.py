@@ -184,3 +184,28 @@ def test_cli_exit_codes_and_select(tmp_path, capsys):
     bad.write_bytes(b"not a tar at all" * 100)
     assert cli_main(["index", str(bad), "--workers", "0", "-q"]) == 1
     assert "FAILED" in capsys.readouterr().err
+
+
+def test_cli_rgb_bands_for_multiband_geotiff(tmp_path):
+    import tifffile
+
+    from rsprune_data.images import analyze
+    from rsprune_data.pack import pack_folder
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "naip"
+    src.mkdir()
+    tiles = []
+    for i in range(3):  # 4-band uint16 tiles, bands deliberately different
+        arr = (rng.random((32, 32, 4)) * np.array([1000, 20000, 40000, 65535])).astype(np.uint16)
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, arr, photometric="minisblack", planarconfig="contig")
+        (src / f"t{i}.tif").write_bytes(buf.getvalue())
+        tiles.append(buf.getvalue())
+    shards = [str(p) for p in pack_folder(src, tmp_path / "shards", progress=False).shards]
+    assert cli_main(["index", *shards, "--workers", "0", "-q", "--rgb-bands", "3", "2", "1"]) == 0
+    index = PruneIndex.load(shards)
+    want = [analyze(t, "tif", rgb_bands=(3, 2, 1)).entropy for t in tiles]
+    default = [analyze(t, "tif").entropy for t in tiles]
+    np.testing.assert_allclose(index.entropy, want, atol=1e-5)
+    assert not np.allclose(want, default)
