@@ -209,3 +209,37 @@ def test_cli_rgb_bands_for_multiband_geotiff(tmp_path):
     default = [analyze(t, "tif").entropy for t in tiles]
     np.testing.assert_allclose(index.entropy, want, atol=1e-5)
     assert not np.allclose(want, default)
+
+
+def test_cluster_ids_are_the_argmax_of_similarities_to_the_stored_centroids(tmp_path, shards):
+    """End to end with the real default encoder (small input for speed) and real centroids."""
+    import torch
+
+    from rsprune_data.centroids import Centroids, build_centroids
+    from rsprune_data.encoders import load_encoder
+    from rsprune_data.images import analyze
+    from rsprune_data.tario import parse_sample
+
+    enc = load_encoder("efficientnet-lite0", image_size=64, device="cpu")
+    cents = build_centroids([SAMPLE_DATA / "ucmerced"], enc, k=8, progress=False)
+    cents.save(tmp_path / "c.safetensors")
+    stored = Centroids.load(tmp_path / "c.safetensors")
+    out = tmp_path / "idx"
+    report = index_shards(shards[:1], centroids=stored, encoder=enc, index_dir=out, workers=2,
+                          batch_size=8, progress=False)
+    assert report.ok and report.samples == 20
+    index = PruneIndex.load(shards[:1], index_dir=out)
+    assert index.num_clusters == 8 and index.centroids_digest == stored.digest
+    with open(shards[0], "rb") as f:
+        blob = f.read()
+    for pos in range(20):
+        if not index.valid[pos]:
+            assert index.cluster_ids[pos] == -1
+            continue
+        start = int(index.offsets[pos])
+        _, members = parse_sample(blob[start : start + int(index.lengths[pos])])
+        rgb = analyze(members["jpeg"], "jpeg", want_rgb=True).rgb
+        emb = enc.encode(torch.stack([enc.preprocess(rgb)]))[0]
+        sims = stored.centroids @ emb
+        assert int(index.cluster_ids[pos]) == int(np.argmax(sims))
+        assert abs(float(index.similarity[pos]) - float(sims.max())) < 1e-4
