@@ -24,6 +24,7 @@ from .config import PruneConfig
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 RATIOS = (0.85, 0.7, 0.5)  # pruning ratio of epoch 0, 1, 2: changed on the fly, no re-indexing
 IMAGE_PX = 32  # the tiny model trains on 32 x 32 downsampled tiles
+BATCH = 8
 
 
 def _say(msg: str) -> None:
@@ -176,7 +177,7 @@ def run_demo(out: Path, *, quick: bool = False, data: Path = SAMPLE_DATA,
     stream = PrunedWebDataset(shards, lambda e: schedule[e], index_dir=out / "index", seed=0)
     # webdataset's own stages chain after it, exactly as after wds.WebDataset
     pipeline = stream.decode("rgb8").to_tuple("jpg;jpeg;png;tif;tiff").map_tuple(to_training_tensor)
-    loader = DataLoader(pipeline.batched(16), batch_size=None, num_workers=2)
+    loader = DataLoader(pipeline.batched(BATCH), batch_size=None, num_workers=2)
 
     def stream_epochs() -> Iterable[tuple[int, float, Iterable[Any]]]:
         for e, r in schedule.items():
@@ -188,7 +189,7 @@ def run_demo(out: Path, *, quick: bool = False, data: Path = SAMPLE_DATA,
     # (b) map-style: DataLoader(sampler=PrunedSampler(...)); the ratio changed between epochs
     ds = PrunedShardDataset(index, transform=_map_image)
     sampler = PrunedSampler(index, PruneConfig(prune_ratio=ratios[0]), seed=0)
-    map_loader = DataLoader(ds, batch_size=16, sampler=sampler, num_workers=2)
+    map_loader = DataLoader(ds, batch_size=BATCH, sampler=sampler, num_workers=2)
 
     def map_epochs() -> Iterable[tuple[int, float, Iterable[Any]]]:
         for e, r in schedule.items():
