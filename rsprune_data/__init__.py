@@ -52,7 +52,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "STRATEGIES",
     "ConfigError",
     "CorruptImageError",
     "DependencyNotFoundError",
@@ -66,6 +65,7 @@ __all__ = [
     "PrunedShardDataset",
     "PrunedWebDataset",
     "RsPruneError",
+    "STRATEGIES",
     "ShardError",
     "StaleIndexError",
     "StateDictError",
