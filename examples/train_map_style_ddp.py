@@ -56,7 +56,9 @@ def build_demo_shards(workdir: Path) -> list[str]:
         centroids = build_centroids([EXAMPLES / "data" / "ucmerced"], encoder, k=8, progress=False)
         centroids.save(path)
     # skips shards whose index is already current
-    index_shards(shards, centroids=centroids, encoder=encoder, workers=2, progress=False)
+    # rank 0 indexes every shard (rank/world_size given, else torchrun's RANK/WORLD_SIZE would split)
+    index_shards(shards, centroids=centroids, encoder=encoder, workers=2, progress=False,
+                 rank=0, world_size=1)
     return shards
 
 

@@ -115,7 +115,8 @@ def _cmd_select(a: argparse.Namespace) -> int:
                   f"top {keep:g} by entropy" if rule == "keep" else "off")
         print(f"samples {summary['samples']:,}  budget {summary['budget']:,} "
               f"(prune ratio {cfg.prune_ratio:g}, strategy {cfg.strategy})")
-        print(f"  invalid {summary['invalid']:,}  no-data > {cfg.max_nodata} dropped "
+        nodata = "off" if cfg.max_nodata is None else f"> {cfg.max_nodata:g}"
+        print(f"  invalid {summary['invalid']:,}  no-data ({nodata}) dropped "
               f"{summary['nodata_dropped']:,}  Stage I ({stage1}) dropped "
               f"{summary['stage1_dropped']:,}  candidates {summary['candidates']:,}")
         print(f"  kept {summary['selected']:,}  shortfall {summary['shortfall']:,}  clusters "

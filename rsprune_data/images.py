@@ -262,11 +262,11 @@ def _decode_pil(data: bytes) -> _Raster:
             mode = im.mode
             if mode in ("P", "PA"):
                 mode = "RGBA" if mode == "PA" or "transparency" in im.info else "RGB"
-                arr = np.asarray(im.convert(mode))
+                arr = np.array(im.convert(mode))
             elif mode in ("CMYK", "YCbCr"):
-                mode, arr = "RGB", np.asarray(im.convert("RGB"))
+                mode, arr = "RGB", np.array(im.convert("RGB"))
             elif mode in ("1", "L", "LA", "RGB", "RGBA", "I", "F") or mode.startswith("I;16"):
-                arr = np.asarray(im)
+                arr = np.array(im)  # writable, like simplejpeg's output
             else:
                 raise CorruptImageError(f"unsupported image mode {mode!r}", reason="unsupported_format")
             tags = getattr(im, "tag_v2", None)

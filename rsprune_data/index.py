@@ -48,7 +48,7 @@ METADATA_KEYS = (
     *("format", "version", "shard", "shard_size", "shard_mtime_ns", "shard_fingerprint"),
     *("encoder", "centroids_digest", "num_clusters", "num_samples", "reasons", "created_by"),
 )
-MUST_AGREE = ("version", "encoder", "centroids_digest", "num_clusters")  # across shards
+MUST_AGREE = ("version", "encoder", "centroids_digest", "num_clusters", "entropy_mode")  # across shards
 FINGERPRINT_BYTES = 64 * 1024
 _SCHEMA = {**SAMPLE_TENSORS, **KEY_TENSORS}
 _REMOTE = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://")
@@ -415,6 +415,19 @@ class PruneIndex:
                    keys=None if keys is None else KeyList.of(keys))
 
 
+def check_distinct_index_paths(shards: Sequence[str], paths: Sequence[Path]) -> None:
+    """Refuse two shards whose indexes would be the same file (same basename under ``index_dir``)."""
+    seen: dict[Path, str] = {}
+    for shard, path in zip(shards, paths, strict=True):
+        if path in seen:
+            raise ConfigError(
+                f"shards {seen[path]!r} and {shard!r} would share the index file {str(path)!r} "
+                "(index_dir keeps only the shard's file name): give the shards distinct file names "
+                "or index them into separate index dirs"
+            )
+        seen[path] = shard
+
+
 def _resolve(shards: Sequence[_PathLike] | str, index_dir: _PathLike | None
              ) -> tuple[list[str], list[Path]]:
     if isinstance(shards, (str, os.PathLike)):
@@ -428,6 +441,7 @@ def _resolve(shards: Sequence[_PathLike] | str, index_dir: _PathLike | None
         dup = next(s for i, s in enumerate(names) if s in names[:i])
         raise ConfigError(f"shards lists {dup!r} twice: each shard may appear once")
     paths = [Path(s) if s.endswith(INDEX_SUFFIX) else index_path_for(s, index_dir) for s in names]
+    check_distinct_index_paths(names, paths)
     return [s.removesuffix(INDEX_SUFFIX) for s in names], paths
 
 

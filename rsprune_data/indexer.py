@@ -37,7 +37,7 @@ from numpy.typing import NDArray
 from torch.utils.data import IterableDataset
 
 from . import index as idx
-from .errors import CorruptImageError, IndexMismatchError, ShardError
+from .errors import ConfigError, CorruptImageError, IndexMismatchError, ShardError
 from .images import analyze, pick_image_member
 from .tario import iter_tar_samples
 from .world import distributed_rank
@@ -270,13 +270,19 @@ def index_shards(
                 f"encoder {encoder.name!r} differs from the centroids' encoder {centroids.encoder!r}: "
                 "pass the same --encoder/--checkpoint the centroids were built with"
             )
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"`workers` must be an integer >= 0, got {workers!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"`batch_size` must be an integer >= 1, got {batch_size!r}")
+    names = [os.fspath(s) for s in shards]
+    idx.check_distinct_index_paths(names, [idx.index_path_for(s, index_dir) for s in names])
     encoder_id = encoder.name if (encoder is not None and centroids is not None) else ""
     digest = centroids.digest if centroids is not None else ""
     fast_gray = fast_gray and centroids is None
     mode = "fast_gray" if fast_gray else "exact"
     report = IndexReport()
     todo: list[tuple[str, Path]] = []
-    for shard in shard_share([os.fspath(s) for s in shards], rank, world_size):
+    for shard in shard_share(names, rank, world_size):
         out = idx.index_path_for(shard, index_dir)
         if not force and index_is_current(shard, out, encoder=encoder_id, centroids_digest=digest,
                                           entropy_mode=mode):

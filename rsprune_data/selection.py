@@ -136,7 +136,9 @@ class _Inputs:
                 or num_clusters < 1:
             raise ConfigError(f"`num_clusters` must be an integer >= 1, got {num_clusters!r}")
         self.num_clusters = int(num_clusters)
-        if not np.issubdtype(self.cluster_ids.dtype, np.integer):
+        if self.cluster_ids.size == 0:
+            self.cluster_ids = self.cluster_ids.astype(np.int64)
+        elif not np.issubdtype(self.cluster_ids.dtype, np.integer):
             raise ConfigError(
                 f"`cluster_ids` must be an integer array, got dtype {self.cluster_ids.dtype}"
             )
@@ -322,6 +324,8 @@ def select_indices(
         check_number("entropy_keep", entropy_keep, 0.0, 1.0, lo_open=True)
     if entropy_threshold is not None:
         check_number("entropy_threshold", entropy_threshold, -math.inf, math.inf)
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ConfigError(f"`seed` must be an integer >= 0, got {seed!r}")
     fn = get_strategy(strategy)
     x = _Inputs(entropy, cluster_ids, similarity, num_clusters, valid)
     out = fn(x, budget(x.n, ratio), entropy_keep=entropy_keep,

@@ -5,7 +5,7 @@ A webdataset pipeline whose first stage yields the selected samples as the same 
 ``bytes`` value per member extension), so webdataset's stages chain after it unchanged::
 
     ds = PrunedWebDataset("shards/shard-{000000..000099}.tar", PruneConfig(prune_ratio=0.85))
-    pipeline = ds.decode("pil").to_tuple("jpg", "cls.txt").batched(64)
+    pipeline = ds.decode("pil").to_tuple("jpg;jpeg;png", "cls.txt").batched(64)
     loader = DataLoader(pipeline, batch_size=None, num_workers=8, persistent_workers=True)
     for epoch in range(epochs):
         ds.set_epoch(epoch)                  # before iter(loader); reaches persistent workers
@@ -459,7 +459,7 @@ class PrunedWebDataset(DataPipeline, FluidInterface):
 
     Example:
         >>> ds = PrunedWebDataset("shards/shard-{000000..000021}.tar", 0.85)  # doctest: +SKIP
-        >>> loader = DataLoader(ds.decode("pil").to_tuple("jpg"), num_workers=4)  # doctest: +SKIP
+        >>> loader = DataLoader(ds.decode("pil").to_tuple("jpg;jpeg;png"), num_workers=4)  # doctest: +SKIP
     """
 
     def __init__(

@@ -374,3 +374,17 @@ def test_pick_image_member() -> None:
     assert pick_image_member({"__url__": "x.jpg", "rgb.jpeg": b"3"}) == ("rgb.jpeg", b"3")
     assert set(IMAGE_EXTS) == {"jpg", "jpeg", "png", "tif", "tiff"}
     assert isinstance(NODATA_TOLERANCE, int)
+
+
+def test_decoded_arrays_are_writable_for_every_format():
+    import io as _io
+
+    from PIL import Image as _Image
+
+    from rsprune_data.images import decode_rgb
+
+    rgb = np.random.default_rng(1).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    for fmt, ext in (("PNG", "png"), ("JPEG", "jpg"), ("TIFF", "tif")):
+        buf = _io.BytesIO()
+        _Image.fromarray(rgb).save(buf, format=fmt)
+        assert decode_rgb(buf.getvalue(), ext).flags.writeable, fmt

@@ -19,7 +19,12 @@ from PIL import Image
 from rsprune_data import PruneConfig
 from rsprune_data.cli import main as cli_main
 from rsprune_data.entropy import entropy_from_hist
-from rsprune_data.errors import IndexMismatchError, IndexNotFoundError, StaleIndexError
+from rsprune_data.errors import (
+    ConfigError,
+    IndexMismatchError,
+    IndexNotFoundError,
+    StaleIndexError,
+)
 from rsprune_data.index import PruneIndex, index_path_for, read_index, write_index
 from rsprune_data.indexer import index_shards, shard_share
 
@@ -243,3 +248,31 @@ def test_cluster_ids_are_the_argmax_of_similarities_to_the_stored_centroids(tmp_
         sims = stored.centroids @ emb
         assert int(index.cluster_ids[pos]) == int(np.argmax(sims))
         assert abs(float(index.similarity[pos]) - float(sims.max())) < 1e-4
+
+
+def test_index_dir_basename_collision_is_refused(tmp_path):
+    files = harvey_files(10)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = write_shards(tmp_path / "a", files[:5], 5)
+    b = write_shards(tmp_path / "b", files[5:], 5)
+    assert Path(a[0]).name == Path(b[0]).name
+    out = tmp_path / "idx"
+    with pytest.raises(ConfigError, match=r"would share the index file .*distinct file names"):
+        index_shards([a[0], b[0]], index_dir=out, workers=0, progress=False)
+    index_shards([a[0]], index_dir=out, workers=0, progress=False)
+    with pytest.raises(ConfigError, match="would share the index file"):
+        PruneIndex.load([a[0], b[0]], index_dir=out)
+    # beside their shards the same names are fine
+    index_shards([a[0], b[0]], workers=0, progress=False)
+    assert len(PruneIndex.load([a[0], b[0]])) == 10
+
+
+def test_bad_indexer_arguments_name_the_fix(tmp_path, capsys):
+    shards = write_shards(tmp_path, harvey_files(5), 5)
+    with pytest.raises(ConfigError, match="`workers` must be an integer >= 0, got -1"):
+        index_shards(shards, workers=-1, progress=False)
+    with pytest.raises(ConfigError, match="`batch_size` must be an integer >= 1, got 0"):
+        index_shards(shards, batch_size=0, progress=False)
+    assert cli_main(["index", *shards, "--workers", "-1", "-q"]) == 2
+    assert "`workers` must be an integer >= 0" in capsys.readouterr().err

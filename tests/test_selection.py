@@ -109,6 +109,7 @@ def test_empty_input():
     out = select_indices(np.array([]), np.array([], np.int16), np.array([]), num_clusters=3,
                          prune_ratio=0.5)
     assert out.tolist() == []
+    assert select_indices([], [], [], num_clusters=3, prune_ratio=0.5).tolist() == []  # lists
 
 
 def test_invalid_samples_may_carry_garbage():
@@ -147,6 +148,8 @@ def test_bad_arguments_name_the_argument_value_and_range():
         select_indices(e, z, s, num_clusters=1, prune_ratio=0.5, strategy="nope")
     with pytest.raises(ConfigError, match="`num_clusters` must be an integer >= 1, got 0"):
         select_indices(e, z, s, num_clusters=0, prune_ratio=0.5)
+    with pytest.raises(ConfigError, match="`seed` must be an integer >= 0, got -1"):
+        select_indices(e, z, s, num_clusters=1, prune_ratio=0.5, strategy="random", seed=-1)
 
 
 # --- baselines -----------------------------------------------------------------------------------
