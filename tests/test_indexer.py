@@ -142,8 +142,8 @@ def _arrays(shards, index_dir):
 
 
 def test_resume_after_kill_9_gives_identical_result(tmp_path):
-    files = harvey_files(240)
-    shards = write_shards(tmp_path, files, 20)
+    files = harvey_files(300)
+    shards = write_shards(tmp_path, files, 10)  # 30 shards: the kill lands well before the end
     clean_dir, killed_dir = tmp_path / "clean", tmp_path / "killed"
     index_shards(shards, workers=0, index_dir=clean_dir, progress=False)
     cmd = [sys.executable, "-m", "rsprune_data.cli", "index", *shards, "--index-dir",
