@@ -36,7 +36,7 @@ def to_training_tensor(rgb: np.ndarray) -> Any:
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()[None] / 127.5 - 1.0
+    x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float()[None] / 127.5 - 1.0  # a copy: wds arrays are read-only
     return F.adaptive_avg_pool2d(x, IMAGE_PX)[0]
 
 
