@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,19 @@ def _map_image(sample: dict[str, Any]) -> Any:
     if picked is None:
         raise ValueError(f"sample {sample.get('__key__')} has no image")
     return to_training_tensor(decode_rgb(picked[1], picked[0]))
+
+
+class _Sized:
+    """An iterable with a known length (a streaming DataLoader has none), for the progress bar."""
+
+    def __init__(self, it: Iterable[Any], n: int) -> None:
+        self.it, self.n = it, n
+
+    def __iter__(self) -> Any:
+        return iter(self.it)
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class TinyDenoiser:
@@ -91,8 +104,9 @@ def train_epochs(batches_per_epoch: Iterable[tuple[int, float, Iterable[Any]]], 
     log = []
     for epoch, ratio, batches in batches_per_epoch:
         losses, seen = [], 0
+        total = len(batches) if isinstance(batches, Sized) else None
         for batch in tqdm(batches, desc=f"{label} epoch {epoch} (prune {ratio:.2f})", unit="batch",
-                      disable=not progress, leave=True):
+                          total=total, disable=not progress, leave=True):
             x = batch[0] if isinstance(batch, list | tuple) else batch  # wds batches are tuples
             t = torch.randint(0, steps_t, (x.shape[0],))
             noise = torch.randn_like(x)
@@ -182,7 +196,7 @@ def run_demo(out: Path, *, quick: bool = False, data: Path = SAMPLE_DATA,
     def stream_epochs() -> Iterable[tuple[int, float, Iterable[Any]]]:
         for e, r in schedule.items():
             stream.set_epoch(e)
-            yield e, r, loader
+            yield e, r, _Sized(loader, stream.num_batches(BATCH, num_workers=2))
 
     log_stream = train_epochs(stream_epochs(), label="PrunedWebDataset", progress=progress)
 
