@@ -276,3 +276,16 @@ def test_bad_indexer_arguments_name_the_fix(tmp_path, capsys):
         index_shards(shards, batch_size=0, progress=False)
     assert cli_main(["index", *shards, "--workers", "-1", "-q"]) == 2
     assert "`workers` must be an integer >= 0" in capsys.readouterr().err
+
+
+def test_same_size_rewrite_in_the_middle_is_stale(tmp_path):
+    from rsprune_data.index import FINGERPRINT_BLOCKS
+
+    shards = write_shards(tmp_path, harvey_files(60), 60)
+    index_shards(shards, workers=0, progress=False)
+    data = bytearray(Path(shards[0]).read_bytes())
+    mid = len(data) * (FINGERPRINT_BLOCKS // 2) // (FINGERPRINT_BLOCKS + 1)  # a sampled block
+    data[mid : mid + 4] = bytes(4 - i for i in range(4))
+    Path(shards[0]).write_bytes(bytes(data))  # same size, new mtime, head and tail unchanged
+    with pytest.raises(StaleIndexError, match="rsprune-data index"):
+        PruneIndex.load(shards)
