@@ -8,6 +8,20 @@ from typing import Any
 from .errors import ConfigError
 
 
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """``int(value)`` if it is an integer (numpy ones included, bools not) >= ``minimum``.
+
+    Example:
+        >>> check_int("seed", 3, 0)
+        3
+    """
+    import numpy as np
+
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ConfigError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def check_number(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False,
                  hi_open: bool = False) -> float:
     """``float(value)`` if it is a finite number in the interval, else :class:`ConfigError`.

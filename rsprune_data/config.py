@@ -7,10 +7,11 @@ naming the field, the value and the allowed range.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ._validate import check_number
+from ._validate import check_int, check_number
 from .errors import ConfigError
 
 #: Default for :attr:`PruneConfig.max_nodata`: a sample whose no-data share exceeds this fraction is
@@ -19,6 +20,22 @@ DEFAULT_MAX_NODATA = 0.05
 
 #: Values of :attr:`PruneConfig.entropy_filter`.
 ENTROPY_FILTERS = ("auto", "none")
+
+
+#: A schedule: epoch -> the config of that epoch, or just its pruning ratio.
+Schedule = Callable[[int], "PruneConfig | float"]
+
+
+def as_config(value: Any, what: str) -> PruneConfig:
+    """``value`` as a :class:`PruneConfig`: a config as is, a ratio ``r`` as ``PruneConfig(prune_ratio=r)``.
+
+    ``what`` names the argument in the error message.
+    """
+    if isinstance(value, PruneConfig):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"`{what}` must be a PruneConfig or a pruning ratio in [0, 1), got {value!r}")
+    return PruneConfig(prune_ratio=float(value))
 
 
 @dataclass(frozen=True)
@@ -79,8 +96,7 @@ class PruneConfig:
             raise ConfigError(
                 f"`strategy` must be one of {sorted(STRATEGIES)}, got {self.strategy!r}"
             )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"`seed` must be an integer >= 0, got {self.seed!r}")
+        set_(self, "seed", check_int("seed", self.seed, 0))
         if self.max_nodata is not None:
             set_(self, "max_nodata", check_number("max_nodata", self.max_nodata, 0.0, 1.0))
 

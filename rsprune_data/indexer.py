@@ -37,7 +37,8 @@ from numpy.typing import NDArray
 from torch.utils.data import IterableDataset
 
 from . import index as idx
-from .errors import ConfigError, CorruptImageError, IndexMismatchError, ShardError
+from ._validate import check_int
+from .errors import CorruptImageError, IndexMismatchError, ShardError
 from .images import analyze, pick_image_member
 from .tario import iter_tar_samples
 from .world import distributed_rank
@@ -270,10 +271,8 @@ def index_shards(
                 f"encoder {encoder.name!r} differs from the centroids' encoder {centroids.encoder!r}: "
                 "pass the same --encoder/--checkpoint the centroids were built with"
             )
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ConfigError(f"`workers` must be an integer >= 0, got {workers!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"`batch_size` must be an integer >= 1, got {batch_size!r}")
+    workers = check_int("workers", workers, 0)
+    batch_size = check_int("batch_size", batch_size, 1)
     names = [os.fspath(s) for s in shards]
     idx.check_distinct_index_paths(names, [idx.index_path_for(s, index_dir) for s in names])
     encoder_id = encoder.name if (encoder is not None and centroids is not None) else ""

@@ -52,14 +52,15 @@ batch_size)``.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
 import torch.utils.data
 from numpy.typing import NDArray
 
-from .config import PruneConfig
+from ._validate import check_int, check_number
+from .config import PruneConfig, Schedule, as_config
 from .errors import ConfigError, StateDictError
 from .partition import epoch_order, per_rank, rank_share
 from .world import distributed_rank
@@ -71,7 +72,6 @@ STATE_VERSION = 1
 _CACHE_SIZE = 4
 
 #: A schedule: epoch -> config of that epoch, or just its pruning ratio.
-Schedule = Callable[[int], "PruneConfig | float"]
 #: What :class:`PrunedSampler` accepts as its config.
 ConfigSource = PruneConfig | float | Schedule
 
@@ -87,22 +87,10 @@ class SelectableIndex(Protocol):
     def __len__(self) -> int: ...
 
 
-def _as_config(value: PruneConfig | float, base: PruneConfig | None, what: str) -> PruneConfig:
-    """``value`` as a config; a ratio replaces ``base``'s ratio (the defaults when ``base`` is None)."""
-    if isinstance(value, PruneConfig):
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(
-            f"`{what}` must be a PruneConfig or a pruning ratio in [0, 1), got {value!r}"
-        )
-    return PruneConfig(prune_ratio=float(value)) if base is None else base.replace(
-        prune_ratio=float(value))
-
-
 def _check_source(config: Any, what: str) -> ConfigSource:
     if isinstance(config, PruneConfig) or callable(config):
         return config  # type: ignore[no-any-return]
-    return _as_config(config, None, what)
+    return as_config(config, what)
 
 
 class PrunedSampler(torch.utils.data.Sampler[int]):
@@ -138,8 +126,7 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
         rank: int | None = None,
         drop_last: bool = False,
     ) -> None:
-        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-            raise ConfigError(f"`seed` must be an integer >= 0, got {seed!r}")
+        check_int("seed", seed, 0)
         self.index = index
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
@@ -180,8 +167,8 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
         if isinstance(source, PruneConfig):
             return source
         if callable(source):  # a ratio from a schedule means the default config with that ratio
-            return _as_config(source(epoch), None, f"schedule({epoch})")
-        return _as_config(source, None, "config")
+            return as_config(source(epoch), f"schedule({epoch})")
+        return as_config(source, "config")
 
     def _select(self, config: PruneConfig) -> NDArray[np.int64]:
         hit = self._cache.get(config)
@@ -202,8 +189,7 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch``: evaluates the schedule and applies any pending config change."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer) or epoch < 0:
-            raise ConfigError(f"`epoch` must be an integer >= 0, got {epoch!r}")
+        check_int("epoch", epoch, 0)
         self._epoch = int(epoch)
         self._running = False
         self._pass_started_in_epoch = False
@@ -227,7 +213,8 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
         """Shorthand for ``set_config(config.replace(prune_ratio=...))`` (ends any schedule)."""
         base = self._config if self._next_source is None else self._resolve(
             self._next_source, self._epoch)
-        self.set_config(_as_config(prune_ratio, base, "prune_ratio"))
+        check_number("prune_ratio", prune_ratio, 0.0, 1.0, hi_open=True)
+        self.set_config(base.replace(prune_ratio=float(prune_ratio)))
 
     # ------------------------------------------------------------------ iteration
     def _num_samples(self, config: PruneConfig) -> int:

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ._validate import check_number
+from ._validate import check_int, check_number
 from .errors import ConfigError
 
 Positions = NDArray[np.int64]
@@ -132,10 +132,7 @@ class _Inputs:
         n = self.entropy.shape[0]
         self.cluster_ids = _as_1d("cluster_ids", cluster_ids, n)
         self.similarity = _as_1d("similarity", similarity, n)
-        if isinstance(num_clusters, bool) or not isinstance(num_clusters, int | np.integer) \
-                or num_clusters < 1:
-            raise ConfigError(f"`num_clusters` must be an integer >= 1, got {num_clusters!r}")
-        self.num_clusters = int(num_clusters)
+        self.num_clusters = check_int("num_clusters", num_clusters, 1)
         if self.cluster_ids.size == 0:
             self.cluster_ids = self.cluster_ids.astype(np.int64)
         elif not np.issubdtype(self.cluster_ids.dtype, np.integer):
@@ -324,8 +321,7 @@ def select_indices(
         check_number("entropy_keep", entropy_keep, 0.0, 1.0, lo_open=True)
     if entropy_threshold is not None:
         check_number("entropy_threshold", entropy_threshold, -math.inf, math.inf)
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ConfigError(f"`seed` must be an integer >= 0, got {seed!r}")
+    check_int("seed", seed, 0)
     fn = get_strategy(strategy)
     x = _Inputs(entropy, cluster_ids, similarity, num_clusters, valid)
     out = fn(x, budget(x.n, ratio), entropy_keep=entropy_keep,

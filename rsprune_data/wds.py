@@ -64,7 +64,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -75,7 +75,8 @@ from webdataset.compat import FluidInterface
 from webdataset.pipeline import DataPipeline
 
 from ._control import _Control
-from .config import PruneConfig
+from ._validate import check_int
+from .config import PruneConfig, Schedule, as_config
 from .errors import ConfigError, StaleIndexError, StateDictError
 from .index import PruneIndex, is_remote
 from .partition import per_rank
@@ -96,8 +97,6 @@ STATE_VERSION = 1
 _CACHE_SIZE = 4
 _SIGPIPE_STATUS = (-13, 141)  # a child killed by SIGPIPE, as Popen and as a shell report it
 
-#: A schedule: epoch -> config of that epoch, or just its pruning ratio.
-Schedule = Callable[[int], "PruneConfig | float"]
 Sample = dict[str, Any]
 
 
@@ -114,15 +113,6 @@ class _Pass:
     num_samples: int  # length of the span
     positions: NDArray[np.int64]  # what is left to deliver
     finished: bool = False
-
-
-def _as_config(value: Any, what: str) -> PruneConfig:
-    if isinstance(value, PruneConfig):
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"`{what}` must be a PruneConfig or a pruning ratio in [0, 1), "
-                          f"got {value!r}")
-    return PruneConfig(prune_ratio=float(value))
 
 
 def _complete(state: dict[str, Any]) -> bool:
@@ -189,7 +179,7 @@ class _Source:
             self._schedule_id = self._control.read()["gen"] + 1
             self._control.update(config=None, schedule=self._schedule_id, resume=None)
         else:
-            cfg = _as_config(config, "config")
+            cfg = as_config(config, "config")
             self._control.update(config=cfg.to_dict(), schedule=None, resume=None)
 
     def config_for(self, epoch: int, ctl: dict[str, Any] | None = None) -> PruneConfig:
@@ -202,7 +192,7 @@ class _Source:
                 "cannot reach them: pass it to PrunedWebDataset(...) or call set_config(schedule) "
                 "before the loader's first iteration"
             )
-        return _as_config(self._schedule(epoch), f"schedule({epoch})")
+        return as_config(self._schedule(epoch), f"schedule({epoch})")
 
     def selected(self, config: PruneConfig) -> NDArray[np.int64]:
         hit = self._selections.get(config)
@@ -477,10 +467,8 @@ class PrunedWebDataset(DataPipeline, FluidInterface):
         max_gap: int = DEFAULT_MAX_GAP,
     ) -> None:
         super().__init__()
-        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-            raise ConfigError(f"`seed` must be an integer >= 0, got {seed!r}")
-        if isinstance(max_gap, bool) or not isinstance(max_gap, int) or max_gap < 0:
-            raise ConfigError(f"`max_gap` must be an integer >= 0, got {max_gap!r}")
+        check_int("seed", seed, 0)
+        check_int("max_gap", max_gap, 0)
         if isinstance(shards, PruneIndex):
             index, load_args = shards, None
         else:
@@ -536,8 +524,7 @@ class PrunedWebDataset(DataPipeline, FluidInterface):
 
     def set_epoch(self, epoch: int) -> None:
         """Use epoch ``epoch`` from the next pass on, in this process and in every worker."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer) or epoch < 0:
-            raise ConfigError(f"`epoch` must be an integer >= 0, got {epoch!r}")
+        check_int("epoch", epoch, 0)
         self._source.refresh_world()
         resume = self._source._control.read()["resume"]
         keep = resume is not None and int(resume["epoch"]) == int(epoch)
