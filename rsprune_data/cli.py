@@ -105,7 +105,7 @@ def _cmd_select(a: argparse.Namespace) -> int:
     index = PruneIndex.load(a.shards, index_dir=a.index_dir)
     cfg = config_from_args(a)
     selected = index.select(cfg)
-    summary = index.summary(cfg)
+    summary = index.summary(cfg, selected)
     if a.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -330,11 +330,13 @@ class PruneIndex:
 
         return select_with_config(self, config)
 
-    def summary(self, config: PruneConfig) -> dict[str, Any]:
-        """What ``config`` keeps and drops, for reports (``plan.selection_summary``)."""
+    def summary(self, config: PruneConfig,
+                selected: NDArray[np.int64] | None = None) -> dict[str, Any]:
+        """What ``config`` keeps and drops, for reports (``plan.selection_summary``); pass
+        ``selected`` when :meth:`select` already ran, so it is not computed twice."""
         from .plan import selection_summary
 
-        return selection_summary(self, config)
+        return selection_summary(self, config, selected)
 
     @classmethod
     def load(cls, shards: Sequence[_PathLike] | str, index_dir: _PathLike | None = None, *,
