@@ -130,6 +130,7 @@ def main() -> None:
               f"(= len(sampler) {len(sampler)}), mean loss {total / max(seen, 1):.4f}", flush=True)
         # a checkpoint would save sampler.state_dict() (or a StatefulDataLoader's) with the model
     if distributed:
+        dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()
 
 

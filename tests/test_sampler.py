@@ -450,6 +450,7 @@ def _ddp_worker(rank: int, world: int, port: int, shards: list[str], out: str) -
         dist.all_gather_object(gathered, result)
         if rank == 0:
             Path(out).write_text(json.dumps(gathered))
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 

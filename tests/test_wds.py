@@ -488,6 +488,7 @@ def _ddp_worker(rank: int, world: int, port: int, shards: list[str], out: str) -
             result[name] = gathered
         if rank == 0:
             Path(out).write_text(json.dumps(result))
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
