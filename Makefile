@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --progress-bar off -e '.[test]'
+	$(PY) -m pip install --quiet --progress-bar off -e '.[test]' -c .ci/constraints.txt
 	touch $@
 
 demo: $(VENV)/.installed
