@@ -29,6 +29,7 @@ import numpy as np
 import torch.utils.data
 from numpy.typing import NDArray
 
+from ._fsio import pread_exact
 from .errors import ConfigError, CorruptImageError, ShardError, StaleIndexError
 from .tario import parse_sample
 
@@ -186,21 +187,14 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         return fd
 
     def _pread(self, shard_no: int, offset: int, length: int) -> bytes:
-        fd = self._fd(shard_no)
-        parts: list[bytes] = []
-        got, pos = 0, offset
-        while got < length:
-            chunk = os.pread(fd, length - got, pos)
-            if not chunk:
-                raise ShardError(
-                    f"shard {self.shards[shard_no]} ends at byte {pos}, inside the sample at byte "
-                    f"{offset} (+{length}): the shard changed since indexing; run `rsprune-data "
-                    "index` again"
-                )
-            parts.append(chunk)
-            got += len(chunk)
-            pos += len(chunk)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        buf = pread_exact(self._fd(shard_no), length, offset)
+        if len(buf) < length:
+            raise ShardError(
+                f"shard {self.shards[shard_no]} ends at byte {offset + len(buf)}, inside the sample "
+                f"at byte {offset} (+{length}): the shard changed since indexing; run "
+                "`rsprune-data index` again"
+            )
+        return buf
 
     def close(self) -> None:
         """Close the shard files this process opened (they reopen on the next access)."""
