@@ -30,6 +30,7 @@ import torch.utils.data
 from numpy.typing import NDArray
 
 from ._fsio import pread_exact
+from ._validate import is_int
 from .errors import ConfigError, CorruptImageError, ShardError, StaleIndexError
 from .tario import parse_sample
 
@@ -70,7 +71,7 @@ def _finish(sample: dict[str, Any], decode: Decode, transform: Callable[[Any], A
 
 
 def _check_position(i: Any, n: int) -> int:
-    if isinstance(i, bool) or not isinstance(i, int | np.integer):
+    if not is_int(i):
         raise TypeError(f"dataset positions are integers, got {type(i).__name__} {i!r}")
     j = int(i)
     if not -n <= j < n:

@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .._validate import check_int
 from ..config import PruneConfig
-from ..errors import ConfigError, IndexMismatchError
+from ..errors import IndexMismatchError
 from . import page, picks
 from .page import IMG_DIR
 from .stats import compute_stats
@@ -78,10 +79,8 @@ def write_report(
     from . import figures
     from .sheets import read_thumbnails, render_sheet
 
-    for name, value in (("max_clusters_shown", max_clusters_shown),
-                        ("tiles_per_cluster", tiles_per_cluster)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"`{name}` must be an integer >= 0, got {value!r}")
+    max_clusters_shown = check_int("max_clusters_shown", max_clusters_shown, 0)
+    tiles_per_cluster = check_int("tiles_per_cluster", tiles_per_cluster, 0)
     t0 = time.perf_counter()
     index = PruneIndex.load(shards if isinstance(shards, str | os.PathLike) else list(shards),
                             index_dir)
