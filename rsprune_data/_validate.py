@@ -118,3 +118,15 @@ def check_output_dir(name: str, value: str | os.PathLike[str]) -> Path:
         _writable_dir(name, value, path.parent if str(path.parent) else Path("."),
                       "its parent folder")
     return path
+
+
+def check_rgb_bands(value: Any) -> tuple[int, int, int]:
+    """Three band indices >= 0 (R, G, B of multi-band GeoTIFFs), as a tuple of ints.
+
+    Checked where the work is set up, not in a decoding worker, so a typo fails at once.
+    Whether the bands exist is known only per image (an image with fewer bands is invalid).
+    """
+    bands = tuple(value) if isinstance(value, list | tuple) else ()
+    if len(bands) != 3 or not all(is_int(b) and b >= 0 for b in bands):
+        raise ConfigError(f"`rgb_bands` must be 3 band indices >= 0 (R G B, 0-based), got {value!r}")
+    return int(bands[0]), int(bands[1]), int(bands[2])

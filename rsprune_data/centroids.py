@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from ._fsio import atomic_write_with
 from ._validate import check_int, is_int
 from .errors import ConfigError, CorruptImageError
 from .images import IMAGE_EXTS, decode_rgb
@@ -349,7 +350,7 @@ class Centroids:
         return _digest(self.centroids, self.encoder)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write a safetensors file atomically (temporary file + ``os.replace``)."""
+        """Write a safetensors file atomically (temporary sibling, fsync, rename, fsync folder)."""
         from safetensors.numpy import save_file
 
         path = Path(path)
@@ -361,12 +362,7 @@ class Centroids:
         }
         tensors: dict[str, NDArray[Any]] = {"centroids": self.centroids, "composition": self.composition,
                    "cluster_sizes": self.cluster_sizes}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Centroids:

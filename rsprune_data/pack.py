@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ._fsio import atomic_write_text, fsync_dir
+from ._fsio import atomic_write_text, publish_file
 from ._validate import check_output_dir
 from .errors import ConfigError
 from .images import IMAGE_EXTS
@@ -217,12 +217,9 @@ def _write_shards(src: Path, out: Path, files: list[str], manifest: dict[str, An
         nonlocal f, writer, count
         assert f is not None and writer is not None
         writer.close()
-        f.flush()
-        os.fsync(f.fileno())
         f.close()
         final = out / _shard_name(prefix, len(manifest["shards"]))
-        os.replace(f.name, final)
-        fsync_dir(out)
+        publish_file(f.name, final)  # fsync the shard, rename, fsync the folder
         manifest["shards"].append({"name": final.name, "size": final.stat().st_size,
                                    "samples": count})
         manifest["files_end"] = files_end
