@@ -154,13 +154,13 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         return self._offsets, self._lengths
 
     def _reload_ranges(self) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-        from safetensors import safe_open
+        from .index import read_columns
 
         offs: list[NDArray[np.int64]] = []
         lens: list[NDArray[np.int64]] = []
         for s, path in enumerate(self._index_paths):
-            with safe_open(path, framework="np") as f:
-                o, n = f.get_tensor("offset"), f.get_tensor("length")
+            cols, _ = read_columns(path, ("offset", "length"))  # validated: ranges in the shard
+            o, n = cols["offset"], cols["length"]
             if len(o) != self._starts[s + 1] - self._starts[s]:
                 raise StaleIndexError(
                     f"index {path} changed after the dataset was built ({len(o)} samples, expected "

@@ -153,7 +153,10 @@ def write_index(path: _PathLike, arrays: Mapping[str, Any], metadata: Mapping[st
     out = {k: np.ascontiguousarray(arrays.get(k, ()), dtype=dt) for k, dt in _SCHEMA.items()}
     meta = {"created_by": "rsprune_data", **metadata}
     meta.update(format=FORMAT_NAME, version=FORMAT_VERSION, num_samples=str(n))
-    _check_arrays(out, meta, path)
+    try:
+        _check_arrays(out, meta, path)
+    except IndexCorruptError as exc:
+        raise ConfigError(f"index {path}: field {exc.field!r} {exc.problem}") from None
     lossy = [k for k in ("cluster_id", "valid", "reason")
              if not np.array_equal(out[k], arrays.get(k, ()))]
     if lossy:
@@ -177,6 +180,7 @@ def _check_arrays(a: dict[str, NDArray[Any]], meta: dict[str, str], path: object
     if missing:
         raise ConfigError(f"index {path}: metadata {missing} missing or not str "
                           "(shard_metadata(shard) gives the shard_* fields)")
+    check.check_metadata(meta, METADATA_KEYS, path)  # numbers and JSON parse
     wrong = [k for k in SAMPLE_TENSORS if a[k].shape != (n,)]
     ko, k, reasons = a["key_offsets"], int(meta["num_clusters"]), json.loads(meta["reasons"])
     if wrong or ko.shape != (n + 1,) or ko[0] != 0 or ko[-1] != a["key_bytes"].size \
@@ -238,6 +242,18 @@ def read_index(path: _PathLike) -> tuple[dict[str, NDArray[Any]], dict[str, str]
     with _open(p) as f:
         meta = _metadata(f, p)
         arrays = _tensors(f, _SCHEMA, p)
+    _validate(arrays, meta, p)
+    return arrays, meta
+
+
+def read_columns(path: _PathLike, names: Sequence[str]) -> tuple[dict[str, NDArray[Any]],
+                                                                  dict[str, str]]:
+    """Some per-sample tensors and the metadata of one index file, validated like
+    :func:`read_index` (what a DataLoader worker re-reads instead of a pickled copy)."""
+    p = Path(path)
+    with _open(p) as f:
+        meta = _metadata(f, p)
+        arrays = _tensors(f, {k: SAMPLE_TENSORS[k] for k in names}, p)
     _validate(arrays, meta, p)
     return arrays, meta
 
@@ -356,8 +372,9 @@ class PruneIndex:
             data, offsets, base = [np.zeros(0, np.uint8)], [np.zeros(1, np.int64)], 0
             for path, n in zip(self.index_paths, np.diff(self.shard_starts), strict=True):
                 with _open(path) as f:
+                    now = int(_metadata(f, path)["num_samples"])
                     kb, ko = _tensors(f, KEY_TENSORS, path).values()
-                if len(ko) != n + 1:
+                if now != n:
                     raise StaleIndexError(f"index {path} changed since it was loaded: load again")
                 check.check_keys(kb, ko, int(n), path)
                 data.append(kb)
