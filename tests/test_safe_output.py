@@ -313,5 +313,5 @@ def test_version_is_defined_once() -> None:
     assert out.stdout.split() == ["rsprune-data", __version__]
     hits = [p for p in (REPO / "rsprune_data").rglob("*.py") if __version__ in p.read_text()]
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert "\nversion = " not in pyproject and 'dynamic = ["version"]' in pyproject
+    assert '\nversion = "' not in pyproject and 'dynamic = ["version"]' in pyproject
     assert [p.name for p in hits] == ["_version.py"]
