@@ -27,8 +27,9 @@ _FIX = "pass the dict that {what}.state_dict() returned, unchanged"
 
 
 def _bad(what: str, name: str, rule: str, value: Any) -> StateDictError:
-    return StateDictError(f"{what} state field {name!r} must be {rule}, got {value!r}: "
-                          + _FIX.format(what=what))
+    return StateDictError(
+        f"{what} state field {name!r} must be {rule}, got {value!r}: " + _FIX.format(what=what)
+    )
 
 
 def state_int(sd: Mapping[str, Any], name: str, what: str, lo: int, hi: int | None = None) -> int:
@@ -64,31 +65,48 @@ def state_config(sd: Mapping[str, Any], what: str) -> PruneConfig:
     try:
         return PruneConfig.from_dict(dict(value))
     except (ConfigError, TypeError) as exc:
-        raise StateDictError(f"{what} state field 'config' is not a valid PruneConfig ({exc}): "
-                             + _FIX.format(what=what)) from None
+        raise StateDictError(
+            f"{what} state field 'config' is not a valid PruneConfig ({exc}): "
+            + _FIX.format(what=what)
+        ) from None
 
 
-def check_header(state: Any, what: str, fmt: str, version: int, required: set[str]) -> dict[str, Any]:
+def check_header(
+    state: Any, what: str, fmt: str, version: int, required: set[str]
+) -> dict[str, Any]:
     """A copy of ``state`` after checking that it is a dict of format ``fmt``, version ``version``
     with every key of ``required``."""
     if not isinstance(state, Mapping):
-        raise StateDictError(f"a {what} state must be a dict, got {type(state).__name__}: "
-                             + _FIX.format(what=what))
+        raise StateDictError(
+            f"a {what} state must be a dict, got {type(state).__name__}: " + _FIX.format(what=what)
+        )
     sd = dict(state)
     missing = sorted(required - set(sd))
     if sd.get("format") != fmt or missing:
         raise StateDictError(
             f"not a {what} state (format={sd.get('format')!r}, missing keys {missing}): "
-            + _FIX.format(what=what))
+            + _FIX.format(what=what)
+        )
     if sd.get("version") != version or isinstance(sd.get("version"), bool):
         raise StateDictError(
             f"{what} state version {sd.get('version')!r} is not supported (this version reads "
-            f"{version}): resume with the rsprune_data version that saved it")
+            f"{version}): resume with the rsprune_data version that saved it"
+        )
     return sd
 
 
-SAMPLER_KEYS = {"format", "epoch", "consumed", "num_samples", "config", "seed", "shuffle",
-                "drop_last", "num_replicas", "index_fingerprint"}
+SAMPLER_KEYS = {
+    "format",
+    "epoch",
+    "consumed",
+    "num_samples",
+    "config",
+    "seed",
+    "shuffle",
+    "drop_last",
+    "num_replicas",
+    "index_fingerprint",
+}
 
 
 def check_sampler_state(state: Any, fmt: str, version: int) -> dict[str, Any]:
@@ -114,8 +132,17 @@ def check_sampler_state(state: Any, fmt: str, version: int) -> dict[str, Any]:
     return sd
 
 
-WDS_KEYS = {"format", "epoch", "config", "seed", "shuffle_shards", "drop_last", "world_size",
-            "index_fingerprint", "num_workers"}
+WDS_KEYS = {
+    "format",
+    "epoch",
+    "config",
+    "seed",
+    "shuffle_shards",
+    "drop_last",
+    "world_size",
+    "index_fingerprint",
+    "num_workers",
+}
 WDS_RANK_KEYS = {"delivered", "batch_size", "items"}
 WDS_WORKER_KEYS = {"worker", "rotation", "consumed", "num_samples", "finished"}
 
@@ -129,8 +156,9 @@ def check_wds_state(state: Any, fmt: str, version: int) -> dict[str, Any]:
     """
     what = "PrunedWebDataset"
     rank_state = isinstance(state, Mapping) and "delivered" in state
-    sd = check_header(state, what, fmt, version,
-                      WDS_KEYS | (WDS_RANK_KEYS if rank_state else WDS_WORKER_KEYS))
+    sd = check_header(
+        state, what, fmt, version, WDS_KEYS | (WDS_RANK_KEYS if rank_state else WDS_WORKER_KEYS)
+    )
     state_str(sd, "index_fingerprint", what)
     for name in ("shuffle_shards", "drop_last"):
         state_bool(sd, name, what)

@@ -409,7 +409,7 @@ def _close(stream: Any, *, early: bool) -> None:
 # --- the dataset ---------------------------------------------------------------------------------
 
 
-class PrunedWebDataset(DataPipeline, FluidInterface):
+class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # untyped webdataset
     """An ``IterableDataset`` of the RS-Prune selection of WebDataset shards (module docstring).
 
     It is a webdataset ``DataPipeline`` with the fluid interface of ``wds.WebDataset`` (both from

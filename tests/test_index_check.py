@@ -30,6 +30,7 @@ Damage = Callable[[Arrays, Meta], None]
 def _set(name: str, value: Any) -> Damage:
     def damage(a: Arrays, m: Meta) -> None:
         a[name] = value(a[name]) if callable(value) else value
+
     return damage
 
 
@@ -39,12 +40,14 @@ def _meta(name: str, value: str | None) -> Damage:
             del m[name]
         else:
             m[name] = value
+
     return damage
 
 
 def _drop(name: str) -> Damage:
     def damage(a: Arrays, m: Meta) -> None:
         del a[name]
+
     return damage
 
 
@@ -52,6 +55,7 @@ def _edit(name: str, i: int, value: Any) -> Damage:
     def damage(a: Arrays, m: Meta) -> None:
         a[name] = a[name].copy()
         a[name][i] = value
+
     return damage
 
 
@@ -112,8 +116,9 @@ def _write_raw(path: Path, arrays: Arrays, meta: Meta) -> None:
 
 
 @pytest.mark.parametrize(("case", "damage", "field"), CASES, ids=[c[0] for c in CASES])
-def test_crafted_index_is_refused_by_name(good: tuple[Path, Path, Arrays, Meta], case: str,
-                                          damage: Damage, field: str) -> None:
+def test_crafted_index_is_refused_by_name(
+    good: tuple[Path, Path, Arrays, Meta], case: str, damage: Damage, field: str
+) -> None:
     shard, path, arrays, meta = good
     a, m = dict(arrays), dict(meta)
     damage(a, m)
@@ -126,13 +131,21 @@ def test_crafted_index_is_refused_by_name(good: tuple[Path, Path, Arrays, Meta],
         assert err.value.field == field
 
 
-WRITE_REFUSED = ["valid=2", "invalid without reason", "entropy NaN", "similarity 3",
-                 "offset not monotone", "range past the shard", "reasons not JSON"]
+WRITE_REFUSED = [
+    "valid=2",
+    "invalid without reason",
+    "entropy NaN",
+    "similarity 3",
+    "offset not monotone",
+    "range past the shard",
+    "reasons not JSON",
+]
 
 
 @pytest.mark.parametrize("case", WRITE_REFUSED)
-def test_write_index_never_writes_what_read_refuses(good: tuple[Path, Path, Arrays, Meta],
-                                                    case: str) -> None:
+def test_write_index_never_writes_what_read_refuses(
+    good: tuple[Path, Path, Arrays, Meta], case: str
+) -> None:
     _, path, arrays, meta = good
     damage, field = next((d, f) for c, d, f in CASES if c == case)
     a, m = dict(arrays), dict(meta)
@@ -143,8 +156,9 @@ def test_write_index_never_writes_what_read_refuses(good: tuple[Path, Path, Arra
     assert not out.exists()
 
 
-def test_loaders_and_cli_refuse_a_corrupt_index(good: tuple[Path, Path, Arrays, Meta],
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_loaders_and_cli_refuse_a_corrupt_index(
+    good: tuple[Path, Path, Arrays, Meta], capsys: pytest.CaptureFixture[str]
+) -> None:
     shard, path, arrays, meta = good
     a = dict(arrays)
     a["valid"] = a["valid"].copy()

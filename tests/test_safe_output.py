@@ -34,8 +34,12 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 def _cli(*args: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "rsprune_data.cli", *args], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "rsprune_data.cli", *args],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _kill_when(proc: subprocess.Popen[bytes], ready: object, timeout: float = 120.0) -> bool:
@@ -54,8 +58,11 @@ def _kill_when(proc: subprocess.Popen[bytes], ready: object, timeout: float = 12
 
 
 def _tree(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -91,8 +98,9 @@ def test_killed_report_leaves_the_earlier_report_whole(indexed: list[str], tmp_p
         assert (rep / name).is_file(), name
 
 
-def test_report_refuses_a_folder_of_other_files(indexed: list[str], tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_refuses_a_folder_of_other_files(
+    indexed: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     mine = tmp_path / "photos"
     mine.mkdir()
     (mine / "holiday.jpg").write_bytes(b"precious")
@@ -115,22 +123,43 @@ def test_pack_resumes_after_kill_9_with_identical_shards(tmp_path: Path) -> None
     manifest = json.loads((out / ".shard.pack.json").read_text())
     # the manifest may lag one shard behind the files (killed between rename and manifest write)
     assert not manifest["complete"] and 4 <= len(manifest["shards"]) < len(ref.shards)
-    done = subprocess.run([sys.executable, "-m", "rsprune_data.cli", *args], env=ENV,
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "rsprune_data.cli", *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert "kept from an earlier run" in done.stdout
     assert not list(out.glob("*.partial"))
     assert _tree(out).keys() - {".shard.pack.json"} == _tree(tmp_path / "ref").keys() - {
-        ".shard.pack.json"}
+        ".shard.pack.json"
+    }
     for shard in ref.shards:  # byte for byte what an uninterrupted run writes
         assert (out / shard.name).read_bytes() == shard.read_bytes()
     # other settings need --overwrite, which restarts from scratch
-    other = subprocess.run([sys.executable, "-m", "rsprune_data.cli", "pack", str(HARVEY),
-                            str(out), "--shard-size", "100", "-q"], env=ENV, capture_output=True,
-                           text=True, check=False)
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rsprune_data.cli",
+            "pack",
+            str(HARVEY),
+            str(out),
+            "--shard-size",
+            "100",
+            "-q",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert other.returncode == 2 and "--overwrite" in other.stderr
-    assert cli_main(["pack", str(HARVEY), str(out), "--shard-size", "100", "--overwrite",
-                     "-q"]) == 0
+    assert (
+        cli_main(["pack", str(HARVEY), str(out), "--shard-size", "100", "--overwrite", "-q"]) == 0
+    )
     assert sorted(p.name for p in out.glob("*.tar")) == [f"shard-00000{i}.tar" for i in range(3)]
 
 
@@ -163,16 +192,18 @@ def test_pack_symlinks_leaving_the_source_are_skipped_unless_followed(tmp_path: 
     (src / "linked").symlink_to(outside / "deep", target_is_directory=True)
     (src / "a" / "loop").symlink_to(src, target_is_directory=True)
     res = pack_folder(src, tmp_path / "o1", progress=False)
-    keys = sorted(s["__key__"] for s in wds.WebDataset([str(p) for p in res.shards],
-                                                        shardshuffle=False))
+    keys = sorted(
+        s["__key__"] for s in wds.WebDataset([str(p) for p in res.shards], shardshuffle=False)
+    )
     assert keys == ["a/inside", "a/own"]
     reasons = dict(res.skipped)
     assert "outside the source folder" in reasons["a/link.jpg"]
     assert "--follow-symlinks" in reasons["a/link.jpg"]
     assert "not followed" in reasons["linked/"] and "not followed" in reasons["a/loop/"]
     followed = pack_folder(src, tmp_path / "o2", progress=False, follow_symlinks=True)
-    keys = sorted(s["__key__"] for s in wds.WebDataset([str(p) for p in followed.shards],
-                                                        shardshuffle=False))
+    keys = sorted(
+        s["__key__"] for s in wds.WebDataset([str(p) for p in followed.shards], shardshuffle=False)
+    )
     assert keys == ["a/inside", "a/link", "a/own", "linked/more"]  # the loop is cut, not walked
     assert "already walked" in dict(followed.skipped)["a/loop/"]
 
@@ -182,8 +213,14 @@ def test_pack_symlinks_leaving_the_source_are_skipped_unless_followed(tmp_path: 
 def readonly_dir(tmp_path: Path) -> Iterator[Path]:
     ro = tmp_path / "ro"
     ro.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
-                      capture_output=True, check=False).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
+            capture_output=True,
+            check=False,
+        ).returncode
+        != 0
+    ):
         pytest.skip("mounting a read-only tmpfs needs root")
     try:
         yield ro
@@ -191,10 +228,13 @@ def readonly_dir(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(ro)], check=False)
 
 
-def test_every_subcommand_checks_its_output_first(indexed: list[str], tmp_path: Path,
-                                                  readonly_dir: Path,
-                                                  capsys: pytest.CaptureFixture[str],
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_subcommand_checks_its_output_first(
+    indexed: list[str],
+    tmp_path: Path,
+    readonly_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import rsprune_data.centroids as centroids_mod
     import rsprune_data.encoders as encoders_mod
 
@@ -230,15 +270,23 @@ def test_every_subcommand_checks_its_output_first(indexed: list[str], tmp_path: 
     assert a_file.read_text() == "x" and not missing.parent.exists()
 
 
-def test_rgb_bands_checked_before_work(indexed: list[str], tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_rgb_bands_checked_before_work(
+    indexed: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "idx"
-    assert cli_main(["index", *indexed, "--index-dir", str(out), "--rgb-bands", "0", "1", "-2",
-                     "-q"]) == 2
+    assert (
+        cli_main(["index", *indexed, "--index-dir", str(out), "--rgb-bands", "0", "1", "-2", "-q"])
+        == 2
+    )
     assert "rgb_bands" in capsys.readouterr().err and not out.exists()
     with pytest.raises(ConfigError, match="rgb_bands"):
-        index_shards(indexed, index_dir=out, rgb_bands=(0, 1), workers=2,  # type: ignore[arg-type]
-                     progress=False)
+        index_shards(
+            indexed,
+            index_dir=out,
+            rgb_bands=(0, 1),  # type: ignore[arg-type]
+            workers=2,
+            progress=False,
+        )
     assert not out.exists()
 
 
@@ -251,8 +299,15 @@ def test_select_keys_with_line_breaks(tmp_path: Path, capsys: pytest.CaptureFixt
             w.write({"__key__": k, "jpg": jpeg + bytes([i])})
     assert index_shards([str(shard)], workers=0, progress=False).ok
     assert sorted(PruneIndex.load([str(shard)]).keys) == sorted(keys)
-    cfg = ["--prune-ratio", "0", "--no-entropy-filter", "--max-nodata", "-1", "--strategy",
-           "entropy"]
+    cfg = [
+        "--prune-ratio",
+        "0",
+        "--no-entropy-filter",
+        "--max-nodata",
+        "-1",
+        "--strategy",
+        "entropy",
+    ]
     txt = tmp_path / "keys.txt"
     assert cli_main(["select", str(shard), *cfg, "-o", str(txt)]) == 2
     err = capsys.readouterr().err
@@ -273,8 +328,9 @@ def test_numpy_scalars_are_numbers_and_bools_are_not() -> None:
             check_number("x", bad, 0, 1)
     with pytest.raises(ConfigError, match="integer >= 0"):
         check_int("n", np.bool_(False), 0)
-    index = PruneIndex.from_arrays(np.linspace(1, 7, 20), np.arange(20) % 4,
-                                   np.linspace(0.1, 0.9, 20), num_clusters=4)
+    index = PruneIndex.from_arrays(
+        np.linspace(1, 7, 20), np.arange(20) % 4, np.linspace(0.1, 0.9, 20), num_clusters=4
+    )
     s = PrunedSampler(index, np.float32(0.5), shuffle=False)
     s.set_prune_ratio(np.float32(0.25))
     assert s.config.prune_ratio == 0.25
@@ -308,8 +364,13 @@ def test_pread_exact_loops_over_short_reads(tmp_path: Path) -> None:
 
 
 def test_version_is_defined_once() -> None:
-    out = subprocess.run([sys.executable, "-m", "rsprune_data.cli", "--version"], env=ENV,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "rsprune_data.cli", "--version"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.split() == ["rsprune-data", __version__]
     hits = [p for p in (REPO / "rsprune_data").rglob("*.py") if __version__ in p.read_text()]
     pyproject = (REPO / "pyproject.toml").read_text()

@@ -58,14 +58,21 @@ SAMPLER_CASES = [
 
 
 @pytest.mark.parametrize(("field", "value", "says"), SAMPLER_CASES)
-def test_sampler_refuses_tampered_field(shards: list[str], field: str, value: Any, says: str) -> None:
+def test_sampler_refuses_tampered_field(
+    shards: list[str], field: str, value: Any, says: str
+) -> None:
     index = PruneIndex.load(shards)
     s = PrunedSampler(index, CFG, num_replicas=2, rank=1, seed=0)
     it = iter(s)
     next(it)
     state = s.state_dict()
-    _refused(PrunedSampler(index, CFG, num_replicas=2, rank=0, seed=0).load_state_dict,
-             state, field, value, says)
+    _refused(
+        PrunedSampler(index, CFG, num_replicas=2, rank=0, seed=0).load_state_dict,
+        state,
+        field,
+        value,
+        says,
+    )
 
 
 def test_sampler_negative_consumed_never_delivers_extra(shards: list[str]) -> None:
@@ -99,8 +106,9 @@ WDS_WORKER_CASES = [
 
 
 @pytest.mark.parametrize(("field", "value", "says"), WDS_WORKER_CASES)
-def test_wds_refuses_tampered_worker_state(shards: list[str], field: str, value: Any,
-                                           says: str) -> None:
+def test_wds_refuses_tampered_worker_state(
+    shards: list[str], field: str, value: Any, says: str
+) -> None:
     ds = PrunedWebDataset(shards, CFG, seed=0)
     it = iter(ds)
     next(it)
@@ -120,8 +128,9 @@ WDS_RANK_CASES = [
 
 
 @pytest.mark.parametrize(("field", "value", "says"), WDS_RANK_CASES)
-def test_wds_refuses_tampered_rank_state(shards: list[str], field: str, value: Any,
-                                         says: str) -> None:
+def test_wds_refuses_tampered_rank_state(
+    shards: list[str], field: str, value: Any, says: str
+) -> None:
     ds = PrunedWebDataset(shards, CFG, seed=0)
     state = ds.state_dict(delivered=2, batch_size=2, num_workers=2)
     _refused(PrunedWebDataset(shards, CFG, seed=0).load_state_dict, state, field, value, says)
