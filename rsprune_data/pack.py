@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ._fsio import atomic_write_text, publish_file
-from ._validate import check_output_dir
+from ._validate import check_int, check_output_dir
 from .errors import ConfigError
 from .images import IMAGE_EXTS
 
@@ -107,6 +107,7 @@ def pack_folder(
     """
     src, out = Path(src_dir), Path(out_dir)
     _check_args(src, shard_size, prefix)
+    shard_size = int(shard_size)  # a numpy integer is fine, the manifest stores a plain int
     check_output_dir("out_dir", out)
     files, skipped = find_images(src, follow_symlinks=follow_symlinks)
     if not files:
@@ -265,8 +266,7 @@ def _write_shards(src: Path, out: Path, files: list[str], manifest: dict[str, An
 def _check_args(src: Path, shard_size: int, prefix: str) -> None:
     if not src.is_dir():
         raise ConfigError(f"src_dir={str(src)!r} is not an existing folder; pass the folder of images")
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise ConfigError(f"shard_size must be an integer >= 1 (samples per shard), got {shard_size!r}")
+    check_int("shard_size", shard_size, 1)
     if not prefix or "/" in prefix or os.sep in prefix or prefix.startswith("."):
         raise ConfigError(
             f"prefix must be a plain, non-hidden file name part without '/', got {prefix!r}; "
