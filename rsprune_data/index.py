@@ -271,12 +271,18 @@ def _tensors(f: Any, names: Mapping[str, type[np.generic]], path: Path) -> dict[
     return {k: f.get_tensor(k) for k in names}
 
 
-def _validate(arrays: Mapping[str, NDArray[Any]], meta: Mapping[str, str], path: object) -> None:
-    """Dtypes, lengths and value ranges of one file's tensors (those of the schema it holds)."""
+def _check_shapes(arrays: Mapping[str, NDArray[Any]], meta: Mapping[str, str],
+                  path: object) -> None:
     n = int(meta["num_samples"])
     for name, dtype in SAMPLE_TENSORS.items():
         if name in arrays:
             check.check_tensor(name, arrays[name], dtype, (n,), path)
+
+
+def _validate(arrays: Mapping[str, NDArray[Any]], meta: Mapping[str, str], path: object) -> None:
+    """Dtypes, lengths and value ranges of one file's tensors (those of the schema it holds)."""
+    n = int(meta["num_samples"])
+    _check_shapes(arrays, meta, path)
     check.check_values(arrays, meta, path)
     if "key_bytes" in arrays and "key_offsets" in arrays:
         check.check_keys(arrays["key_bytes"], arrays["key_offsets"], n, path)
@@ -419,7 +425,6 @@ class PruneIndex:
         names, paths = _resolve(shards, index_dir)
         metas: list[dict[str, str]] = []
         cols: dict[str, list[NDArray[Any]]] = {k: [] for k in SAMPLE_TENSORS}
-        reasons = ["ok"]
         for shard, path in zip(names, paths, strict=True):
             with _open(path, shard, index_dir) as f:
                 meta = _metadata(f, path)
@@ -431,18 +436,23 @@ class PruneIndex:
                            "index_dir=...), or check_stale=False to use the index alone")
                     raise StaleIndexError(f"index {path} is stale: {why}; {fix}")
                 mine = _tensors(f, SAMPLE_TENSORS, path)
-            _validate(mine, meta, path)
+            _check_shapes(mine, meta, path)  # values: below, once over all shards
             for k in cols:
                 cols[k].append(mine[k])
-            local = json.loads(meta["reasons"])
-            if local != reasons[1 : len(local) + 1]:  # map this shard's reason codes to ours
-                reasons += [r for r in local if r not in reasons]
-                lut = np.array([0] + [reasons.index(r) for r in local], dtype=np.uint8)
-                cols["reason"][-1] = lut[cols["reason"][-1]]
             metas.append(meta)
         starts = np.zeros(len(names) + 1, dtype=np.int64)
         np.cumsum([len(c) for c in cols["entropy"]], out=starts[1:])
         joined = {k: np.concatenate(v) for k, v in cols.items()}
+        local = [check.parse_reasons(m, p) for m, p in zip(metas, paths, strict=True)]
+        check.check_columns(joined, int(metas[0]["num_clusters"]), check.Shards(
+            list(paths), starts, [int(m["shard_size"]) for m in metas], [len(r) for r in local]))
+        reasons = ["ok"]
+        for s, names_s in enumerate(local):
+            if names_s != reasons[1 : len(names_s) + 1]:  # map this shard's reason codes to ours
+                reasons += [r for r in names_s if r not in reasons]
+                lut = np.array([0] + [reasons.index(r) for r in names_s], dtype=np.uint8)
+                part = slice(int(starts[s]), int(starts[s + 1]))
+                joined["reason"][part] = lut[joined["reason"][part]]
         return cls(joined, starts, metas, shards=names, index_paths=paths, reasons=reasons)
 
     @classmethod
