@@ -131,7 +131,9 @@ def atomic_folder(path: _PathLike) -> Iterator[Path]:
             os.replace(final, old)
         os.replace(tmp, final)
         fsync_dir(final.parent)
-        if old.exists():
+        if old.is_symlink():  # the target was a link to a folder: drop the link, not its folder
+            old.unlink()
+        elif old.exists():
             shutil.rmtree(old)
     finally:
         if tmp.exists():

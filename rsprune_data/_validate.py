@@ -57,6 +57,15 @@ def check_number(name: str, value: Any, lo: float, hi: float, *, lo_open: bool =
     if too_low or too_high:
         interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
         raise ConfigError(f"`{name}` must be in {interval}, got {value!r}")
+    return as_float(value)
+
+
+def as_float(value: Any) -> float:
+    """``float(value)``; a float16/float32 scalar goes through its shortest decimal form, so
+    ``np.float32(0.85)`` is the 0.85 it was written as, not 0.8500000238 (the same config, budget
+    and cache key as the Python float)."""
+    if isinstance(value, np.floating) and value.dtype.itemsize < 8:
+        return float(str(value))
     return float(value)
 
 

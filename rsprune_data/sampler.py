@@ -215,7 +215,7 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
         base = self._config if self._next_source is None else self._resolve(
             self._next_source, self._epoch)
         check_number("prune_ratio", prune_ratio, 0.0, 1.0, hi_open=True)
-        self.set_config(base.replace(prune_ratio=float(prune_ratio)))
+        self.set_config(base.replace(prune_ratio=prune_ratio))
 
     # ------------------------------------------------------------------ iteration
     def _num_samples(self, config: PruneConfig) -> int:

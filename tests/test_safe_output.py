@@ -322,6 +322,7 @@ def test_numpy_scalars_are_numbers_and_bools_are_not() -> None:
     cfg = PruneConfig(prune_ratio=np.float32(0.5), entropy_keep=np.float64(0.3), seed=np.int64(2))
     assert cfg == PruneConfig(prune_ratio=0.5, entropy_keep=0.3, seed=2)
     assert type(cfg.prune_ratio) is float and type(cfg.seed) is int
+    assert PruneConfig(prune_ratio=np.float32(0.85)) == PruneConfig(prune_ratio=0.85)
     assert check_number("x", np.int32(3), 0, 5) == 3.0 and check_int("n", np.uint8(7), 0) == 7
     for bad in (True, np.bool_(True), np.float32("nan"), "0.5", None):
         with pytest.raises(ConfigError):
