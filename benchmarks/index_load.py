@@ -40,21 +40,25 @@ def write_synthetic(folder: Path, num_shards: int, samples: int, k: int, seed: i
     shards = []
     for s in range(num_shards):
         shard = folder / f"shard-{s:06d}.tar"
-        shard.write_bytes(s.to_bytes(4, "little") * 256)  # only stat/fingerprint look at it
         lengths = rng.integers(20_000, 400_000, samples, dtype=np.int64)
+        # only stat/fingerprint look at the shard: a sparse file as long as its byte ranges, so
+        # the index's ranges lie inside it (PruneIndex.load checks that)
+        shard.write_bytes(s.to_bytes(4, "little") * 256)
+        os.truncate(shard, int(lengths.sum()))
+        valid = (rng.uniform(size=samples) > 0.001).astype(np.uint8)
         arrays = {
             "entropy": rng.uniform(0, 8, samples).astype(np.float32),
             "nodata": rng.uniform(0, 0.2, samples).astype(np.float32),
             "cluster_id": rng.integers(0, k, samples).astype(np.int16),
             "similarity": rng.uniform(0, 1, samples).astype(np.float32),
-            "valid": (rng.uniform(size=samples) > 0.001).astype(np.uint8),
-            "reason": np.zeros(samples, np.uint8),
+            "valid": valid,
+            "reason": (1 - valid).astype(np.uint8),  # an invalid sample carries its reason
             "offset": np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64),
             "length": lengths,
             **encode_keys([f"{s:06d}/{i:08d}" for i in range(samples)]),
         }
         meta = {**shard_metadata(shard), "encoder": "efficientnet-lite0",
-                "centroids_digest": "0" * 32, "num_clusters": str(k), "reasons": "[]"}
+                "centroids_digest": "0" * 32, "num_clusters": str(k), "reasons": '["decode_error"]'}
         write_index(index_path_for(shard), arrays, meta)
         shards.append(str(shard))
     return shards

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__ as __version__
 from .config import PruneConfig
 from .errors import (
     ConfigError,
     CorruptImageError,
     DependencyNotFoundError,
     EncoderLoadError,
+    IndexCorruptError,
     IndexMismatchError,
     IndexNotFoundError,
     RsPruneError,
@@ -24,8 +26,6 @@ from .errors import (
 )
 from .plan import auto_entropy_threshold, select_with_config, selection_summary
 from .selection import STRATEGIES, budget, select_indices
-
-__version__ = "0.1.0"
 
 # name -> module, imported on first attribute access (PEP 562) so `import rsprune_data` stays light.
 _LAZY = {
@@ -56,6 +56,7 @@ __all__ = [
     "CorruptImageError",
     "DependencyNotFoundError",
     "EncoderLoadError",
+    "IndexCorruptError",
     "IndexMismatchError",
     "IndexNotFoundError",
     "PruneConfig",

@@ -25,7 +25,7 @@ class _Control:
     def __init__(self, payload: dict[str, Any]) -> None:
         import torch
 
-        self._buf = torch.zeros(self.SIZE, dtype=torch.uint8).share_memory_()
+        self._buf = torch.zeros(self.SIZE, dtype=torch.uint8).share_memory_()  # type: ignore[no-untyped-call]
         self.write(payload)
 
     def write(self, payload: dict[str, Any]) -> None:

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from ._fsio import atomic_write_with
+from ._validate import check_int, is_int
 from .errors import ConfigError, CorruptImageError
 from .images import IMAGE_EXTS, decode_rgb
 
@@ -130,11 +132,8 @@ def embed_images(items: Iterable[ImageItem], encoder: Encoder, *, batch_size: in
     from tqdm.auto import tqdm
 
     items = list(items)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"`batch_size` must be a positive int, got {batch_size!r}")
-    workers = _default_workers() if num_workers is None else num_workers
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ConfigError(f"`num_workers` must be an int >= 0 or None, got {num_workers!r}")
+    batch_size = check_int("batch_size", batch_size, 1)
+    workers = _default_workers() if num_workers is None else check_int("num_workers", num_workers, 0)
     out = np.zeros((len(items), encoder.dim), np.float32)
     if not items:
         return out
@@ -195,13 +194,11 @@ def spherical_kmeans(x: NDArray[np.floating[Any]], k: int, *, seed: int = 0, nit
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0 or not np.issubdtype(x.dtype, np.floating):
         raise ConfigError(f"`x` must be a non-empty 2-D float array of embeddings, got {x.dtype} {x.shape}")
     n, d = x.shape
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-        raise ConfigError(f"`k` must be a positive int, got {k!r}")
+    k = check_int("k", k, 1)
     if k > n:
         raise ConfigError(f"k={k} clusters need at least k reference images, got n={n}: lower k "
                           f"(--k {max(1, n // 10)} gives ~10 images per cluster) or add reference images")
-    if isinstance(niter, bool) or not isinstance(niter, int) or niter < 1:
-        raise ConfigError(f"`niter` must be a positive int, got {niter!r}")
+    niter = check_int("niter", niter, 1)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if not np.all(np.isfinite(norms)) or np.any(norms == 0):
         raise ConfigError("`x` has zero or non-finite rows: drop them first (embed_images(skip_corrupt=True) "
@@ -252,8 +249,7 @@ def assign(emb: NDArray[np.float32], centroids: NDArray[np.float32] | Centroids,
     if emb.ndim != 2 or emb.shape[1] != c.shape[1]:
         raise ConfigError(f"`emb` must be [n, {c.shape[1]}] (the centroids' dimension), got {emb.shape}: "
                           "embed with the encoder the centroids were built with")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ConfigError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
+    chunk_size = check_int("chunk_size", chunk_size, 1)
     n = emb.shape[0]
     ids = np.empty(n, np.int16)
     sims = np.empty(n, np.float32)
@@ -354,7 +350,7 @@ class Centroids:
         return _digest(self.centroids, self.encoder)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write a safetensors file atomically (temporary file + ``os.replace``)."""
+        """Write a safetensors file atomically (temporary sibling, fsync, rename, fsync folder)."""
         from safetensors.numpy import save_file
 
         path = Path(path)
@@ -366,12 +362,7 @@ class Centroids:
         }
         tensors: dict[str, NDArray[Any]] = {"centroids": self.centroids, "composition": self.composition,
                    "cluster_sizes": self.cluster_sizes}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Centroids:
@@ -472,7 +463,7 @@ def build_centroids(ref_dirs: Sequence[str | os.PathLike[str]], encoder: Encoder
         >>> cents = build_centroids(["examples/data/ucmerced"], load_encoder(), k=20)  # doctest: +SKIP
     """
     paths, labels, names, counts = reference_images(ref_dirs)
-    if isinstance(k, int) and not isinstance(k, bool) and k > len(paths):
+    if is_int(k) and k > len(paths):
         raise ConfigError(f"k={k} clusters need at least k reference images, got n={len(paths)} in "
                           f"{[os.fspath(d) for d in ref_dirs]}: lower --k or add reference folders")
     emb = embed_images(paths, encoder, batch_size=batch_size, num_workers=num_workers, progress=progress,

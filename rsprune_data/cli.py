@@ -1,7 +1,8 @@
 """`rsprune-data`: pack folders into shards, build centroids, index, select, report, demo.
 
-Exit status: 0 success; 1 the job ran but something failed (a shard could not be indexed); 2 bad
-arguments or input (the message says what to change).
+Exit status: 0 success; 1 the job ran but something failed (a shard could not be indexed, a disk
+filled up); 2 bad arguments or input (the message says what to change). Output paths are checked
+before any work starts.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._fsio import atomic_write_text
+from ._validate import check_output_dir, check_output_file, check_rgb_bands
+from ._version import __version__
 from .config import PruneConfig
-from .errors import RsPruneError
+from .errors import ConfigError, RsPruneError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -50,10 +54,15 @@ def _cmd_pack(a: argparse.Namespace) -> int:
     from .pack import pack_folder
 
     res = pack_folder(a.src_dir, a.out_dir, shard_size=a.shard_size, prefix=a.prefix,
-                      progress=not a.quiet)
-    print(f"packed {res.num_samples:,} images into {len(res.shards)} shard(s) in {a.out_dir}")
-    for path, why in getattr(res, "skipped", [])[:20]:
+                      progress=not a.quiet, overwrite=a.overwrite,
+                      follow_symlinks=a.follow_symlinks)
+    kept = f" ({res.resumed_shards} kept from an earlier run)" if res.resumed_shards else ""
+    print(f"packed {res.num_samples:,} images into {len(res.shards)} shard(s) in {a.out_dir}{kept}")
+    for path, why in res.skipped[:20]:
         print(f"skipped {path}: {why}", file=sys.stderr)
+    if len(res.skipped) > 20:
+        print(f"... and {len(res.skipped) - 20} more skipped ({len(res.skipped)} in all)",
+              file=sys.stderr)
     return EXIT_OK
 
 
@@ -70,6 +79,7 @@ def _load_encoder(a: argparse.Namespace, default: str | None = None):  # type: i
 def _cmd_centroids(a: argparse.Namespace) -> int:
     from .centroids import build_centroids
 
+    check_output_file("--output", a.output)  # before hours of embedding, not after
     enc = _load_encoder(a)
     cents = build_centroids(a.ref_dirs, enc, k=a.k, seed=a.seed, batch_size=a.batch_size,
                             num_workers=a.workers, progress=not a.quiet)
@@ -83,6 +93,10 @@ def _cmd_centroids(a: argparse.Namespace) -> int:
 def _cmd_index(a: argparse.Namespace) -> int:
     from .indexer import index_shards
 
+    rgb_bands = check_rgb_bands(list(a.rgb_bands))
+    if a.index_dir is not None and Path(a.index_dir).exists() and not Path(a.index_dir).is_dir():
+        raise ConfigError(f"`--index-dir`={a.index_dir!r} is a file, a folder is needed; "
+                          "remove it or choose another path")
     cents = enc = None
     if a.centroids:
         from .centroids import Centroids
@@ -92,7 +106,7 @@ def _cmd_index(a: argparse.Namespace) -> int:
     report = index_shards(a.shards, centroids=cents, encoder=enc, index_dir=a.index_dir,
                           workers=a.workers, batch_size=a.batch_size, rank=a.rank,
                           world_size=a.world_size, force=a.force, fast_gray=a.fast_gray,
-                          rgb_bands=tuple(a.rgb_bands),
+                          rgb_bands=rgb_bands,
                           progress=not a.quiet)
     for line in report.lines():
         print(line, file=sys.stderr if line.startswith("FAILED") else sys.stdout)
@@ -102,6 +116,8 @@ def _cmd_index(a: argparse.Namespace) -> int:
 def _cmd_select(a: argparse.Namespace) -> int:
     from .index import PruneIndex
 
+    if a.output:
+        check_output_file("--output", a.output)
     index = PruneIndex.load(a.shards, index_dir=a.index_dir)
     cfg = config_from_args(a)
     selected = index.select(cfg)
@@ -123,17 +139,32 @@ def _cmd_select(a: argparse.Namespace) -> int:
               f"covered {summary['clusters_covered']}/{summary['clusters_in_pool']} in pool "
               f"(K={summary['num_clusters']})")
     if a.output:
-        keys = index.keys
-        tmp = Path(str(a.output) + ".tmp")
-        tmp.write_text("".join(f"{keys[i]}\n" for i in selected.tolist()))
-        tmp.replace(a.output)
+        atomic_write_text(a.output, format_keys(index.keys, selected.tolist(), a.output))
         print(f"wrote {len(selected):,} keys to {a.output}", file=sys.stderr)
     return EXIT_OK
+
+
+def format_keys(keys: Sequence[str], positions: Sequence[int], output: str) -> str:
+    """The kept keys as a file: a JSON list for ``*.json``, else one key per line (UTF-8).
+
+    A key holding a line break cannot be written one per line without changing it, so it is
+    refused with the fix (a ``.json`` file holds any key exactly).
+    """
+    chosen = [keys[i] for i in positions]
+    if output.lower().endswith(".json"):
+        return json.dumps(chosen, ensure_ascii=False) + "\n"
+    for i, key in zip(positions, chosen, strict=True):
+        if "\n" in key or "\r" in key:
+            raise ConfigError(
+                f"key {key!r} (global position {i}) contains a line break, which a one-key-per-line "
+                f"file cannot hold: write the keys as JSON instead (`-o {Path(output).stem}.json`)")
+    return "".join(f"{k}\n" for k in chosen)
 
 
 def _cmd_report(a: argparse.Namespace) -> int:
     from .report import write_report
 
+    check_output_dir("--output", a.output)
     out = write_report(a.shards, a.output, config_from_args(a), index_dir=a.index_dir,
                        centroids=a.centroids, progress=not a.quiet)
     print(f"wrote {out}")
@@ -143,13 +174,14 @@ def _cmd_report(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    check_output_dir("--out", a.out)
     return run_demo(Path(a.out), quick=a.quick, progress=not a.quiet)
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="rsprune-data", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--version", action="version", version="%(prog)s 0.1.0")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pack", help="turn a folder of images into WebDataset tar shards")
@@ -157,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--prefix", default="shard", help="shard name prefix (default 'shard')")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace shards already in out_dir (default: resume a killed run of the "
+                        "same settings, refuse others)")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="pack files that symbolic links lead to outside src_dir, follow linked "
+                        "folders (default: skip them with a reason)")
     p.set_defaults(fn=_cmd_pack)
 
     def encoder_args(p: argparse.ArgumentParser) -> None:
@@ -193,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("select", help="print what a pruning keeps; optionally write the keys")
     p.add_argument("shards", nargs="+")
     p.add_argument("--index-dir")
-    p.add_argument("-o", "--output", help="write the kept keys, one per line")
+    p.add_argument("-o", "--output", help="write the kept keys, one per line (a JSON list when "
+                   "the name ends in .json; keys with line breaks need .json)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     _add_config_args(p)
     p.set_defaults(fn=_cmd_select)
@@ -224,6 +263,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RsPruneError as exc:
         print(f"rsprune-data {a.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # the job ran but the system failed it (disk full, I/O error, ...)
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"rsprune-data {a.command}: failed: {exc.strerror or exc}{where}; fix it and rerun "
+              "the same command (finished work is kept)", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

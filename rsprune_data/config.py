@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ._validate import check_int, check_number
+from ._validate import as_float, check_int, check_number, is_number
 from .errors import ConfigError
 
 #: Default for :attr:`PruneConfig.max_nodata`: a sample whose no-data share exceeds this fraction is
@@ -33,9 +33,9 @@ def as_config(value: Any, what: str) -> PruneConfig:
     """
     if isinstance(value, PruneConfig):
         return value
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         raise ConfigError(f"`{what}` must be a PruneConfig or a pruning ratio in [0, 1), got {value!r}")
-    return PruneConfig(prune_ratio=float(value))
+    return PruneConfig(prune_ratio=as_float(value))
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ import numpy as np
 import torch.utils.data
 from numpy.typing import NDArray
 
+from ._fsio import pread_exact
+from ._validate import is_int
 from .errors import ConfigError, CorruptImageError, ShardError, StaleIndexError
 from .tario import parse_sample
 
@@ -69,7 +71,7 @@ def _finish(sample: dict[str, Any], decode: Decode, transform: Callable[[Any], A
 
 
 def _check_position(i: Any, n: int) -> int:
-    if isinstance(i, bool) or not isinstance(i, int | np.integer):
+    if not is_int(i):
         raise TypeError(f"dataset positions are integers, got {type(i).__name__} {i!r}")
     j = int(i)
     if not -n <= j < n:
@@ -152,13 +154,13 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         return self._offsets, self._lengths
 
     def _reload_ranges(self) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
-        from safetensors import safe_open
+        from .index import read_columns
 
         offs: list[NDArray[np.int64]] = []
         lens: list[NDArray[np.int64]] = []
         for s, path in enumerate(self._index_paths):
-            with safe_open(path, framework="np") as f:
-                o, n = f.get_tensor("offset"), f.get_tensor("length")
+            cols, _ = read_columns(path, ("offset", "length"))  # validated: ranges in the shard
+            o, n = cols["offset"], cols["length"]
             if len(o) != self._starts[s + 1] - self._starts[s]:
                 raise StaleIndexError(
                     f"index {path} changed after the dataset was built ({len(o)} samples, expected "
@@ -186,21 +188,14 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         return fd
 
     def _pread(self, shard_no: int, offset: int, length: int) -> bytes:
-        fd = self._fd(shard_no)
-        parts: list[bytes] = []
-        got, pos = 0, offset
-        while got < length:
-            chunk = os.pread(fd, length - got, pos)
-            if not chunk:
-                raise ShardError(
-                    f"shard {self.shards[shard_no]} ends at byte {pos}, inside the sample at byte "
-                    f"{offset} (+{length}): the shard changed since indexing; run `rsprune-data "
-                    "index` again"
-                )
-            parts.append(chunk)
-            got += len(chunk)
-            pos += len(chunk)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        buf = pread_exact(self._fd(shard_no), length, offset)
+        if len(buf) < length:
+            raise ShardError(
+                f"shard {self.shards[shard_no]} ends at byte {offset + len(buf)}, inside the sample "
+                f"at byte {offset} (+{length}): the shard changed since indexing; run "
+                "`rsprune-data index` again"
+            )
+        return buf
 
     def close(self) -> None:
         """Close the shard files this process opened (they reopen on the next access)."""

@@ -31,7 +31,7 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def to_training_tensor(rgb: np.ndarray) -> Any:
+def to_training_tensor(rgb: np.ndarray[Any, Any]) -> Any:
     """``HxWx3`` uint8 -> ``[3, 32, 32]`` float in [-1, 1] (area downsampling)."""
     import torch
     import torch.nn.functional as F
@@ -84,7 +84,8 @@ class TinyDenoiser:
                 act = nn.functional.silu
                 h = act(self.inp(x) + self.t(t[:, None])[..., None, None])
                 m = act(self.mid(act(self.down(h))))
-                return self.out(torch.cat([act(self.up(m)), h], 1))
+                out: torch.Tensor = self.out(torch.cat([act(self.up(m)), h], 1))
+                return out
 
         return Net()
 
@@ -114,7 +115,7 @@ def train_epochs(batches_per_epoch: Iterable[tuple[int, float, Iterable[Any]]], 
             noisy = ab.sqrt() * x + (1 - ab).sqrt() * noise
             loss = torch.nn.functional.mse_loss(model(noisy, t.float() / steps_t), noise)
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             losses.append(loss.item())
             seen += x.shape[0]

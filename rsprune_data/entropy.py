@@ -11,13 +11,15 @@ as PIL's ``Image.convert("L")`` so the two agree bit for bit.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numpy.typing import NDArray
 
 LEVELS = 256
 
 
-def entropy_from_hist(hist: NDArray[np.integer] | NDArray[np.floating]) -> NDArray[np.float64]:
+def entropy_from_hist(hist: NDArray[np.integer[Any]] | NDArray[np.floating[Any]]) -> NDArray[np.float64]:
     """Entropy in bits of histogram(s) over the last axis.
 
     Args:
@@ -61,4 +63,5 @@ def luma_u8(rgb: NDArray[np.uint8]) -> NDArray[np.uint8]:
     r = a[..., 0].astype(np.uint32)
     g = a[..., 1].astype(np.uint32)
     b = a[..., 2].astype(np.uint32)
-    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
+    luma: NDArray[np.uint8] = ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
+    return luma

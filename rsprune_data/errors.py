@@ -39,6 +39,19 @@ class StaleIndexError(RsPruneError, ValueError):
     """An index no longer matches its shard (the shard changed since indexing)."""
 
 
+class IndexCorruptError(RsPruneError, ValueError):
+    """An index file is damaged or malformed: wrong schema, dtype, length, metadata or a value out
+    of range. The message names the file, the field and the fix (index the shard again);
+    ``field`` and ``problem`` hold the field's name and what is wrong with it."""
+
+    def __init__(self, message: str, field: str = "", problem: str = "") -> None:
+        super().__init__(message)
+        self.field, self.problem = field, problem
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:  # picklable across processes
+        return (type(self), (str(self), self.field, self.problem))
+
+
 class IndexMismatchError(RsPruneError, ValueError):
     """Indexes that must agree (centroids, encoder, K, format version) do not."""
 
@@ -48,4 +61,5 @@ class EncoderLoadError(RsPruneError, OSError):
 
 
 class StateDictError(RsPruneError, ValueError):
-    """A sampler/dataset state was taken on a different index or configuration."""
+    """A sampler/dataset state is malformed (the message names the field) or was taken on a
+    different index, configuration, rank or world size."""

@@ -388,7 +388,8 @@ def _near(bands: NDArray[Any], value: float, tol: int) -> NDArray[np.bool_]:
         if x.dtype.kind == "f":
             near |= ~np.isfinite(x)
         masks.append(near)
-    return np.logical_and.reduce(masks)
+    both: NDArray[np.bool_] = np.logical_and.reduce(masks)
+    return both
 
 
 def _luma_hist(img8: NDArray[np.uint8]) -> tuple[NDArray[np.int64], Any]:
@@ -431,10 +432,10 @@ def _nodata_u8(
             return 0.0
         candidates = int(hist[lo : hi + 1].sum())
         if candidates == 0 or img8.shape[2] == 1:
-            return candidates / pixels
+            return float(candidates / pixels)
         gray = np.asarray(gray_im).ravel()
         px = img8.reshape(-1, 3)[(gray >= lo) & (gray <= hi)]
-        return float(_near(px[None], value, tol).sum()) / pixels
+        return float(_near(px[None], value, tol).sum()) / float(pixels)
     mask = _near(img8, value, tol) if lo <= hi else np.zeros(transparent.shape, np.bool_)
     return float((mask | transparent).mean())
 
@@ -452,7 +453,9 @@ def _to_u8(bands: NDArray[Any], nodata_mask: NDArray[np.bool_]) -> NDArray[np.ui
         return np.zeros(bands.shape, np.uint8)
     lo, hi = float(x[valid].min()), float(x[valid].max())
     x = np.where(np.isfinite(x), x, lo)  # NaN/inf -> 0
-    return np.clip(np.rint((x - lo) * (255.0 / (hi - lo) if hi > lo else 0.0)), 0, 255).astype(np.uint8)
+    out: NDArray[np.uint8] = np.clip(np.rint((x - lo) * (255.0 / (hi - lo) if hi > lo else 0.0)), 0,
+                                     255).astype(np.uint8)
+    return out
 
 
 def _as_rgb(img8: NDArray[np.uint8]) -> NDArray[np.uint8]:

@@ -21,7 +21,15 @@ from urllib.parse import urlparse
 import numpy as np
 from numpy.typing import NDArray
 
-from .errors import ConfigError, IndexMismatchError, IndexNotFoundError, StaleIndexError
+from . import index_check as check
+from ._fsio import atomic_write_bytes, remove_temporaries
+from .errors import (
+    ConfigError,
+    IndexCorruptError,
+    IndexMismatchError,
+    IndexNotFoundError,
+    StaleIndexError,
+)
 
 if TYPE_CHECKING:
     from .config import PruneConfig
@@ -134,6 +142,8 @@ def encode_keys(keys: Sequence[str]) -> dict[str, NDArray[Any]]:
 def write_index(path: _PathLike, arrays: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
     """Check and write one shard index atomically: temp file in the same folder, fsync, rename.
 
+    Everything :func:`read_index` checks is checked here too, so a file that was written can be read.
+
     Raises:
         ConfigError: a tensor or metadata field is missing or inconsistent (the message names it).
     """
@@ -143,30 +153,25 @@ def write_index(path: _PathLike, arrays: Mapping[str, Any], metadata: Mapping[st
     out = {k: np.ascontiguousarray(arrays.get(k, ()), dtype=dt) for k, dt in _SCHEMA.items()}
     meta = {"created_by": "rsprune_data", **metadata}
     meta.update(format=FORMAT_NAME, version=FORMAT_VERSION, num_samples=str(n))
-    _check_arrays(out, meta, path)
+    try:
+        _check_arrays(out, meta, path)
+    except IndexCorruptError as exc:
+        raise ConfigError(f"index {path}: field {exc.field!r} {exc.problem}") from None
     lossy = [k for k in ("cluster_id", "valid", "reason")
              if not np.array_equal(out[k], arrays.get(k, ()))]
     if lossy:
         raise ConfigError(f"index {path}: {lossy} do not fit "
                           f"{[_SCHEMA[k].__name__ for k in lossy]}")
-    data = save(out, metadata=meta)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        _validate(out, meta, path)
+    except IndexCorruptError as exc:
+        raise ConfigError(f"index {path}: field {exc.field!r} {exc.problem}") from None
+    atomic_write_bytes(path, save(out, metadata=meta))
 
 
 def remove_stale_temporaries(path: _PathLike) -> None:
     """Delete the temp files that a killed :func:`write_index` of ``path`` left behind."""
-    path = Path(path)
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        tmp.unlink(missing_ok=True)
+    remove_temporaries(path)
 
 
 def _check_arrays(a: dict[str, NDArray[Any]], meta: dict[str, str], path: object) -> None:
@@ -175,6 +180,7 @@ def _check_arrays(a: dict[str, NDArray[Any]], meta: dict[str, str], path: object
     if missing:
         raise ConfigError(f"index {path}: metadata {missing} missing or not str "
                           "(shard_metadata(shard) gives the shard_* fields)")
+    check.check_metadata(meta, METADATA_KEYS, path)  # numbers and JSON parse
     wrong = [k for k in SAMPLE_TENSORS if a[k].shape != (n,)]
     ko, k, reasons = a["key_offsets"], int(meta["num_clusters"]), json.loads(meta["reasons"])
     if wrong or ko.shape != (n + 1,) or ko[0] != 0 or ko[-1] != a["key_bytes"].size \
@@ -198,8 +204,8 @@ def _open(path: Path, shard: str | None = None, index_dir: object = None) -> Any
             f"no index for shard {shard or path} (looked for {path}): run "
             f"`rsprune-data index {shard or '<shard>'}{where} --centroids ...` first") from None
     except SafetensorError as exc:
-        raise StaleIndexError(f"index {path} is unreadable ({exc}): delete it and run "
-                              "`rsprune-data index` again") from None
+        raise IndexCorruptError(f"index {path} is unreadable ({exc}): delete it and run "
+                                "`rsprune-data index` again", "<file>", "unreadable") from None
 
 
 def _checked(meta: Mapping[str, str] | None, path: Path) -> dict[str, str]:
@@ -214,15 +220,72 @@ def _checked(meta: Mapping[str, str] | None, path: Path) -> dict[str, str]:
 
 
 def read_metadata(path: _PathLike) -> dict[str, str]:
-    """The metadata of one index file (reads only its header)."""
+    """The metadata of one index file (reads only its header), validated.
+
+    Raises:
+        IndexCorruptError: a field is missing or does not parse.
+        IndexMismatchError: not an rsprune index, or another format version.
+    """
     with _open(Path(path)) as f:
-        return _checked(f.metadata(), Path(path))
+        return _metadata(f, Path(path))
 
 
 def read_index(path: _PathLike) -> tuple[dict[str, NDArray[Any]], dict[str, str]]:
-    """Every tensor and the metadata of one index file."""
-    with _open(Path(path)) as f:
-        return {k: f.get_tensor(k) for k in _SCHEMA}, _checked(f.metadata(), Path(path))
+    """Every tensor and the metadata of one index file, validated (:mod:`.index_check`).
+
+    Raises:
+        IndexCorruptError: a tensor is missing or has the wrong dtype, length or values, or the
+            metadata is incomplete; the message names the file, the field and the fix.
+        IndexMismatchError: not an rsprune index, or another format version.
+    """
+    p = Path(path)
+    with _open(p) as f:
+        meta = _metadata(f, p)
+        arrays = _tensors(f, _SCHEMA, p)
+    _validate(arrays, meta, p)
+    return arrays, meta
+
+
+def read_columns(path: _PathLike, names: Sequence[str]) -> tuple[dict[str, NDArray[Any]],
+                                                                  dict[str, str]]:
+    """Some per-sample tensors and the metadata of one index file, validated like
+    :func:`read_index` (what a DataLoader worker re-reads instead of a pickled copy)."""
+    p = Path(path)
+    with _open(p) as f:
+        meta = _metadata(f, p)
+        arrays = _tensors(f, {k: SAMPLE_TENSORS[k] for k in names}, p)
+    _validate(arrays, meta, p)
+    return arrays, meta
+
+
+def _metadata(f: Any, path: Path) -> dict[str, str]:
+    return check.check_metadata(_checked(f.metadata(), path), METADATA_KEYS, path)
+
+
+def _tensors(f: Any, names: Mapping[str, type[np.generic]], path: Path) -> dict[str, NDArray[Any]]:
+    """The tensors ``names`` of an open file; a missing one is an :class:`IndexCorruptError`."""
+    present = set(f.keys())
+    missing = [k for k in names if k not in present]
+    if missing:
+        raise check.corrupt(path, missing[0], f"is missing (all missing: {missing})")
+    return {k: f.get_tensor(k) for k in names}
+
+
+def _check_shapes(arrays: Mapping[str, NDArray[Any]], meta: Mapping[str, str],
+                  path: object) -> None:
+    n = int(meta["num_samples"])
+    for name, dtype in SAMPLE_TENSORS.items():
+        if name in arrays:
+            check.check_tensor(name, arrays[name], dtype, (n,), path)
+
+
+def _validate(arrays: Mapping[str, NDArray[Any]], meta: Mapping[str, str], path: object) -> None:
+    """Dtypes, lengths and value ranges of one file's tensors (those of the schema it holds)."""
+    n = int(meta["num_samples"])
+    _check_shapes(arrays, meta, path)
+    check.check_values(arrays, meta, path)
+    if "key_bytes" in arrays and "key_offsets" in arrays:
+        check.check_keys(arrays["key_bytes"], arrays["key_offsets"], n, path)
 
 
 # --- many files ----------------------------------------------------------------------------------
@@ -315,9 +378,11 @@ class PruneIndex:
             data, offsets, base = [np.zeros(0, np.uint8)], [np.zeros(1, np.int64)], 0
             for path, n in zip(self.index_paths, np.diff(self.shard_starts), strict=True):
                 with _open(path) as f:
-                    kb, ko = f.get_tensor("key_bytes"), f.get_tensor("key_offsets")
-                if len(ko) != n + 1:
+                    now = int(_metadata(f, path)["num_samples"])
+                    kb, ko = _tensors(f, KEY_TENSORS, path).values()
+                if now != n:
                     raise StaleIndexError(f"index {path} changed since it was loaded: load again")
+                check.check_keys(kb, ko, int(n), path)
                 data.append(kb)
                 offsets.append(ko[1:] + base)
                 base += len(kb)
@@ -354,14 +419,15 @@ class PruneIndex:
             IndexNotFoundError: a shard has no index (names it and the command to run).
             StaleIndexError: a local shard changed since indexing, or is missing.
             IndexMismatchError: shards indexed with other encoders, centroids, K or versions.
+            IndexCorruptError: an index file is damaged or malformed (wrong dtypes, lengths,
+                metadata or values out of range); names the file, the field and the fix.
         """
         names, paths = _resolve(shards, index_dir)
         metas: list[dict[str, str]] = []
         cols: dict[str, list[NDArray[Any]]] = {k: [] for k in SAMPLE_TENSORS}
-        reasons = ["ok"]
         for shard, path in zip(names, paths, strict=True):
             with _open(path, shard, index_dir) as f:
-                meta = _checked(f.metadata(), path)
+                meta = _metadata(f, path)
                 _check_same(metas[0] if metas else meta, meta, names[0], shard)
                 why = check_stale and not is_remote(shard) and shard_is_stale(shard, meta)
                 if why:
@@ -369,17 +435,24 @@ class PruneIndex:
                            if why != _MISSING else "pass its current path (index files with "
                            "index_dir=...), or check_stale=False to use the index alone")
                     raise StaleIndexError(f"index {path} is stale: {why}; {fix}")
-                for k in cols:
-                    cols[k].append(f.get_tensor(k))
-            local = json.loads(meta["reasons"])
-            if local != reasons[1 : len(local) + 1]:  # map this shard's reason codes to ours
-                reasons += [r for r in local if r not in reasons]
-                lut = np.array([0] + [reasons.index(r) for r in local], dtype=np.uint8)
-                cols["reason"][-1] = lut[cols["reason"][-1]]
+                mine = _tensors(f, SAMPLE_TENSORS, path)
+            _check_shapes(mine, meta, path)  # values: below, once over all shards
+            for k in cols:
+                cols[k].append(mine[k])
             metas.append(meta)
         starts = np.zeros(len(names) + 1, dtype=np.int64)
         np.cumsum([len(c) for c in cols["entropy"]], out=starts[1:])
         joined = {k: np.concatenate(v) for k, v in cols.items()}
+        local = [check.parse_reasons(m, p) for m, p in zip(metas, paths, strict=True)]
+        check.check_columns(joined, int(metas[0]["num_clusters"]), check.Shards(
+            list(paths), starts, [int(m["shard_size"]) for m in metas], [len(r) for r in local]))
+        reasons = ["ok"]
+        for s, names_s in enumerate(local):
+            if names_s != reasons[1 : len(names_s) + 1]:  # map this shard's reason codes to ours
+                reasons += [r for r in names_s if r not in reasons]
+                lut = np.array([0] + [reasons.index(r) for r in names_s], dtype=np.uint8)
+                part = slice(int(starts[s]), int(starts[s + 1]))
+                joined["reason"][part] = lut[joined["reason"][part]]
         return cls(joined, starts, metas, shards=names, index_paths=paths, reasons=reasons)
 
     @classmethod

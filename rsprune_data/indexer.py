@@ -37,7 +37,7 @@ from numpy.typing import NDArray
 from torch.utils.data import IterableDataset
 
 from . import index as idx
-from ._validate import check_int
+from ._validate import check_int, check_rgb_bands
 from .errors import CorruptImageError, IndexMismatchError, ShardError
 from .images import analyze, pick_image_member
 from .tario import iter_tar_samples
@@ -273,6 +273,7 @@ def index_shards(
             )
     workers = check_int("workers", workers, 0)
     batch_size = check_int("batch_size", batch_size, 1)
+    rgb_bands = check_rgb_bands(rgb_bands)  # here, not in a decoding worker
     names = [os.fspath(s) for s in shards]
     idx.check_distinct_index_paths(names, [idx.index_path_for(s, index_dir) for s in names])
     encoder_id = encoder.name if (encoder is not None and centroids is not None) else ""

@@ -13,23 +13,40 @@ any case) in the order of their relative POSIX path as a string; shard ``i`` hol
 - ``cls.txt``: the first folder of the relative path (UTF-8), for files inside a sub-folder. Not
   ``cls``: webdataset's default decoders read ``cls`` as an integer and would fail on a name.
 
-Files or folders whose name starts with ``.`` (``.git``, macOS ``._x.jpg``) and unreadable or
-empty files are skipped and listed in :attr:`PackResult.skipped`. Each shard is written under
-``<name>.partial`` and renamed when complete, so an interrupted run never leaves a partial shard
-under a final name. Tar metadata is fixed (mtime 0), so the same folder packs to identical bytes.
+Files or folders whose name starts with ``.`` (``.git``, macOS ``._x.jpg``), unreadable or empty
+files, and symbolic links that lead out of ``src_dir`` (unless ``follow_symlinks``) are skipped and
+listed with their reason in :attr:`PackResult.skipped`. Tar metadata is fixed (mtime 0), so the same
+folder packs to identical bytes.
+
+**Crash safety and resume.** Each shard is written under ``<name>.partial``, fsynced, renamed when
+complete and its folder fsynced, so no partial shard ever has a final name. A small manifest,
+``.<prefix>.pack.json`` in ``out_dir`` (written atomically after every shard), records the settings
+and the source listing the shards were cut from; a rerun with the same settings on the same listing
+after ``kill -9`` keeps the complete shards and continues from the first missing one (the result is
+byte-identical to an uninterrupted run); a rerun of a finished pack does nothing. Shards of other
+settings, or shards without a manifest, are replaced only with ``overwrite=True`` (``--overwrite``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
+from ._fsio import atomic_write_text, publish_file
+from ._validate import check_int, check_output_dir
 from .errors import ConfigError
 from .images import IMAGE_EXTS
 
 _PARTIAL = ".partial"
+MANIFEST_FORMAT = "rsprune-pack"
+MANIFEST_VERSION = 1
+_FOLLOW = "pass --follow-symlinks (follow_symlinks=True) to pack what it points to"
 
 
 @dataclass(frozen=True)
@@ -37,14 +54,16 @@ class PackResult:
     """What :func:`pack_folder` wrote.
 
     Attributes:
-        shards: paths of the shards written, in order.
-        num_samples: samples written in total.
-        skipped: ``(relative path, reason)`` of image files left out.
+        shards: paths of the shards of the pack, in order (those kept by a resume included).
+        num_samples: samples in those shards.
+        skipped: ``(relative path, reason)`` of image files (or linked folders) left out.
+        resumed_shards: complete shards of an interrupted run that were kept, not rewritten.
     """
 
     shards: list[Path]
     num_samples: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    resumed_shards: int = 0
 
 
 def pack_folder(
@@ -55,24 +74,30 @@ def pack_folder(
     prefix: str = "shard",
     progress: bool = True,
     overwrite: bool = False,
+    follow_symlinks: bool = False,
 ) -> PackResult:
     """Write the images under ``src_dir`` to ``out_dir/{prefix}-000000.tar``, ... (module docstring).
 
     Args:
-        src_dir: folder walked recursively (symbolic links to folders are not followed).
-        out_dir: folder for the shards, created if missing.
+        src_dir: folder walked recursively.
+        out_dir: folder for the shards; created if missing (its parent must exist).
         shard_size: samples per shard (the last shard may hold fewer).
         prefix: shard file name prefix.
         progress: show a tqdm progress bar.
-        overwrite: allow replacing shards named ``{prefix}-NNNNNN.tar`` already in ``out_dir``
-            (they are deleted first, so no stale shard of an earlier, larger run survives).
+        overwrite: replace shards named ``{prefix}-NNNNNN.tar`` already in ``out_dir`` that this
+            call cannot resume (other settings or source files, or no manifest): they are deleted
+            first, so no stale shard of an earlier, larger run survives. Also restarts a resumable
+            pack from scratch.
+        follow_symlinks: pack files that symbolic links lead to outside ``src_dir`` and follow
+            linked folders (loops are cut); by default both are skipped with a reason.
 
     Returns:
         :class:`PackResult`.
 
     Raises:
-        ConfigError: missing ``src_dir``, ``shard_size < 1``, bad ``prefix``, no images found, or
-            existing shards without ``overwrite``.
+        ConfigError: missing ``src_dir``, ``shard_size < 1``, bad ``prefix``, an ``out_dir`` that
+            is a file, lacks its parent or is not writable, no images found, or existing shards
+            that cannot be resumed without ``overwrite``.
 
     Example:
         >>> result = pack_folder("examples/data/ucmerced", "/tmp/uc", shard_size=50, progress=False,
@@ -82,64 +107,166 @@ def pack_folder(
     """
     src, out = Path(src_dir), Path(out_dir)
     _check_args(src, shard_size, prefix)
-    files, skipped = find_images(src)
+    shard_size = int(shard_size)  # a numpy integer is fine, the manifest stores a plain int
+    check_output_dir("out_dir", out)
+    files, skipped = find_images(src, follow_symlinks=follow_symlinks)
     if not files:
         raise ConfigError(
             f"src_dir={str(src)!r} holds no image files ({', '.join(IMAGE_EXTS)}, any case); "
             "point it at the folder that contains the images"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    _clear_old_shards(out, prefix, overwrite)
+    out.mkdir(exist_ok=True)
+    settings = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
+                "src": os.path.realpath(src), "shard_size": shard_size, "prefix": prefix,
+                "follow_symlinks": bool(follow_symlinks), "listing": _listing_digest(files)}
+    manifest = _start(out, prefix, settings, overwrite)
+    kept = len(manifest["shards"])
+    if not manifest["complete"]:
+        _write_shards(src, out, files, manifest, progress)
+    shards = [out / e["name"] for e in manifest["shards"]]
+    read_skips = [(str(r), str(w)) for r, w in manifest["skipped"]]
+    return PackResult(shards=shards, num_samples=sum(int(e["samples"]) for e in manifest["shards"]),
+                      skipped=sorted(skipped + read_skips), resumed_shards=kept)
 
+
+def _shard_name(prefix: str, i: int) -> str:
+    return f"{prefix}-{i:06d}.tar"
+
+
+def _listing_digest(files: list[str]) -> str:
+    return hashlib.sha256("\n".join(files).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def _manifest_path(out: Path, prefix: str) -> Path:
+    return out / f".{prefix}.pack.json"
+
+
+def _save(out: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_text(_manifest_path(out, manifest["settings"]["prefix"]),
+                      json.dumps(manifest, indent=1) + "\n")
+
+
+def _start(out: Path, prefix: str, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """The manifest to continue from: kept shards of a resumable run, or a fresh one.
+
+    Deletes what an interrupted run left that cannot be kept (``.partial`` files, a shard renamed
+    just before the kill but not yet in the manifest: it is rewritten identically).
+    """
+    pattern = re.compile(re.escape(prefix) + r"-\d{6}\.tar")
+    for p in out.glob(f"{glob_escape(prefix)}-*.tar{_PARTIAL}"):
+        p.unlink(missing_ok=True)
+    old = sorted(p for p in out.iterdir() if pattern.fullmatch(p.name))
+    path = _manifest_path(out, prefix)
+    manifest: dict[str, Any] | None = None
+    if path.is_file() and not overwrite:
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            manifest = None
+    fresh = {"settings": settings, "shards": [], "skipped": [], "files_end": 0, "complete": False}
+    if manifest is None or manifest.get("settings") != settings:
+        if old and not overwrite:
+            why = ("with other settings or source files" if manifest is not None else
+                   "by another run (no manifest)")
+            raise ConfigError(
+                f"out_dir={str(out)!r} already holds {len(old)} shard(s) named {prefix}-NNNNNN.tar "
+                f"(first: {old[0].name}) packed {why}; pass --overwrite (overwrite=True) to "
+                "replace them, or choose another out_dir or prefix")
+        for p in old:
+            p.unlink()
+        _save(out, fresh)
+        return fresh
+    listed = {e["name"] for e in manifest["shards"]}
+    for e in manifest["shards"]:
+        shard = out / e["name"]
+        size = shard.stat().st_size if shard.is_file() else None
+        if size != e["size"]:
+            raise ConfigError(
+                f"shard {str(shard)!r} of an earlier pack is {'missing' if size is None else 'changed'}"
+                " since pack wrote it; pass --overwrite (overwrite=True) to pack again")
+    for p in old:
+        if p.name not in listed:
+            p.unlink()
+    return manifest
+
+
+def glob_escape(text: str) -> str:
+    """``text`` with glob wildcards escaped (``[`` -> ``[[]``)."""
+    import glob
+
+    return glob.escape(text)
+
+
+def _write_shards(src: Path, out: Path, files: list[str], manifest: dict[str, Any],
+                  progress: bool) -> None:
     import webdataset as wds
     from tqdm.auto import tqdm
 
-    shards: list[Path] = []
+    from .tario import scan_tar
 
-    def publish(partial: str) -> None:
-        final = Path(partial[: -len(_PARTIAL)])
-        os.replace(partial, final)
-        shards.append(final)
+    settings = manifest["settings"]
+    shard_size, prefix = int(settings["shard_size"]), str(settings["prefix"])
+    keys: set[str] = set()  # the keys of kept shards, so new keys stay unique as in one run
+    for e in manifest["shards"]:
+        keys.update(s.key for s in scan_tar(out / e["name"]))
+    start = int(manifest["files_end"])
+    f: BinaryIO | None = None
+    writer: Any = None
+    count = 0
 
-    pattern = str(out / prefix).replace("%", "%%") + "-%06d.tar" + _PARTIAL
-    writer: wds.ShardWriter | None = None
-    written = 0
-    keys: set[str] = set()
+    def publish(files_end: int) -> None:
+        nonlocal f, writer, count
+        assert f is not None and writer is not None
+        writer.close()
+        f.close()
+        final = out / _shard_name(prefix, len(manifest["shards"]))
+        publish_file(f.name, final)  # fsync the shard, rename, fsync the folder
+        manifest["shards"].append({"name": final.name, "size": final.stat().st_size,
+                                   "samples": count})
+        manifest["files_end"] = files_end
+        _save(out, manifest)
+        f, writer, count = None, None, 0
+
     try:
-        for rel in tqdm(files, desc=f"pack {src.name}", unit="img", disable=not progress):
+        bar = tqdm(range(start, len(files)), desc=f"pack {src.name}", unit="img",
+                   disable=not progress, initial=start, total=len(files))
+        for j in bar:
+            rel = files[j]
             try:
                 data = (src / rel).read_bytes()
             except OSError as exc:
-                skipped.append((rel, f"unreadable: {exc.strerror or exc}"))
+                manifest["skipped"].append([rel, f"unreadable: {exc.strerror or exc}"])
                 continue
             if not data:
-                skipped.append((rel, "empty file"))
+                manifest["skipped"].append([rel, "empty file"])
                 continue
-            if writer is None:  # created lazily: no empty shard when every file is skipped
-                writer = wds.ShardWriter(
-                    pattern, maxcount=shard_size, maxsize=float("inf"), post=publish, verbose=0,
-                    encoder=False, mtime=0.0,
-                )
+            if writer is None:  # opened lazily: no empty shard when every file is skipped
+                partial = out / (_shard_name(prefix, len(manifest["shards"])) + _PARTIAL)
+                f = open(partial, "wb")  # noqa: SIM115 (closed by publish or below)
+                writer = wds.TarWriter(f, encoder=False, mtime=0.0)
             writer.write(pack_sample(rel, data, keys))
-            written += 1
+            count += 1
+            if count == shard_size:
+                publish(j + 1)
+        if writer is not None:
+            publish(len(files))
     except BaseException:
-        if writer is not None:  # close the open shard without publishing it
-            writer.post = None
-            partial = writer.fname
-            writer.close()
-            if partial is not None:
-                Path(partial).unlink(missing_ok=True)
+        if f is not None:  # close the open shard without publishing it
+            name = f.name
+            with contextlib.suppress(Exception):
+                writer.close()
+            f.close()
+            Path(name).unlink(missing_ok=True)
         raise
-    if writer is not None:
-        writer.close()
-    return PackResult(shards=shards, num_samples=written, skipped=skipped)
+    manifest["files_end"] = len(files)
+    manifest["complete"] = True
+    _save(out, manifest)
 
 
 def _check_args(src: Path, shard_size: int, prefix: str) -> None:
     if not src.is_dir():
         raise ConfigError(f"src_dir={str(src)!r} is not an existing folder; pass the folder of images")
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise ConfigError(f"shard_size must be an integer >= 1 (samples per shard), got {shard_size!r}")
+    check_int("shard_size", shard_size, 1)
     if not prefix or "/" in prefix or os.sep in prefix or prefix.startswith("."):
         raise ConfigError(
             f"prefix must be a plain, non-hidden file name part without '/', got {prefix!r}; "
@@ -147,32 +274,46 @@ def _check_args(src: Path, shard_size: int, prefix: str) -> None:
         )
 
 
-def find_images(src: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """Relative POSIX paths of the image files, sorted as strings, and hidden ones to skip."""
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def find_images(src: Path, *, follow_symlinks: bool = False
+                ) -> tuple[list[str], list[tuple[str, str]]]:
+    """Relative POSIX paths of the image files, sorted as strings, and ``(path, reason)`` of those
+    left out: hidden ones, and (unless ``follow_symlinks``) links that lead out of ``src`` and
+    linked folders, which are not walked."""
     found: list[str] = []
     skipped: list[tuple[str, str]] = []
-    for root, _dirs, names in os.walk(src):
+    root_real = os.path.realpath(src)
+    seen = {root_real}  # real folders walked, so a link back up cannot loop
+    for root, dirs, names in os.walk(src, followlinks=follow_symlinks):
+        for d in list(dirs):
+            full = os.path.join(root, d)
+            if not os.path.islink(full):
+                continue
+            real = os.path.realpath(full)
+            if follow_symlinks and real not in seen and os.path.isdir(real):
+                seen.add(real)
+                continue
+            dirs.remove(d)
+            why = ("linked folder already walked (a loop or a second link)" if follow_symlinks
+                   else f"symbolic link to the folder {real}, not followed: {_FOLLOW}")
+            skipped.append((Path(full).relative_to(src).as_posix() + "/", why))
         for name in names:
             if name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS and "." in name:
-                rel = Path(root, name).relative_to(src).as_posix()
+                full = os.path.join(root, name)
+                rel = Path(full).relative_to(src).as_posix()
+                real = os.path.realpath(full)
                 if any(part.startswith(".") for part in rel.split("/")):
                     skipped.append((rel, "hidden file or folder"))
+                elif not follow_symlinks and not _inside(real, root_real):
+                    skipped.append((rel, f"symbolic link to {real}, outside the source folder: "
+                                    f"{_FOLLOW}"))
                 else:
                     found.append(rel)
     skipped.sort()
     return sorted(found), skipped
-
-
-def _clear_old_shards(out: Path, prefix: str, overwrite: bool) -> None:
-    pattern = re.compile(re.escape(prefix) + r"-\d{6}\.tar")
-    old = sorted(p for p in out.iterdir() if pattern.fullmatch(p.name))
-    if old and not overwrite:
-        raise ConfigError(
-            f"out_dir={str(out)!r} already holds {len(old)} shard(s) named {prefix}-NNNNNN.tar "
-            f"(first: {old[0].name}); pass overwrite=True, or choose another out_dir or prefix"
-        )
-    for p in old:
-        p.unlink()
 
 
 def pack_sample(rel: str, data: bytes, keys: set[str]) -> dict[str, object]:

@@ -61,8 +61,9 @@ from numpy.typing import NDArray
 
 from ._validate import check_int, check_number
 from .config import PruneConfig, Schedule, as_config
-from .errors import ConfigError, StateDictError
+from .errors import StateDictError
 from .partition import epoch_order, per_rank, rank_share
+from .state_check import check_sampler_state
 from .world import distributed_rank
 
 __all__ = ["ConfigSource", "PrunedSampler", "Schedule", "SelectableIndex"]
@@ -214,7 +215,7 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
         base = self._config if self._next_source is None else self._resolve(
             self._next_source, self._epoch)
         check_number("prune_ratio", prune_ratio, 0.0, 1.0, hi_open=True)
-        self.set_config(base.replace(prune_ratio=float(prune_ratio)))
+        self.set_config(base.replace(prune_ratio=prune_ratio))
 
     # ------------------------------------------------------------------ iteration
     def _num_samples(self, config: PruneConfig) -> int:
@@ -271,9 +272,7 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
         if self._resume is not None and self._resume[0] == self._epoch and not started:
             done = length if self._resume[2] else min(self._resume[1], length)
         if consumed is not None:
-            if isinstance(consumed, bool) or not isinstance(consumed, int) or not 0 <= consumed <= length:
-                raise ConfigError(f"`consumed` must be an integer in [0, {length}], got {consumed!r}")
-            done = consumed
+            done = check_int("consumed", consumed, 0, length)
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
@@ -293,32 +292,18 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
         """Continue from a :meth:`state_dict` (see the module docstring for the epoch rules).
 
         Raises:
-            StateDictError: the state is malformed, or was taken on another index, seed,
+            StateDictError: the state is malformed (a field of the wrong type or out of range:
+                :func:`rsprune_data.state_check.check_sampler_state`), or was taken on another index, seed,
                 shuffle, drop_last or world size, or (with items of its epoch left) config.
         """
-        sd = dict(state_dict)
-        missing = sorted({"format", "epoch", "consumed", "num_samples", "config", "seed", "shuffle",
-                          "drop_last", "num_replicas", "index_fingerprint"} - set(sd))
-        if sd.get("format") != STATE_FORMAT or missing:
-            raise StateDictError(
-                f"not a PrunedSampler state (format={sd.get('format')!r}, missing keys {missing}): "
-                "pass the dict returned by PrunedSampler.state_dict()"
-            )
-        if sd.get("version") != STATE_VERSION:
-            raise StateDictError(
-                f"PrunedSampler state version {sd.get('version')!r} is not supported (this "
-                f"version reads {STATE_VERSION}): resume with the rsprune_data version that saved it"
-            )
+        sd = check_sampler_state(state_dict, STATE_FORMAT, STATE_VERSION)
         self._check_same(sd, "index_fingerprint", str(self.index.fingerprint),
                          "the index (shards, their contents or centroids) changed: load the same "
                          "shards and index files that the state was saved with")
         for name in ("seed", "shuffle", "drop_last", "num_replicas"):
             self._check_same(sd, name, getattr(self, name),
                              f"construct the sampler with {name}={sd[name]!r}")
-        epoch, consumed, length = int(sd["epoch"]), int(sd["consumed"]), int(sd["num_samples"])
-        if epoch < 0 or not 0 <= consumed <= length:
-            raise StateDictError(f"corrupt PrunedSampler state: epoch={epoch}, consumed={consumed}, "
-                                 f"num_samples={length}")
+        epoch, consumed, length = sd["epoch"], sd["consumed"], sd["num_samples"]
         if consumed < length:  # items of that epoch remain: they must come from the same config
             mine = self._resolve(self._source if self._next_source is None else self._next_source,
                                  epoch)

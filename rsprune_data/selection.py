@@ -73,7 +73,7 @@ def _top_positions(values: NDArray[Any], m: int) -> Positions:
     return np.flatnonzero(_top_mask(values, m)).astype(np.int64, copy=False)
 
 
-def _group_by_cluster(z: NDArray[np.integer], counts: NDArray[np.intp]
+def _group_by_cluster(z: NDArray[np.integer[Any]], counts: NDArray[np.intp]
                       ) -> tuple[NDArray[np.intp], NDArray[np.int64]]:
     """Order that groups ``z`` by cluster (stable: ascending index within a group), and group starts.
 
@@ -87,7 +87,7 @@ def _group_by_cluster(z: NDArray[np.integer], counts: NDArray[np.intp]
     return order, starts
 
 
-def _stratified(z: NDArray[np.integer], s: NDArray[np.floating], num_clusters: int,
+def _stratified(z: NDArray[np.integer[Any]], s: NDArray[np.floating[Any]], num_clusters: int,
                 b: int) -> NDArray[np.bool_]:
     """Stage II over candidates (arrays in ascending position order): mask of the B selected."""
     n = z.shape[0]
@@ -165,7 +165,7 @@ class _Inputs:
             )
         return v
 
-    def clusters(self, pos: Positions) -> NDArray[np.integer]:
+    def clusters(self, pos: Positions) -> NDArray[np.integer[Any]]:
         z = self.take(self.cluster_ids, pos)
         if z.size and (int(z.min()) < 0 or int(z.max()) >= self.num_clusters):
             bad = int(z.min()) if int(z.min()) < 0 else int(z.max())

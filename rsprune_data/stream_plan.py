@@ -63,7 +63,8 @@ class EpochPlan:
         j = np.arange(start, stop, dtype=np.int64) % n
         slot = np.searchsorted(self.ends, j, side="right")
         begins = self.ends - np.diff(self.ends, prepend=0)
-        return self.selected[self.first[slot] + (j - begins[slot])]
+        out: NDArray[np.int64] = self.selected[self.first[slot] + (j - begins[slot])]
+        return out
 
 
 def epoch_plan(selected: NDArray[np.int64], shard_starts: NDArray[np.int64], *, seed: int,

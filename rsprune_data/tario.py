@@ -34,8 +34,9 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
+from ._fsio import pread_exact
 from .errors import ConfigError, ShardError
 
 __all__ = [
@@ -490,21 +491,6 @@ def parse_sample(
     return group.key, out
 
 
-def _pread(f: BinaryIO, n: int, offset: int) -> bytes:
-    if hasattr(os, "pread"):
-        parts = []
-        while n > 0:
-            chunk = os.pread(f.fileno(), n, offset)
-            if not chunk:
-                break
-            parts.append(chunk)
-            n -= len(chunk)
-            offset += len(chunk)
-        return b"".join(parts) if len(parts) != 1 else parts[0]
-    f.seek(offset)
-    return f.read(n)
-
-
 def read_ranges(
     path: str | os.PathLike[str],
     ranges: Sequence[tuple[int, int]],
@@ -565,7 +551,7 @@ def read_ranges(
             g = member_of[i]
             if g not in cache:
                 start, end = blocks[g]
-                cache[g] = _pread(f, end - start, start)
+                cache[g] = pread_exact(f.fileno(), end - start, start)
                 if len(cache[g]) < end - start:
                     raise _truncated(
                         shard, start + len(cache[g]), f"range [{start}, {end}) was asked"

@@ -80,6 +80,7 @@ from .config import PruneConfig, Schedule, as_config
 from .errors import ConfigError, StaleIndexError, StateDictError
 from .index import PruneIndex, is_remote
 from .partition import per_rank
+from .state_check import check_wds_state
 from .stream_plan import EpochPlan, epoch_plan, shard_runs, worker_batches
 from .tario import iter_tar_samples, parse_sample, read_ranges
 from .world import World, distributed_rank, get_world
@@ -347,10 +348,9 @@ class _Source:
         return self.rank_state(0, 1, 0)
 
     def rank_state(self, delivered: int, batch_size: int, num_workers: int) -> dict[str, Any]:
-        for name, value, lo in (("delivered", delivered, 0), ("batch_size", batch_size, 1),
-                                ("num_workers", num_workers, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise ConfigError(f"`{name}` must be an integer >= {lo}, got {value!r}")
+        delivered = check_int("delivered", delivered, 0)
+        batch_size = check_int("batch_size", batch_size, 1)
+        num_workers = check_int("num_workers", num_workers, 0)
         ctl = self._control.read()
         epoch = int(ctl["epoch"])
         config = self.config_for(epoch, ctl)
@@ -376,20 +376,7 @@ class _Source:
             self._control.update(resume=sd, epoch=int(sd["epoch"]))
 
     def _check_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        sd = dict(state)
-        need = {"format", "epoch", "config", "seed", "shuffle_shards", "drop_last", "world_size",
-                "index_fingerprint", "num_workers"}
-        need |= ({"delivered", "batch_size", "items"} if "delivered" in sd else
-                 {"worker", "rotation", "consumed", "num_samples", "finished"})
-        missing = sorted(need - set(sd))
-        if sd.get("format") != STATE_FORMAT or missing:
-            raise StateDictError(
-                f"not a PrunedWebDataset state (format={sd.get('format')!r}, missing keys "
-                f"{missing}): pass the dict returned by PrunedWebDataset.state_dict()")
-        if sd.get("version") != STATE_VERSION:
-            raise StateDictError(
-                f"PrunedWebDataset state version {sd.get('version')!r} is not supported (this "
-                f"version reads {STATE_VERSION}): resume with the rsprune_data version that saved it")
+        sd = check_wds_state(state, STATE_FORMAT, STATE_VERSION)  # every field: type and range
         mine = {"index_fingerprint": str(self.index.fingerprint), "seed": self.seed,
                 "shuffle_shards": self.shuffle_shards, "drop_last": self.drop_last,
                 "world_size": self.world_size}
@@ -422,7 +409,7 @@ def _close(stream: Any, *, early: bool) -> None:
 # --- the dataset ---------------------------------------------------------------------------------
 
 
-class PrunedWebDataset(DataPipeline, FluidInterface):
+class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # untyped webdataset
     """An ``IterableDataset`` of the RS-Prune selection of WebDataset shards (module docstring).
 
     It is a webdataset ``DataPipeline`` with the fluid interface of ``wds.WebDataset`` (both from

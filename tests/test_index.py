@@ -12,7 +12,13 @@ import pytest
 import webdataset as wds
 
 import rsprune_data.index as idx
-from rsprune_data.errors import ConfigError, IndexMismatchError, IndexNotFoundError, StaleIndexError
+from rsprune_data.errors import (
+    ConfigError,
+    IndexCorruptError,
+    IndexMismatchError,
+    IndexNotFoundError,
+    StaleIndexError,
+)
 from rsprune_data.index import PruneIndex, index_path_for, read_index, read_metadata, write_index
 from rsprune_data.tario import parse_sample, read_ranges, scan_tar
 
@@ -225,7 +231,7 @@ def test_wrong_version_and_unreadable_index(tmp_path: Path) -> None:
     with pytest.raises(IndexMismatchError, match="version '9'"):
         PruneIndex.load([shard])
     path.write_bytes(b"garbage")
-    with pytest.raises(StaleIndexError, match="unreadable"):
+    with pytest.raises(IndexCorruptError, match="unreadable"):
         PruneIndex.load([shard])
 
 

@@ -34,6 +34,11 @@ def make_tree(root: Path) -> dict[str, bytes]:
     return files
 
 
+def shard_names(folder: Path) -> list[str]:
+    """The visible files of ``folder`` (the hidden pack manifest left out)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
 def read_back(shards: list[Path]) -> list[dict]:
     return list(wds.WebDataset([str(s) for s in shards], shardshuffle=False))
 
@@ -101,18 +106,25 @@ def test_interrupted_pack_leaves_only_complete_shards(tmp_path: Path, monkeypatc
     monkeypatch.setattr(pack_mod, "pack_sample", failing)
     with pytest.raises(KeyboardInterrupt):
         pack_folder(SAMPLE_DATA / "harvey" / "bad_images", tmp_path, shard_size=10, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
-    assert len(read_back(sorted(tmp_path.iterdir()))) == 20
+    assert shard_names(tmp_path) == ["shard-000000.tar", "shard-000001.tar"]
+    assert len(read_back(sorted(tmp_path.glob("*.tar")))) == 20
 
 
 def test_existing_shards_need_overwrite(tmp_path: Path) -> None:
     src = SAMPLE_DATA / "harvey" / "bad_images"
-    pack_folder(src, tmp_path, shard_size=10, progress=False)  # 4 shards
-    with pytest.raises(ConfigError, match="overwrite=True"):
-        pack_folder(src, tmp_path, shard_size=10, progress=False)
+    first = pack_folder(src, tmp_path, shard_size=10, progress=False)  # 4 shards
+    before = {p: p.stat().st_mtime_ns for p in first.shards}
+    again = pack_folder(src, tmp_path, shard_size=10, progress=False)  # finished: nothing to do
+    assert again.shards == first.shards and again.resumed_shards == 4
+    assert {p: p.stat().st_mtime_ns for p in again.shards} == before
+    with pytest.raises(ConfigError, match=r"other settings.*--overwrite \(overwrite=True\)"):
+        pack_folder(src, tmp_path, shard_size=25, progress=False)
     result = pack_folder(src, tmp_path, shard_size=25, progress=False, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
+    assert shard_names(tmp_path) == ["shard-000000.tar", "shard-000001.tar"]
     assert result.num_samples == 40
+    (tmp_path / ".shard.pack.json").unlink()  # shards of unknown origin are never resumed
+    with pytest.raises(ConfigError, match=r"another run \(no manifest\)"):
+        pack_folder(src, tmp_path, shard_size=25, progress=False)
 
 
 def test_percent_in_paths(tmp_path: Path) -> None:
@@ -150,4 +162,4 @@ def test_all_files_skipped_writes_no_shard(tmp_path: Path) -> None:
     (tmp_path / "src" / "a.jpg").write_bytes(b"")
     result = pack_folder(tmp_path / "src", tmp_path / "out", progress=False)
     assert result.shards == [] and result.num_samples == 0 and result.skipped == [("a.jpg", "empty file")]
-    assert list((tmp_path / "out").iterdir()) == []
+    assert shard_names(tmp_path / "out") == []

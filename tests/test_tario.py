@@ -200,13 +200,13 @@ def test_read_ranges_coalesces_into_few_reads(
     path = tmp_path / "blob.bin"
     path.write_bytes(bytes(range(256)) * 100)
     calls: list[tuple[int, int]] = []
-    real = tario._pread
+    real = tario.pread_exact
 
-    def spy(f: Any, n: int, offset: int) -> bytes:
+    def spy(fd: int, n: int, offset: int) -> bytes:
         calls.append((offset, n))
-        return real(f, n, offset)
+        return real(fd, n, offset)
 
-    monkeypatch.setattr(tario, "_pread", spy)
+    monkeypatch.setattr(tario, "pread_exact", spy)
     ranges = [(100, 10), (0, 10), (120, 10), (20_000, 5)]
     assert list(read_ranges(path, ranges, max_gap=100)) == [
         (bytes(range(256)) * 100)[o : o + n] for o, n in ranges

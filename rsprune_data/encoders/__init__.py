@@ -20,6 +20,7 @@ import importlib
 import re
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from .._validate import check_int
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
@@ -118,9 +119,8 @@ def load_encoder(spec: str = DEFAULT_ENCODER, *, checkpoint: str | None = None, 
     family, _, arg = spec.partition(":")
     if family not in _FAMILIES or (family == "efficientnet-lite0") == bool(arg):
         raise ConfigError(f"unknown encoder spec {spec!r}; available: {', '.join(available_families())}")
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                   or not 16 <= image_size <= 4096):
-        raise ConfigError(f"`image_size` must be an int in [16, 4096] or None, got {image_size!r}")
+    if image_size is not None:
+        image_size = check_int("image_size", image_size, 16, 4096)
     module = importlib.import_module(_FAMILIES[family][0], __name__)
     encoder: TorchEncoder = module.load(arg, checkpoint=checkpoint, device=device, image_size=image_size)
     return encoder

@@ -71,7 +71,8 @@ def build_model(path: str | Path | None = None) -> torch.nn.Module:
 
 
 def _features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
+    out: torch.Tensor = model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
+    return out
 
 
 class EfficientNetLite0Encoder(TorchEncoder):
@@ -80,7 +81,8 @@ class EfficientNetLite0Encoder(TorchEncoder):
     @torch.inference_mode()
     def classify(self, batch: torch.Tensor) -> NDArray[np.float32]:
         """ImageNet-1k logits ``[n, 1000]`` of a preprocessed batch."""
-        return self.module(self._prepare(batch)).float().cpu().numpy()
+        out: NDArray[np.float32] = self.module(self._prepare(batch)).float().cpu().numpy()
+        return out
 
 
 def load(arg: str, *, checkpoint: str | None, device: str, image_size: int | None) -> EfficientNetLite0Encoder:

@@ -46,7 +46,8 @@ def _pooled(out: Any) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
             return value.flatten(1)
     hidden = out.last_hidden_state
-    return hidden.mean(dim=1) if hidden.ndim == 3 else hidden.mean(dim=(2, 3))
+    pooled: torch.Tensor = hidden.mean(dim=1) if hidden.ndim == 3 else hidden.mean(dim=(2, 3))
+    return pooled
 
 
 class _Features:

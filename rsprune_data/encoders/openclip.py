@@ -34,14 +34,15 @@ _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz", ".ckpt")
 
 
 def _features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model.encode_image(x)  # type: ignore[operator]
+    out: torch.Tensor = model.encode_image(x)  # type: ignore[operator]
+    return out
 
 
 def _transform(cfg: dict[str, Any]) -> ImageTransform:
     size = cfg.get("size", 224)
     side = int(size if isinstance(size, int) else size[0])
     mode = cfg.get("resize_mode", "shortest")
-    return ImageTransform(size=side, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),  # type: ignore[arg-type]
+    return ImageTransform(size=side, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
                           interpolation="bilinear" if cfg.get("interpolation") == "bilinear" else "bicubic",
                           # "longest" (fit and pad) differs from "squash" only for non-square images
                           resize_mode="squash" if mode in ("squash", "longest") else "shortest")

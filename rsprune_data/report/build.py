@@ -18,19 +18,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .._fsio import atomic_folder
+from .._validate import check_int, check_output_dir
 from ..config import PruneConfig
 from ..errors import ConfigError, IndexMismatchError
 from . import page, picks
 from .page import IMG_DIR
-from .stats import compute_stats
+from .stats import ReportStats, compute_stats
 
 if TYPE_CHECKING:
     from ..centroids import Centroids
     from ..index import PruneIndex
-
-_OWN_PNGS = ("entropy", "nodata", "clusters", "similarity", "stage1-dropped", "stage1-above-cut",
-             "nodata-dropped", "least-covered")
-
 
 def write_report(
     shards: Sequence[str | os.PathLike[str]] | str,
@@ -51,7 +49,10 @@ def write_report(
     Args:
         shards: the indexed tar shards, in the order that defines global positions (or one
             brace pattern, ``"shard-{000000..000099}.tar"``).
-        out_dir: output folder (created; files of an earlier report there are replaced).
+        out_dir: output folder, published whole: the report is built in a temporary sibling
+            folder and renamed into place when complete (files fsynced), so an interrupted run
+            leaves the earlier report untouched, never a mix of two. An existing folder is
+            replaced only when it is empty or holds an earlier report (``summary.json``).
         config: the pruning settings to judge.
         index_dir: where the indexes are (default: beside each shard).
         centroids: the centroids the index was built with (path or
@@ -67,7 +68,8 @@ def write_report(
     Raises:
         IndexNotFoundError, StaleIndexError, IndexMismatchError: as :meth:`PruneIndex.load`;
             IndexMismatchError also when ``centroids`` are not those the index was built with.
-        ConfigError: ``config`` needs clusters the index does not have, or a bad argument.
+        ConfigError: ``config`` needs clusters the index does not have, a bad argument, or
+            ``out_dir`` is a file, has no parent folder, is not writable or holds other files.
 
     Example:
         >>> write_report(["shard-000000.tar"], "report", PruneConfig(prune_ratio=0.85))  # doctest: +SKIP
@@ -75,26 +77,31 @@ def write_report(
     """
     from ..index import PruneIndex
     from ..plan import select_with_config
-    from . import figures
-    from .sheets import read_thumbnails, render_sheet
 
-    for name, value in (("max_clusters_shown", max_clusters_shown),
-                        ("tiles_per_cluster", tiles_per_cluster)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"`{name}` must be an integer >= 0, got {value!r}")
+    max_clusters_shown = check_int("max_clusters_shown", max_clusters_shown, 0)
+    tiles_per_cluster = check_int("tiles_per_cluster", tiles_per_cluster, 0)
+    final = _check_out_dir(out_dir)
     t0 = time.perf_counter()
     index = PruneIndex.load(shards if isinstance(shards, str | os.PathLike) else list(shards),
                             index_dir)
     cents = _load_centroids(centroids, index)
     selected = select_with_config(index, config)
     st = compute_stats(index, config, selected)
-    out = Path(out_dir)
-    img = out / IMG_DIR
-    img.mkdir(parents=True, exist_ok=True)
-    # files of an earlier report (say, with more clusters) must not linger; others are left alone
-    for old in [*img.glob("cluster-[0-9]*.png"), *(img / f"{n}.png" for n in _OWN_PNGS)]:
-        old.unlink(missing_ok=True)
+    with atomic_folder(final) as out:
+        _write_all(out, index, st, cents, max_clusters_shown, tiles_per_cluster, t0,
+                   progress)
+    return final / "index.html"
 
+
+def _write_all(out: Path, index: PruneIndex, st: ReportStats,
+               cents: Centroids | None, max_clusters_shown: int, tiles_per_cluster: int,
+               t0: float, progress: bool) -> None:
+    """Every file of the report, into the (temporary) folder ``out``."""
+    from . import figures
+    from .sheets import read_thumbnails, render_sheet
+
+    img = out / IMG_DIR
+    img.mkdir()
     comp = picks.compositions(cents) if cents is not None else None
     stage1 = picks.stage1_sheets(index, st)
     clusters = picks.cluster_sheets(index, st, comp, max_clusters_shown, tiles_per_cluster)
@@ -117,9 +124,21 @@ def write_report(
     summary = st.to_json(index.shards, comp.text if comp is not None else None)
     summary["report_seconds"] = round(time.perf_counter() - t0, 3)
     html = page.render(index, st, summary, comp, stage1, clusters, coverage)
-    _write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    _write_text(out / "index.html", html)
-    return out / "index.html"
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out / "index.html").write_text(html, encoding="utf-8")
+
+
+def _check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """``out_dir`` checked before any work: a writable place that holds no foreign files."""
+    out = check_output_dir("out_dir", out_dir)
+    if out.is_dir():
+        foreign = any(out.iterdir()) and not (out / "summary.json").is_file()
+        if foreign:
+            raise ConfigError(
+                f"`out_dir`={os.fspath(out_dir)!r} is a folder with other files in it (no "
+                "summary.json of an earlier report): the report replaces its folder as a whole, so "
+                "choose a new or empty folder")
+    return out
 
 
 def _load_centroids(centroids: str | os.PathLike[str] | Centroids | None,
@@ -140,12 +159,6 @@ def _load_centroids(centroids: str | os.PathLike[str] | Centroids | None,
             "pass the centroids file the shards were indexed with"
         )
     return cents
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 __all__ = ["write_report"]

@@ -73,7 +73,8 @@ def ordered(values: NDArray[Any], mask: NDArray[np.bool_], descending: bool = Fa
         keep = v <= kth  # every value up to the limit-th smallest, ties included
         pos, v = pos[keep], v[keep]
     out = pos[np.lexsort((pos, v))]
-    return out if limit is None else out[:limit]
+    kept: NDArray[np.int64] = out if limit is None else out[:limit]
+    return kept
 
 
 def spread(pos: NDArray[np.int64], m: int) -> NDArray[np.int64]:
