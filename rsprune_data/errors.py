@@ -39,6 +39,14 @@ class StaleIndexError(RsPruneError, ValueError):
     """An index no longer matches its shard (the shard changed since indexing)."""
 
 
+class ChecksumError(StaleIndexError):
+    """A sample's bytes differ from those that were indexed (its per-sample checksum)."""
+
+
+class OverwriteError(RsPruneError, FileExistsError):
+    """A run would replace existing work (an index of another kind) without ``overwrite``."""
+
+
 class IndexMismatchError(RsPruneError, ValueError):
     """Indexes that must agree (centroids, encoder, K, format version) do not."""
 
