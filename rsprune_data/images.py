@@ -481,7 +481,11 @@ def _near(bands: NDArray[Any], value: float, tol: int) -> NDArray[np.bool_]:
     masks = []
     for b in range(bands.shape[-1]):
         x = bands[..., b]
-        near = np.abs(x.astype(np.float64) - value) <= tol
+        d = x.astype(np.float64)  # in place from here: one float64 temporary, not three
+        d -= value
+        np.abs(d, out=d)
+        near = d <= tol
+        del d
         if x.dtype.kind == "f":
             near |= ~np.isfinite(x)
         masks.append(near)
@@ -543,13 +547,23 @@ def _to_u8(bands: NDArray[Any], nodata_mask: NDArray[np.bool_]) -> NDArray[np.ui
         return bands.astype(np.uint8) * np.uint8(255)
     if bands.dtype == np.uint16:  # round(v * 255 / 65535) = round(v / 257); v / 257 never ends in .5
         return ((bands.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    # In place on one float64 copy (same arithmetic as the plain expression, bit for bit): the
+    # temporaries of `np.clip(np.rint((x - lo) * k), ...)` doubled the peak memory of big rasters.
     x = bands.astype(np.float64)
-    valid = np.isfinite(x) & ~nodata_mask[..., None]
+    finite = np.isfinite(x)
+    valid = finite & ~nodata_mask[..., None]
     if not valid.any():
         return np.zeros(bands.shape, np.uint8)
-    lo, hi = float(x[valid].min()), float(x[valid].max())
-    x = np.where(np.isfinite(x), x, lo)  # NaN/inf -> 0
-    return np.clip(np.rint((x - lo) * (255.0 / (hi - lo) if hi > lo else 0.0)), 0, 255).astype(np.uint8)
+    lo = float(np.min(x, where=valid, initial=np.inf))
+    hi = float(np.max(x, where=valid, initial=-np.inf))
+    del valid
+    np.copyto(x, lo, where=~finite)  # NaN/inf -> 0
+    del finite
+    x -= lo
+    x *= 255.0 / (hi - lo) if hi > lo else 0.0
+    np.rint(x, out=x)
+    np.clip(x, 0, 255, out=x)
+    return x.astype(np.uint8)
 
 
 def _as_rgb(img8: NDArray[np.uint8]) -> NDArray[np.uint8]:
