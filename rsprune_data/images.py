@@ -93,10 +93,11 @@ MAX_PIXELS = 1 << 28
 DEFAULT_DECODE_BUDGET = 256 << 20
 """Default ``max_decoded_bytes``: 256 MiB of decoded raster per image.
 
-The Stage I path (band selection, no-data mask, 8-bit stretch, luma) needs up to about 6x the
-decoded raster for float data and about 2x for 8-bit data (``benchmarks/decode_memory.py``), so
-one worker peaks near 1.5 GiB and 8 workers stay well inside a 32 GB node with an encoder beside
-them. Larger images are decoded at reduced resolution or refused (module docstring).
+Measured peak RSS of one ``analyze(want_rgb=True)`` at the budget (``benchmarks/decode_memory.py
+--at-budget``): 3.8x the decoded raster for float32 data (an 8192 x 8192 TIFF: +965 MiB), 2.7x for
+an RGB JPEG; so a worker stays near 1 GiB and 8 workers near 8 GB, well inside a 32 GB node with
+an encoder beside them. Larger images are decoded at reduced resolution or refused (module
+docstring); a 16000 x 16000 float32 TIFF without overviews costs +2.4 MiB instead of +3.7 GiB.
 """
 
 _JPEG_MAGIC = b"\xff\xd8"
