@@ -303,9 +303,8 @@ class _Source:
         """Checksum of the bytes of global position ``g`` (where the index has checksums)."""
         index = self.index
         if self.verify and index.checksummed[index.shard_ids[g]]:
-            if self._keys is None:
-                self._check_key(g, "", url, only_load=True)
-            key = self._keys[g] if self._keys else f"#{g}"
+            keys = self._index_keys()
+            key = keys[g] if keys else f"#{g}"
             check_sample(buf, int(index.checksums[g]), shard=url, key=key, offset=offset)
 
     def _read_stream(self, url: str, part: NDArray[np.int64], first: int) -> Iterator[Sample]:
@@ -330,12 +329,14 @@ class _Source:
             raise StaleIndexError(f"stream {url} ended after fewer samples than its index lists: "
                                   "the shard changed since indexing; run `rsprune-data index` again")
 
-    def _check_key(self, g: int, key: str, url: str, *, only_load: bool = False) -> None:
+    def _index_keys(self) -> Sequence[str]:
         if self._keys is None:
             keys = self.index.keys
             self._keys = keys if len(keys) == len(self.index) else ()
-        if only_load:
-            return
+        return self._keys
+
+    def _check_key(self, g: int, key: str, url: str) -> None:
+        self._index_keys()
         if self._keys and self._keys[g] != key:
             raise StaleIndexError(
                 f"shard {url}: sample {g - int(self.index.shard_starts[self.index.shard_ids[g]])} "
