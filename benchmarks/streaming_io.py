@@ -20,6 +20,10 @@ the block device), with ``stream / ours`` ratios. "cold" empties the page cache 
 The sampler path (map-style ``PrunedShardDataset`` + ``PrunedSampler``, ``DataLoader`` with 2
 workers) and ``PrunedWebDataset`` through the same loader are measured warm, against the stream.
 
+Checksum verification (on by default in both loaders): ``ours`` at the default ``max_gap`` and the
+in-process map-style dataset are also run with ``verify=False`` (warm cache), and the cost of
+verifying is printed as ``verify / no-verify`` time (best of ``--repeat`` for both).
+
 The shards are ``rsprune_data.pack.pack_folder`` output of ``--src`` (real JPEG tiles), written once
 to ``--cache``. The index files hold real byte ranges and keys (``tario.scan_tar``) but synthetic
 scores (uniform entropy, 50 random clusters, random similarity): for I/O what matters is where the
@@ -45,6 +49,7 @@ import numpy as np
 
 from rsprune_data import PruneConfig, PrunedSampler, PruneIndex
 from rsprune_data import index as idx
+from rsprune_data.integrity import range_checksums
 from rsprune_data.tario import scan_tar
 
 NUM_CLUSTERS = 50
@@ -61,7 +66,7 @@ def prepare(src: Path, cache: Path, shard_size: int) -> list[str]:
     rng = np.random.default_rng(0)
     for shard in shards:
         out = idx.index_path_for(shard)
-        if out.exists():
+        if out.exists() and idx.has_checksums(idx.read_metadata(out)):
             continue
         ts = scan_tar(shard)
         n = len(ts)
@@ -69,6 +74,7 @@ def prepare(src: Path, cache: Path, shard_size: int) -> list[str]:
                   "cluster_id": rng.integers(0, NUM_CLUSTERS, n), "similarity": rng.random(n),
                   "valid": np.ones(n), "reason": np.zeros(n),
                   "offset": [t.offset for t in ts], "length": [t.length for t in ts],
+                  "checksum": range_checksums(shard, [(t.offset, t.length) for t in ts]),
                   **idx.encode_keys([t.key for t in ts])}
         meta = {**idx.shard_metadata(shard), "encoder": "synthetic", "centroids_digest": "synthetic",
                 "num_clusters": str(NUM_CLUSTERS), "reasons": json.dumps(["ok"])}
@@ -122,11 +128,19 @@ def timed(fn: Callable[[], list[str]]) -> dict[str, Any]:
             "read_bytes": b["read_bytes"] - a["read_bytes"]}
 
 
-def run_ours(index: PruneIndex, cfg: PruneConfig, max_gap: int) -> list[str]:
+def run_ours(index: PruneIndex, cfg: PruneConfig, max_gap: int, verify: bool = True) -> list[str]:
     from rsprune_data import PrunedWebDataset
 
-    ds = PrunedWebDataset(index, cfg, shuffle_shards=False, max_gap=max_gap)
+    ds = PrunedWebDataset(index, cfg, shuffle_shards=False, max_gap=max_gap, verify=verify)
     return [s["__key__"] for s in ds]
+
+
+def run_map(index: PruneIndex, cfg: PruneConfig, verify: bool) -> list[str]:
+    """The map-style dataset in this process, in selection order (no DataLoader)."""
+    from rsprune_data import PrunedShardDataset
+
+    ds = PrunedShardDataset(index, verify=verify)
+    return [ds[i]["__key__"] for i in index.select(cfg).tolist()]
 
 
 def run_stream(shards: list[str], keep: set[str]) -> list[str]:
@@ -159,6 +173,17 @@ def run_ours_loader(index: PruneIndex, cfg: PruneConfig, workers: int) -> list[s
     ds = PrunedWebDataset(index, cfg, shuffle_shards=False)
     loader: DataLoader[Any] = DataLoader(ds, batch_size=64, num_workers=workers, collate_fn=_keys)
     return [k for batch in loader for k in batch]
+
+
+def best_run(fn: Callable[[], list[str]], repeat: int, want: set[str]) -> dict[str, float]:
+    """Best and worst of ``repeat`` warm runs (for a small difference: verification cost)."""
+    times = []
+    for _ in range(repeat):
+        r = timed(fn)
+        if set(r["keys"]) != want:
+            raise SystemExit(f"{fn} delivered other samples than the selection")
+        times.append(r["seconds"])
+    return {"best": min(times), "worst": max(times)}
 
 
 def median_run(fn: Callable[[], list[str]], repeat: int, before: Callable[[], None],
@@ -194,6 +219,19 @@ def measure_ratio(index: PruneIndex, shards: list[str], keys: list[str], ratio: 
     for name, fn in (("sampler_loader_warm", run_sampler), ("ours_loader_warm", run_ours_loader)):
         row[name] = median_run(partial(fn, index, cfg, workers), repeat, warm_all, want)
         row[name]["vs_stream"] = row["stream_warm"]["seconds"] / row[name]["seconds"]
+    from rsprune_data.wds import DEFAULT_MAX_GAP
+
+    warm_all()
+    for name, fn in (("stream_ours", partial(run_ours, index, cfg, DEFAULT_MAX_GAP)),
+                     ("map_style", partial(run_map, index, cfg))):
+        # interleaved, best of N each: the verify/no-verify ratio is what matters here
+        on, off = [], []
+        for _ in range(max(repeat, 3)):
+            on.append(best_run(partial(fn, True), 1, want)["best"])
+            off.append(best_run(partial(fn, False), 1, want)["best"])
+        row[f"verify_{name}"] = {"verify_best": min(on), "verify_worst": max(on),
+                                 "no_verify_best": min(off), "no_verify_worst": max(off),
+                                 "cost_ratio": min(on) / min(off)}
     return row
 
 
@@ -263,6 +301,12 @@ def _print_row(row: dict[str, Any], gaps: list[int], default_gap: int, total: in
         s = row["stream_warm"]["seconds"]
         print(f"  warm {name} ({workers} workers): {r['seconds']:7.3f} s "
               f"{n / r['seconds']:9.0f} samples/s, {s / r['seconds']:6.1f}x the stream")
+    for name in ("stream_ours", "map_style"):
+        v = row[f"verify_{name}"]
+        print(f"  warm checksum verification, {name:11s}: verify {v['verify_best']:.3f} s "
+              f"(worst {v['verify_worst']:.3f}), verify=False {v['no_verify_best']:.3f} s (worst "
+              f"{v['no_verify_worst']:.3f}): cost {100 * (v['cost_ratio'] - 1):+.1f}% "
+              f"(ratio {v['cost_ratio']:.3f})")
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

@@ -97,6 +97,12 @@ def _cmd_index(a: argparse.Namespace) -> int:
     if a.index_dir is not None and Path(a.index_dir).exists() and not Path(a.index_dir).is_dir():
         raise ConfigError(f"`--index-dir`={a.index_dir!r} is a file, a folder is needed; "
                           "remove it or choose another path")
+    if a.report_json is not None and not Path(a.report_json).parent.is_dir():
+        raise ConfigError(f"--report-json {a.report_json}: its folder does not exist; create it "
+                          "or pick another path")
+    if a.decode_budget is not None and not a.decode_budget > 0:
+        raise ConfigError(f"--decode-budget must be > 0 MiB, got {a.decode_budget}")
+    budget = None if a.decode_budget is None else int(a.decode_budget * (1 << 20))
     cents = enc = None
     if a.centroids:
         from .centroids import Centroids
@@ -106,10 +112,13 @@ def _cmd_index(a: argparse.Namespace) -> int:
     report = index_shards(a.shards, centroids=cents, encoder=enc, index_dir=a.index_dir,
                           workers=a.workers, batch_size=a.batch_size, rank=a.rank,
                           world_size=a.world_size, force=a.force, fast_gray=a.fast_gray,
-                          rgb_bands=rgb_bands,
+                          rgb_bands=rgb_bands, overwrite=a.overwrite,
+                          decode_budget=budget if not a.no_decode_budget else None,
                           progress=not a.quiet)
     for line in report.lines():
         print(line, file=sys.stderr if line.startswith("FAILED") else sys.stdout)
+    if a.report_json is not None:
+        report.write_json(a.report_json)
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
@@ -221,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--world-size", type=int, default=None)
     p.add_argument("--force", action="store_true", help="index again even when current")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow replacing indexes of another kind (other encoder, centroids, K, "
+                        "entropy-only over embeddings); without it such a run exits 2 first")
+    p.add_argument("--report-json", metavar="PATH",
+                   help="also write the run's report (indexed, skipped, FAILED shards with "
+                        "reasons, invalid-sample counts) as JSON, atomically")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--decode-budget", type=float, default=None, metavar="MiB",
+                        help="decoded raster per image before reduced-resolution decoding or "
+                             "too_large (default 256 MiB)")
+    budget.add_argument("--no-decode-budget", action="store_true",
+                        help="decode every image at full size, whatever it costs")
     p.add_argument("--rgb-bands", type=int, nargs=3, default=(0, 1, 2), metavar=("R", "G", "B"),
                    help="0-based bands that make RGB in multi-band GeoTIFFs (default 0 1 2)")
     p.add_argument("--fast-gray", action="store_true",

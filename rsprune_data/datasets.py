@@ -1,7 +1,9 @@
 """Map-style datasets whose item ``i`` is global position ``i`` of an index, for :class:`PrunedSampler`.
 
 * :class:`PrunedShardDataset`: random access into local WebDataset tar shards through the byte
-  ranges stored in the index (one ``os.pread`` per item, no tar walk).
+  ranges stored in the index (one ``os.pread`` per item, no tar walk); each item's bytes are
+  checked against the index's per-sample checksum (``verify=False`` skips it) and its key against
+  the index's key.
 * :class:`PrunedImageFolder`: the image files of a folder in the order ``rsprune-data pack`` writes
   them, so position ``i`` of an index built from the packed shards is file ``i`` of the folder.
 
@@ -32,10 +34,11 @@ from numpy.typing import NDArray
 from ._fsio import pread_exact
 from ._validate import is_int
 from .errors import ConfigError, CorruptImageError, ShardError, StaleIndexError
+from .integrity import check_key, check_sample
 from .tario import parse_sample
 
 if TYPE_CHECKING:
-    from .index import PruneIndex
+    from .index import KeyList, PruneIndex
 
 __all__ = ["Decode", "PrunedImageFolder", "PrunedShardDataset"]
 
@@ -93,6 +96,9 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         decode: ``None``, ``"rgb"`` or a callable (see the module docstring).
         transform: applied to the (decoded) sample.
         check_stale: when loading from shard paths, refuse indexes older than their shard.
+        verify: check every item's bytes against the per-sample checksum of its index
+            (:mod:`rsprune_data.integrity`; shards indexed without checksums are checked by key
+            only). ``False`` saves one hash per item. Keys are always checked.
 
     Raises:
         ConfigError: a remote shard (only local files support random access), or a bad ``decode``.
@@ -111,6 +117,7 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         decode: Decode = None,
         transform: Callable[[Any], Any] | None = None,
         check_stale: bool = True,
+        verify: bool = True,
     ) -> None:
         from .index import PruneIndex, is_remote
 
@@ -130,6 +137,14 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         self._index_paths = [Path(p) for p in index.index_paths]
         self._offsets: NDArray[np.int64] | None = np.asarray(index.offsets, dtype=np.int64)
         self._lengths: NDArray[np.int64] | None = np.asarray(index.lengths, dtype=np.int64)
+        self.verify = bool(verify)
+        self._checksummed = np.asarray(index.checksummed, dtype=bool)
+        # keys and checksums of file-backed indexes load on first use (also in each worker)
+        self._checksums: NDArray[np.uint64] | None = (
+            None if index.index_paths else np.asarray(index.checksums, np.uint64))
+        self._keys: KeyList | None = None
+        if not index.index_paths and len(index.keys) == len(index):
+            self._keys = index.keys
         self._n = int(self._starts[-1])
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
@@ -143,7 +158,17 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         offsets, lengths = self._ranges()
         offset, length = int(offsets[j]), int(lengths[j])
         buf = self._pread(shard_no, offset, length)
-        key, members = parse_sample(buf, offset, shard=self.shards[shard_no])
+        shard = self.shards[shard_no]
+        if self._checksums is None:
+            self._reload_integrity()
+        keys = self._keys
+        if self.verify and self._checksummed[shard_no]:
+            sums = self._checksums if self._checksums is not None else np.zeros(0, np.uint64)
+            check_sample(buf, int(sums[j]), shard=shard, offset=offset,
+                         key=keys[j] if keys is not None else f"#{j - self._starts[shard_no]}")
+        key, members = parse_sample(buf, offset, shard=shard)
+        if keys is not None:
+            check_key(key, keys[j], shard=shard, offset=offset)
         sample: dict[str, Any] = {"__key__": key, "__url__": self.shards[shard_no], **members}
         return _finish(sample, self.decode, self.transform)
 
@@ -152,6 +177,24 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         if self._offsets is None or self._lengths is None:
             self._offsets, self._lengths = self._reload_ranges()
         return self._offsets, self._lengths
+
+    def _reload_integrity(self) -> None:
+        """Keys and checksums from the index files (a file-backed index, once per process)."""
+        from .index import KeyList, read_index
+
+        sums, kb, ko, base = [], [np.zeros(0, np.uint8)], [np.zeros(1, np.int64)], 0
+        for s, path in enumerate(self._index_paths):
+            arrays, _ = read_index(path)
+            n = int(self._starts[s + 1] - self._starts[s])
+            if len(arrays["key_offsets"]) != n + 1:
+                raise StaleIndexError(f"index {path} changed after the dataset was built: build "
+                                      "the dataset again")
+            sums.append(arrays.get("checksum", np.zeros(n, np.uint64)))
+            kb.append(arrays["key_bytes"])
+            ko.append(arrays["key_offsets"][1:] + base)
+            base += len(arrays["key_bytes"])
+        self._checksums = np.concatenate(sums).astype(np.uint64) if sums else np.zeros(0, np.uint64)
+        self._keys = KeyList(np.concatenate(kb), np.concatenate(ko))
 
     def _reload_ranges(self) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
         from .index import read_columns
@@ -212,7 +255,7 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         state = dict(self.__dict__)
         state["_fds"] = {}
         if self._index_paths:  # loaded from files: the worker re-reads the ranges itself
-            state["_offsets"] = state["_lengths"] = None
+            state["_offsets"] = state["_lengths"] = state["_checksums"] = state["_keys"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -1,5 +1,17 @@
 """Decode one image (JPEG, PNG, TIFF/GeoTIFF) and measure what Stage I needs: entropy and no-data share.
 
+Failures stay at the image: whatever a codec raises (Pillow, tifffile, libjpeg, imagecodecs' LZW,
+deflate, zstd, packbits, lzma, webp, JPEG ... errors, ``MemoryError``) becomes one
+:class:`~rsprune_data.errors.CorruptImageError` with a reason, never an exception that ends a run.
+
+Bounded memory: before any pixel is decoded the header's size (height x width x bands x bytes per
+sample) is compared with ``max_decoded_bytes`` (default :data:`DEFAULT_DECODE_BUDGET`). Beyond it
+the image is decoded at reduced resolution where the codec offers one (JPEG DCT scaling by 1/2,
+1/4 or 1/8 through libjpeg-turbo or Pillow's ``draft``; the largest TIFF overview, SubIFD pyramid
+level or reduced-resolution page that fits), and refused as ``too_large`` when none fits. A
+reduced decode measures entropy and no-data on the smaller image, which is close to but not equal
+to the full-resolution values (resampling smooths the histogram).
+
 Decoders are picked from the leading bytes, not the file name (the extension is only checked against
 :data:`IMAGE_EXTS`): JPEG through simplejpeg (libjpeg-turbo; bit-identical to Pillow's RGB decode on
 all Harvey and UC Merced files), falling back to Pillow for what simplejpeg rejects or converts
@@ -78,6 +90,16 @@ of pixels at t = 8, 2.0% more than 5%. Pass ``tolerance=0`` for exact matching.
 MAX_PIXELS = 1 << 28
 """Largest image (pixels) decoded; larger headers are refused as ``too_large`` before allocating."""
 
+DEFAULT_DECODE_BUDGET = 256 << 20
+"""Default ``max_decoded_bytes``: 256 MiB of decoded raster per image.
+
+Measured peak RSS of one ``analyze(want_rgb=True)`` at the budget (``benchmarks/decode_memory.py
+--at-budget``): 3.8x the decoded raster for float32 data (an 8192 x 8192 TIFF: +965 MiB), 2.7x for
+an RGB JPEG; so a worker stays near 1 GiB and 8 workers near 8 GB, well inside a 32 GB node with
+an encoder beside them. Larger images are decoded at reduced resolution or refused (module
+docstring); a 16000 x 16000 float32 TIFF without overviews costs +2.4 MiB instead of +3.7 GiB.
+"""
+
 _JPEG_MAGIC = b"\xff\xd8"
 _PNG_MAGIC = b"\x89PNG"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -121,6 +143,7 @@ def analyze(
     nodata_value: float | None = None,
     tolerance: int = NODATA_TOLERANCE,
     fast_gray: bool = False,
+    max_decoded_bytes: int | None = DEFAULT_DECODE_BUDGET,
 ) -> ImageStats:
     """Decode ``data`` and measure entropy and no-data share (module docstring: band rules).
 
@@ -132,6 +155,8 @@ def analyze(
         nodata_value: no-data value in the file's units; None = the GeoTIFF tag, else 0.
         tolerance: no-data tolerance in 8-bit levels (see :data:`NODATA_TOLERANCE`).
         fast_gray: decode JPEGs to libjpeg's Y channel (approximate, ignored with ``want_rgb``).
+        max_decoded_bytes: decode budget in bytes of decoded raster (module docstring); ``None``
+            for no limit.
 
     Returns:
         :class:`ImageStats`.
@@ -149,8 +174,8 @@ def analyze(
         >>> analyze(buf.getvalue(), "png").entropy
         0.0
     """
-    _check_args(rgb_bands, tolerance)
-    raster = _decode(data, ext, gray=fast_gray and not want_rgb)
+    _check_args(rgb_bands, tolerance, max_decoded_bytes)
+    raster = _decode(data, ext, gray=fast_gray and not want_rgb, budget=max_decoded_bytes)
     bands = _select(raster.bands, rgb_bands)
     value = _nodata_value(nodata_value, raster.nodata)
     if bands.dtype == np.uint8:
@@ -175,16 +200,19 @@ def decode_rgb(
     *,
     rgb_bands: tuple[int, int, int] = (0, 1, 2),
     nodata_value: float | None = None,
+    max_decoded_bytes: int | None = DEFAULT_DECODE_BUDGET,
 ) -> NDArray[np.uint8]:
     """Decode ``data`` to an ``HxWx3`` uint8 RGB image (alpha dropped, grey repeated).
 
     ``nodata_value`` only matters for float/int data, whose min..max stretch skips no-data pixels.
+    ``max_decoded_bytes`` bounds the decoded raster as in :func:`analyze` (larger images come back
+    at reduced resolution where the codec allows it).
 
     Raises:
         CorruptImageError: as :func:`analyze`.
     """
-    _check_args(rgb_bands, 0)
-    raster = _decode(data, ext, gray=False)
+    _check_args(rgb_bands, 0, max_decoded_bytes)
+    raster = _decode(data, ext, gray=False, budget=max_decoded_bytes)
     bands = _select(raster.bands, rgb_bands)
     if bands.dtype != np.uint8:
         value = _nodata_value(nodata_value, raster.nodata)
@@ -211,22 +239,37 @@ def pick_image_member(sample: Mapping[str, Any]) -> tuple[str, bytes] | None:
 # decoding: bytes -> _Raster ----------------------------------------------------------------------
 
 
-def _decode(data: bytes, ext: str, *, gray: bool) -> _Raster:
+def _decode(data: bytes, ext: str, *, gray: bool, budget: int | None) -> _Raster:
     kind = ext.rsplit(".", 1)[-1].lower()
     if kind not in IMAGE_EXTS:
         raise CorruptImageError(
             f"extension {ext!r} is not an image extension; expected one of {IMAGE_EXTS}",
             reason="unsupported_format",
         )
+    try:
+        return _decode_any(data, kind, gray, budget)
+    except CorruptImageError:
+        raise
+    except MemoryError as exc:
+        raise CorruptImageError(f"decoding the .{kind} image ran out of memory; lower the "
+                                "decode budget (max_decoded_bytes)", reason="too_large") from exc
+    except Exception as exc:  # the image boundary (module docstring)
+        # Codecs raise their own classes (imagecodecs.LzwError is a RuntimeError, Pillow plugins
+        # raise what they like); one damaged tile must be an invalid sample, not a dead worker.
+        raise CorruptImageError(f"cannot decode .{kind} image ({type(exc).__name__}: {exc})",
+                                reason="decode_error") from exc
+
+
+def _decode_any(data: bytes, kind: str, gray: bool, budget: int | None) -> _Raster:
     if not data:
         raise CorruptImageError(f"empty .{kind} image (0 bytes)", reason="empty")
     head = bytes(data[:4])
     if head.startswith(_JPEG_MAGIC):
-        raster = _decode_jpeg(data, gray)
+        raster = _decode_jpeg(data, gray, budget)
     elif head == _PNG_MAGIC:
-        raster = _decode_pil(data)
+        raster = _decode_pil(data, budget)
     elif head in _TIFF_MAGICS:
-        raster = _decode_tiff(data)
+        raster = _decode_tiff(data, budget)
     elif head.startswith(_OTHER_IMAGE_MAGICS):
         raise CorruptImageError(
             f".{kind} data is an image format other than JPEG/PNG/TIFF (starts with {head!r})",
@@ -240,24 +283,60 @@ def _decode(data: bytes, ext: str, *, gray: bool) -> _Raster:
     return raster
 
 
-def _decode_jpeg(data: bytes, gray: bool) -> _Raster:
+def _decode_jpeg(data: bytes, gray: bool, budget: int | None) -> _Raster:
     try:
         h, w, space, _ = simplejpeg.decode_jpeg_header(data)
         if space in _SIMPLEJPEG_SPACES:
             _check_pixels(h * w)
             out = "GRAY" if gray or space == "Gray" else "RGB"
-            return _Raster(simplejpeg.decode_jpeg(data, colorspace=out), None, None)
+            factor = _jpeg_factor(h, w, 1 if out == "GRAY" else 3, budget)
+            # min_height/min_width pick libjpeg-turbo's 1/factor DCT scaling (factor 1: full size)
+            arr = simplejpeg.decode_jpeg(data, colorspace=out, min_height=-(-h // factor),
+                                         min_width=-(-w // factor))
+            return _Raster(arr, None, None)
     except ValueError:
         pass  # strict libjpeg warning or damage: Pillow is the reference, let it decide
-    return _decode_pil(data)
+    return _decode_pil(data, budget)
 
 
-def _decode_pil(data: bytes) -> _Raster:
+def _jpeg_factor(h: int, w: int, bands: int, budget: int | None) -> int:
+    """The smallest DCT scale-down (1, 2, 4 or 8) whose decoded size fits ``budget``."""
+    for f in (1, 2, 4, 8):
+        if budget is None or -(-h // f) * -(-w // f) * bands <= budget:
+            return f
+    raise _too_large(h * w * bands, budget, "even at 1/8 scale")
+
+
+def _too_large(need: int, budget: int | None, how: str = "") -> CorruptImageError:
+    return CorruptImageError(
+        f"image needs {need:,} decoded bytes{' ' + how if how else ''}, more than the decode "
+        f"budget max_decoded_bytes={budget:,}: raise the budget (`--decode-budget`) or tile the "
+        "image", reason="too_large")
+
+
+def _pil_bytes(im: Any) -> int:
+    """Decoded bytes of a Pillow image after the conversions of :func:`_decode_pil`."""
+    from PIL import Image
+
+    bands = 4 if im.mode in ("P", "PA", "CMYK") else int(Image.getmodebands(im.mode))
+    bits = 32 if im.mode in ("I", "F") else 16 if im.mode.startswith("I;16") else 8
+    return int(im.width * im.height * bands * bits // 8)
+
+
+def _decode_pil(data: bytes, budget: int | None = None) -> _Raster:
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
             _check_pixels(im.width * im.height)
+            if budget is not None and _pil_bytes(im) > budget:
+                if im.format != "JPEG":
+                    raise _too_large(_pil_bytes(im), budget)
+                f = _jpeg_factor(im.height, im.width, _pil_bytes(im) // (im.width * im.height),
+                                 budget)
+                im.draft(im.mode, (-(-im.width // f), -(-im.height // f)))  # DCT scaling
+                if _pil_bytes(im) > budget:
+                    raise _too_large(_pil_bytes(im), budget, "after DCT scaling")
             im.load()
             mode = im.mode
             if mode in ("P", "PA"):
@@ -289,19 +368,35 @@ def _decode_pil(data: bytes) -> _Raster:
     return _Raster(arr, transparent, nodata)
 
 
-def _decode_tiff(data: bytes) -> _Raster:
+def _tiff_page(tif: Any, budget: int | None) -> Any:
+    """The first page, or, when it exceeds ``budget``, the largest overview that fits it."""
+    page = tif.pages.first
+    need = math.prod(page.shape) * page.dtype.itemsize * (3 if int(page.photometric) == 3 else 1)
+    if budget is None or need <= budget:
+        return page
+    overviews = [lvl.keyframe for lvl in tif.series[0].levels[1:]] if tif.series else []
+    overviews += [p for p in tif.pages[1:] if getattr(p, "is_reduced", False)]
+    fits = [p for p in overviews if math.prod(p.shape) * p.dtype.itemsize <= budget]
+    if not fits:
+        raise _too_large(need, budget, f"({len(overviews)} overview(s) that fit none)"
+                         if overviews else "(no overview to decode instead)")
+    return max(fits, key=lambda p: math.prod(p.shape))
+
+
+def _decode_tiff(data: bytes, budget: int | None = None) -> _Raster:
     import tifffile
 
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            page = tif.pages.first
-            if int(page.photometric) not in _TIFF_PHOTOMETRIC:
-                return _decode_pil(data)
-            _check_pixels(math.prod(page.shape))
+            first = tif.pages.first
+            if int(first.photometric) not in _TIFF_PHOTOMETRIC:
+                return _decode_pil(data, budget)
+            _check_pixels(math.prod(first.shape))
+            page = _tiff_page(tif, budget)
             arr = page.asarray()
             axes, photometric = page.axes, int(page.photometric)
             colormap, extras = page.colormap, tuple(int(e) for e in page.extrasamples)
-            tag = page.tags.get(_GDAL_NODATA)
+            tag = first.tags.get(_GDAL_NODATA)
             nodata = _parse_nodata(tag.value) if tag is not None else None
     except CorruptImageError:
         raise
@@ -310,7 +405,7 @@ def _decode_tiff(data: bytes) -> _Raster:
             reason = "truncated" if "failed to read" in str(exc) else "decode_error"
             raise CorruptImageError(f"cannot decode TIFF: {exc}", reason=reason) from exc
         try:
-            return _decode_pil(data)
+            return _decode_pil(data, budget)
         except CorruptImageError as pil_exc:
             raise CorruptImageError(
                 f"TIFF needs a codec tifffile lacks ({exc}) and Pillow failed too ({pil_exc}); "
@@ -346,11 +441,14 @@ def _parse_nodata(value: object) -> float | None:
 # bands -> 8-bit image and no-data share -----------------------------------------------------------
 
 
-def _check_args(rgb_bands: tuple[int, int, int], tolerance: int) -> None:
+def _check_args(rgb_bands: tuple[int, int, int], tolerance: int, budget: int | None = None) -> None:
     if len(rgb_bands) != 3 or min(rgb_bands) < 0:
         raise ConfigError(f"rgb_bands must be 3 non-negative band indices, got {rgb_bands!r}")
     if tolerance < 0:
         raise ConfigError(f"tolerance must be >= 0 (8-bit levels), got {tolerance!r}")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | np.integer)
+                               or budget < 1):
+        raise ConfigError(f"max_decoded_bytes must be a positive integer or None, got {budget!r}")
 
 
 def _select(bands: NDArray[Any], rgb_bands: tuple[int, int, int]) -> NDArray[Any]:
@@ -384,7 +482,11 @@ def _near(bands: NDArray[Any], value: float, tol: int) -> NDArray[np.bool_]:
     masks = []
     for b in range(bands.shape[-1]):
         x = bands[..., b]
-        near = np.abs(x.astype(np.float64) - value) <= tol
+        d = x.astype(np.float64)  # in place from here: one float64 temporary, not three
+        d -= value
+        np.abs(d, out=d)
+        near = d <= tol
+        del d
         if x.dtype.kind == "f":
             near |= ~np.isfinite(x)
         masks.append(near)
@@ -447,15 +549,23 @@ def _to_u8(bands: NDArray[Any], nodata_mask: NDArray[np.bool_]) -> NDArray[np.ui
         return bands.astype(np.uint8) * np.uint8(255)
     if bands.dtype == np.uint16:  # round(v * 255 / 65535) = round(v / 257); v / 257 never ends in .5
         return ((bands.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    # In place on one float64 copy (same arithmetic as the plain expression, bit for bit): the
+    # temporaries of `np.clip(np.rint((x - lo) * k), ...)` doubled the peak memory of big rasters.
     x = bands.astype(np.float64)
-    valid = np.isfinite(x) & ~nodata_mask[..., None]
+    finite = np.isfinite(x)
+    valid = finite & ~nodata_mask[..., None]
     if not valid.any():
         return np.zeros(bands.shape, np.uint8)
-    lo, hi = float(x[valid].min()), float(x[valid].max())
-    x = np.where(np.isfinite(x), x, lo)  # NaN/inf -> 0
-    out: NDArray[np.uint8] = np.clip(np.rint((x - lo) * (255.0 / (hi - lo) if hi > lo else 0.0)), 0,
-                                     255).astype(np.uint8)
-    return out
+    lo = float(np.min(x, where=valid, initial=np.inf))
+    hi = float(np.max(x, where=valid, initial=-np.inf))
+    del valid
+    np.copyto(x, lo, where=~finite)  # NaN/inf -> 0
+    del finite
+    x -= lo
+    x *= 255.0 / (hi - lo) if hi > lo else 0.0
+    np.rint(x, out=x)
+    np.clip(x, 0, 255, out=x)
+    return x.astype(np.uint8)
 
 
 def _as_rgb(img8: NDArray[np.uint8]) -> NDArray[np.uint8]:

@@ -4,6 +4,14 @@ One safetensors file per tar shard, ``<shard>.rsidx.safetensors`` beside the sha
 ``<index_dir>/<shard basename>.rsidx.safetensors``, holds one row per sample in tar order (schema
 below). It is written atomically and read without pickle. A :class:`PruneIndex` joins the indexes of
 many shards: global position = order of the shards given, then tar order.
+
+Format versions: 2 added the ``checksum`` column (``xxh3_64`` of each sample's byte range, see
+:mod:`rsprune_data.integrity`) and the ``checksum`` metadata naming its algorithm. Version-1
+indexes are still read, without checksums: their samples are checked by key only, and loading
+them warns once per process with the command that upgrades them (``rsprune-data index`` treats
+a version-1 index as not current and rewrites it, same kind, no ``--overwrite`` needed). An index
+written without a ``checksum`` array (hand-made, tests) has ``checksum = "none"`` and is read the
+same way.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
 from itertools import pairwise
@@ -36,7 +45,8 @@ if TYPE_CHECKING:
 
 # --- schema --------------------------------------------------------------------------------------
 FORMAT_NAME = "rsprune-index"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", FORMAT_VERSION)  # version 1: no checksum column (module docstring)
 INDEX_SUFFIX = ".rsidx.safetensors"
 SAMPLE_TENSORS: dict[str, type[np.generic]] = {  # one value per sample, in tar order
     "entropy": np.float32,  # Stage I luma entropy in bits
@@ -47,16 +57,19 @@ SAMPLE_TENSORS: dict[str, type[np.generic]] = {  # one value per sample, in tar 
     "reason": np.uint8,  # 0 = ok, c > 0 = reasons[c - 1] (the "reasons" metadata list)
     "offset": np.int64,  # byte range of the sample in the tar (tario.TarSample)
     "length": np.int64,
+    "checksum": np.uint64,  # xxh3_64 of those bytes (integrity.checksum); 0 when "checksum" = none
 }
 # All keys' utf-8 (surrogateescape) bytes back to back: key i = key_bytes[off[i] : off[i + 1]].
 KEY_TENSORS: dict[str, type[np.generic]] = {"key_bytes": np.uint8, "key_offsets": np.int64}
 # Metadata, all str. write_index fills in format, version, num_samples and a default created_by;
-# shard_metadata(shard) gives the four shard_* fields.
+# shard_metadata(shard) gives the four shard_* fields. write_index also sets "checksum" (the
+# algorithm, or "none" without a checksum array); version-1 files lack it.
 METADATA_KEYS = (
     *("format", "version", "shard", "shard_size", "shard_mtime_ns", "shard_fingerprint"),
     *("encoder", "centroids_digest", "num_clusters", "num_samples", "reasons", "created_by"),
 )
-MUST_AGREE = ("version", "encoder", "centroids_digest", "num_clusters", "entropy_mode")  # across shards
+# across shards; versions 1 and 2 mix (a shard's checksums are used where it has them)
+MUST_AGREE = ("encoder", "centroids_digest", "num_clusters", "entropy_mode")
 FINGERPRINT_BYTES = 64 * 1024
 FINGERPRINT_BLOCKS = 32
 _SCHEMA = {**SAMPLE_TENSORS, **KEY_TENSORS}
@@ -149,10 +162,16 @@ def write_index(path: _PathLike, arrays: Mapping[str, Any], metadata: Mapping[st
     """
     from safetensors.numpy import save
 
+    from .integrity import CHECKSUM, NO_CHECKSUM
+
     n = len(arrays["entropy"]) if "entropy" in arrays else 0
+    has_sums = "checksum" in arrays
+    if not has_sums:
+        arrays = {**arrays, "checksum": np.zeros(n, np.uint64)}
     out = {k: np.ascontiguousarray(arrays.get(k, ()), dtype=dt) for k, dt in _SCHEMA.items()}
     meta = {"created_by": "rsprune_data", **metadata}
-    meta.update(format=FORMAT_NAME, version=FORMAT_VERSION, num_samples=str(n))
+    meta.update(format=FORMAT_NAME, version=FORMAT_VERSION, num_samples=str(n),
+                checksum=CHECKSUM if has_sums else NO_CHECKSUM)
     try:
         _check_arrays(out, meta, path)
     except IndexCorruptError as exc:
@@ -212,10 +231,10 @@ def _checked(meta: Mapping[str, str] | None, path: Path) -> dict[str, str]:
     meta = meta or {}
     if meta.get("format") != FORMAT_NAME:
         raise IndexMismatchError(f"{path} is not an rsprune index (format={meta.get('format')!r})")
-    if meta.get("version") != FORMAT_VERSION:
+    if meta.get("version") not in READABLE_VERSIONS:
         raise IndexMismatchError(f"index {path} has format version {meta.get('version')!r}, this "
-                                 f"rsprune_data reads {FORMAT_VERSION}: run `rsprune-data index` "
-                                 "again or upgrade rsprune_data")
+                                 f"rsprune_data reads {list(READABLE_VERSIONS)}: run "
+                                 "`rsprune-data index` again or upgrade rsprune_data")
     return dict(meta)
 
 
@@ -237,11 +256,15 @@ def read_index(path: _PathLike) -> tuple[dict[str, NDArray[Any]], dict[str, str]
         IndexCorruptError: a tensor is missing or has the wrong dtype, length or values, or the
             metadata is incomplete; the message names the file, the field and the fix.
         IndexMismatchError: not an rsprune index, or another format version.
+
+    ``checksum`` is left out when the file has none (version 1, or ``checksum = "none"``), so
+    that writing the arrays back does not turn zeros into checksums.
     """
     p = Path(path)
     with _open(p) as f:
         meta = _metadata(f, p)
-        arrays = _tensors(f, _SCHEMA, p)
+        names = {k: dt for k, dt in _SCHEMA.items() if k != "checksum" or has_checksums(meta)}
+        arrays = _tensors(f, names, p, meta)
     _validate(arrays, meta, p)
     return arrays, meta
 
@@ -253,7 +276,7 @@ def read_columns(path: _PathLike, names: Sequence[str]) -> tuple[dict[str, NDArr
     p = Path(path)
     with _open(p) as f:
         meta = _metadata(f, p)
-        arrays = _tensors(f, {k: SAMPLE_TENSORS[k] for k in names}, p)
+        arrays = _tensors(f, {k: SAMPLE_TENSORS[k] for k in names}, p, meta)
     _validate(arrays, meta, p)
     return arrays, meta
 
@@ -262,13 +285,16 @@ def _metadata(f: Any, path: Path) -> dict[str, str]:
     return check.check_metadata(_checked(f.metadata(), path), METADATA_KEYS, path)
 
 
-def _tensors(f: Any, names: Mapping[str, type[np.generic]], path: Path) -> dict[str, NDArray[Any]]:
-    """The tensors ``names`` of an open file; a missing one is an :class:`IndexCorruptError`."""
+def _tensors(f: Any, names: Mapping[str, type[np.generic]], path: Path,
+             meta: Mapping[str, str]) -> dict[str, NDArray[Any]]:
+    """The tensors ``names`` of an open file; a missing one is an :class:`IndexCorruptError`
+    (except ``checksum`` of a version-1 file, which has none: zeros, see :func:`_tensor`)."""
     present = set(f.keys())
-    missing = [k for k in names if k not in present]
+    v1 = meta.get("version") == "1"
+    missing = [k for k in names if k not in present and not (k == "checksum" and v1)]
     if missing:
         raise check.corrupt(path, missing[0], f"is missing (all missing: {missing})")
-    return {k: f.get_tensor(k) for k in names}
+    return {k: _tensor(f, k, meta) for k in names}
 
 
 def _check_shapes(arrays: Mapping[str, NDArray[Any]], meta: Mapping[str, str],
@@ -286,6 +312,35 @@ def _validate(arrays: Mapping[str, NDArray[Any]], meta: Mapping[str, str], path:
     check.check_values(arrays, meta, path)
     if "key_bytes" in arrays and "key_offsets" in arrays:
         check.check_keys(arrays["key_bytes"], arrays["key_offsets"], n, path)
+
+
+def _tensor(f: Any, name: str, meta: Mapping[str, str]) -> NDArray[Any]:
+    if name == "checksum" and meta.get("version") == "1":
+        return np.zeros(int(meta["num_samples"]), np.uint64)  # version 1 has no checksums
+    return f.get_tensor(name)  # type: ignore[no-any-return]
+
+
+def has_checksums(meta: Mapping[str, str]) -> bool:
+    """Whether an index (its metadata) carries per-sample checksums the loaders can verify."""
+    from .integrity import CHECKSUM
+
+    return meta.get("checksum") == CHECKSUM
+
+
+_warned_unchecked = False
+
+
+def _warn_unchecked(shards: Sequence[str], total: int) -> None:
+    global _warned_unchecked
+    if _warned_unchecked or not shards:
+        return
+    _warned_unchecked = True  # once per process: workers reload the index, one line is enough
+    warnings.warn(
+        f"{len(shards)} of {total} shard indexes (first: {shards[0]}) have no per-sample "
+        "checksums (format version 1 or written without them): the loaders check their keys but "
+        "cannot detect changed bytes. Run `rsprune-data index <shards> ...` again to add them "
+        "(same arguments; version-1 indexes are rewritten, others need --force).",
+        UserWarning, stacklevel=3)
 
 
 # --- many files ----------------------------------------------------------------------------------
@@ -328,7 +383,8 @@ class PruneIndex:
     ``s = shard_ids[i]``.
     Arrays: ``entropy``, ``nodata``, ``similarity`` (float32), ``cluster_ids`` (int16, -1 = none),
     ``valid`` (bool), ``reason`` (uint8; ``reasons[code]`` names it, ``reasons[0] == "ok"``),
-    ``offsets``/``lengths`` (int64 byte ranges in the tar). ``keys`` are read on first access.
+    ``offsets``/``lengths`` (int64 byte ranges in the tar), ``checksums`` (uint64 xxh3_64 of each
+    range, real where ``checksummed[shard]``). ``keys`` are read on first access.
     ``fingerprint`` digests the shard fingerprints, encoder, centroids, K and the sample count.
 
     Example:
@@ -348,9 +404,15 @@ class PruneIndex:
         self.reason: NDArray[np.uint8] = columns["reason"]
         self.offsets: NDArray[np.int64] = columns["offset"]
         self.lengths: NDArray[np.int64] = columns["length"]
+        self.checksums: NDArray[np.uint64] = (
+            columns["checksum"] if "checksum" in columns else np.zeros(len(self.entropy), np.uint64))
         self.shard_starts = shard_starts
         self.shards, self.index_paths = list(shards), list(index_paths)
         self.metadata, self.reasons = [dict(m) for m in metadata], list(reasons)
+        #: per shard: whether its ``checksums`` are real (see :func:`has_checksums`)
+        self.checksummed: NDArray[np.bool_] = np.array(
+            [has_checksums(m) for m in self.metadata] if len(self.metadata) == len(self.shards)
+            else [False] * len(self.shards), dtype=bool)
         self.encoder: str = self.metadata[0].get("encoder", "")
         self.centroids_digest: str = self.metadata[0].get("centroids_digest", "")
         self.num_clusters: int = int(self.metadata[0].get("num_clusters", "0"))
@@ -374,12 +436,15 @@ class PruneIndex:
     @property
     def keys(self) -> KeyList:
         """The ``__key__`` of every sample (read from the index files on first access)."""
+        if self._keys is None and not self.index_paths:  # in memory without keys: none to check
+            self._keys = KeyList(np.zeros(0, np.uint8), np.zeros(1, np.int64))
         if self._keys is None:
             data, offsets, base = [np.zeros(0, np.uint8)], [np.zeros(1, np.int64)], 0
             for path, n in zip(self.index_paths, np.diff(self.shard_starts), strict=True):
                 with _open(path) as f:
-                    now = int(_metadata(f, path)["num_samples"])
-                    kb, ko = _tensors(f, KEY_TENSORS, path).values()
+                    meta = _metadata(f, path)
+                    now = int(meta["num_samples"])
+                    kb, ko = _tensors(f, KEY_TENSORS, path, meta).values()
                 if now != n:
                     raise StaleIndexError(f"index {path} changed since it was loaded: load again")
                 check.check_keys(kb, ko, int(n), path)
@@ -435,7 +500,7 @@ class PruneIndex:
                            if why != _MISSING else "pass its current path (index files with "
                            "index_dir=...), or check_stale=False to use the index alone")
                     raise StaleIndexError(f"index {path} is stale: {why}; {fix}")
-                mine = _tensors(f, SAMPLE_TENSORS, path)
+                mine = _tensors(f, SAMPLE_TENSORS, path, meta)
             _check_shapes(mine, meta, path)  # values: below, once over all shards
             for k in cols:
                 cols[k].append(mine[k])
@@ -453,6 +518,8 @@ class PruneIndex:
                 lut = np.array([0] + [reasons.index(r) for r in names_s], dtype=np.uint8)
                 part = slice(int(starts[s]), int(starts[s + 1]))
                 joined["reason"][part] = lut[joined["reason"][part]]
+        _warn_unchecked([s for s, m in zip(names, metas, strict=True) if not has_checksums(m)],
+                        len(names))
         return cls(joined, starts, metas, shards=names, index_paths=paths, reasons=reasons)
 
     @classmethod

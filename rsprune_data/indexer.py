@@ -1,23 +1,30 @@
 """The offline indexer: tar shards -> one ``<shard>.rsidx.safetensors`` per shard.
 
 Per sample, in tar order: entropy and no-data share (Stage I), nearest reference cluster and its
-cosine similarity (Stage II), validity with a reason, byte range and key. Everything expensive
-happens here, once; selection at load time only reads these arrays.
+cosine similarity (Stage II), validity with a reason, byte range, key and a checksum of the byte
+range. Everything expensive happens here, once; selection at load time only reads these arrays.
 
 How the work flows (shapes between stages)::
 
     pending shards (this rank's share, not yet indexed)
-      -> DataLoader workers, one shard at a time each:
-         iter_tar_samples -> (TarSample, {ext: bytes})
-         -> images.analyze -> entropy, nodata, rgb | CorruptImageError(reason)
-         -> encoder.preprocess(rgb) -> [3, S, S]
-         chunks of <= batch_size samples: arrays [n] + images [m, 3, S, S] (m valid)
+      -> supervised worker processes, one shard at a time each (:mod:`rsprune_data._supervisor`):
+         _index_work.shard_chunks -> chunks of SampleRow + images [m, 3, S, S] (m valid)
       -> main process: encoder.encode -> [m, d]; centroids.assign -> cluster id, similarity
       -> when a shard's last chunk arrives: write_index (atomic)
 
+Failures stay local: an image that cannot be decoded is an invalid sample with a reason; a shard
+that cannot be indexed (damaged or forged tar headers, MemoryError, a worker killed by SIGKILL or
+the OOM killer, ENOSPC/EROFS when writing its index, a shard replaced while it was read, anything
+unexpected) is listed as FAILED with the reason in the summary and in :meth:`IndexReport.to_dict`
+(``--report-json``), the other shards complete, and the CLI exits 1.
+
 Resume: an index is written only when its shard is complete, atomically, so a killed run leaves
 either a finished index or none; a rerun skips every shard whose index is current (same shard
-size, mtime or fingerprint, encoder and centroids) and gives an identical result.
+size, mtime or fingerprint, encoder and centroids, format version) and so retries exactly the
+failed and missing shards, with an identical result.
+Consent: a run never replaces an index of another kind (other encoder, centroids or K, entropy-only
+over embeddings, another entropy mode) unless ``overwrite=True`` (``--overwrite``); without it it
+refuses before any work, naming what it would replace (:class:`~rsprune_data.errors.OverwriteError`).
 Scale-out: rank ``r`` of ``R`` (``--rank/--world-size`` or ``torchrun``'s environment) takes shards
 ``r, r + R, ...`` of the list given, so ranks never share a shard and need no coordination.
 """
@@ -34,32 +41,40 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
-from torch.utils.data import IterableDataset
 
 from . import index as idx
+from ._index_work import NO_IMAGE, Job, SampleRow, describe, shard_chunks
+from ._supervisor import Died, supervised
 from ._validate import check_int, check_rgb_bands
-from .errors import CorruptImageError, IndexMismatchError, ShardError
-from .images import analyze, pick_image_member
-from .tario import iter_tar_samples
+from .errors import IndexMismatchError, OverwriteError, StaleIndexError
+from .images import DEFAULT_DECODE_BUDGET
 from .world import distributed_rank
 
 if TYPE_CHECKING:
     from .centroids import Centroids
     from .encoders import Encoder
 
-NO_IMAGE = "no_image"
+__all__ = ["NO_IMAGE", "IndexReport", "SampleRow", "index_is_current", "index_shards",
+           "shard_share"]
+
 ENTROPY_CHUNK = 2048  # samples per worker message when no encoder runs
+REPORT_FORMAT = "rsprune-index-report"
 
 
 @dataclass
 class IndexReport:
-    """What one indexing run did; ``ok`` is False when any shard failed."""
+    """What one indexing run did; ``ok`` is False when any shard failed.
+
+    ``failed`` maps each failed shard to its reason; ``examples`` keeps, per invalid-sample
+    reason, the first ``"shard key: message"`` seen, so a reason count can be traced to a file.
+    """
 
     indexed: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     samples: int = 0
     invalid: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -73,7 +88,32 @@ class IndexReport:
             reasons = ", ".join(f"{r}: {c}" for r, c in sorted(self.invalid.items()))
             out.append(f"invalid samples (never selected): {sum(self.invalid.values())} ({reasons})")
         out += [f"FAILED {shard}: {why}" for shard, why in self.failed.items()]
+        if self.failed:
+            out.append(f"FAILED {len(self.failed)} shard(s); rerun the same command to retry "
+                       "exactly those (current indexes are skipped)")
         return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data (what ``--report-json`` writes)."""
+        return {"format": REPORT_FORMAT, "version": 1, "ok": self.ok,
+                "indexed": list(self.indexed), "skipped": list(self.skipped),
+                "failed": [{"shard": s, "reason": r} for s, r in self.failed.items()],
+                "samples": self.samples, "invalid": dict(sorted(self.invalid.items())),
+                "invalid_examples": dict(sorted(self.examples.items()))}
+
+    def write_json(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`to_dict` to ``path`` atomically (temp file, fsync, rename)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.to_dict(), f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def shard_share(shards: Sequence[str], rank: int | None = None,
@@ -83,79 +123,49 @@ def shard_share(shards: Sequence[str], rank: int | None = None,
     return list(shards[r::size])
 
 
-@dataclass(frozen=True)
-class _Job:
-    """The picklable part of the work, shipped to DataLoader workers."""
-
-    shards: tuple[str, ...]
-    batch_size: int
-    preprocess: Any  # encoder.preprocess (an ImageTransform) or None for entropy only
-    rgb_bands: tuple[int, int, int]
-    fast_gray: bool = False
+# --- what kind of index a run writes, and what is on disk ----------------------------------------
+def _kind(meta: dict[str, str]) -> dict[str, str]:
+    """The fields that make two indexes of one shard interchangeable (others may extend it)."""
+    return {"encoder": meta.get("encoder", ""), "centroids_digest": meta.get("centroids_digest", ""),
+            "num_clusters": meta.get("num_clusters", "0"),
+            "entropy_mode": meta.get("entropy_mode", "exact")}
 
 
-def _analyze_one(job: _Job, sample: dict[str, bytes]) -> tuple[float, float, Any]:
-    picked = pick_image_member(sample)
-    if picked is None:
-        raise CorruptImageError("sample has no image member", reason=NO_IMAGE)
-    ext, data = picked
-    st = analyze(data, ext, want_rgb=job.preprocess is not None, rgb_bands=job.rgb_bands,
-                 fast_gray=job.fast_gray)
-    image = job.preprocess(st.rgb) if job.preprocess is not None else None
-    return st.entropy, st.nodata, image
+def _describe_kind(kind: dict[str, str]) -> str:
+    if not kind.get("centroids_digest"):
+        return f"entropy-only ({kind.get('entropy_mode', 'exact')})"
+    return (f"encoder {kind['encoder']!r}, centroids {kind['centroids_digest']}, "
+            f"K={kind['num_clusters']}")
 
 
-def _chunks(job: _Job, shard_no: int) -> Iterator[dict[str, Any]]:
-    """Chunks of one shard (see the module docstring); the last has ``done=True``."""
-    import torch
+def _existing_kind(path: Path) -> dict[str, str] | None:
+    """The kind of the index at ``path``; None when there is none worth keeping (absent, partial)."""
+    from safetensors import SafetensorError, safe_open
 
-    rows: list[tuple[str, int, int, float, float, str]] = []
-    images: list[Any] = []
-    start = 0
-
-    def flush(done: bool, error: str | None = None) -> dict[str, Any]:
-        nonlocal rows, images, start
-        chunk = {"shard": shard_no, "start": start, "rows": rows, "done": done, "error": error,
-                 "images": torch.stack(images) if images else None}
-        start += len(rows)
-        rows, images = [], []
-        return chunk
-
+    if not path.exists():
+        return None
     try:
-        for ts, sample in iter_tar_samples(job.shards[shard_no]):
-            try:
-                ent, nod, image = _analyze_one(job, sample)
-                reason = ""
-                if image is not None:
-                    images.append(image)
-            except CorruptImageError as exc:
-                ent, nod, reason = 0.0, 0.0, exc.reason
-            rows.append((ts.key, ts.offset, ts.length, ent, nod, reason))
-            if len(rows) >= job.batch_size:
-                yield flush(False)
-    except (ShardError, OSError) as exc:
-        yield flush(True, str(exc))
+        with safe_open(path, framework="np") as f:
+            meta = dict(f.metadata() or {})
+    except (OSError, SafetensorError):
+        return None  # unreadable or cut short: nothing usable to lose
+    if meta.get("format") != idx.FORMAT_NAME or meta.get("version") not in idx.READABLE_VERSIONS:
+        return {"format": f"{meta.get('format')!r} version {meta.get('version')!r}"}
+    return _kind(meta)
+
+
+def _check_overwrite(todo: list[tuple[str, Path]], ours: dict[str, str]) -> None:
+    clashes = [(out, k) for _, out in todo if (k := _existing_kind(out)) is not None and k != ours]
+    if not clashes:
         return
-    yield flush(True)
-
-
-class _ShardStream(IterableDataset[dict[str, Any]]):
-    """IterableDataset of chunks; worker ``w`` of ``W`` takes shards ``w, w + W, ...``."""
-
-    def __init__(self, job: _Job) -> None:
-        super().__init__()
-        self.job = job
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        from .world import worker_info
-
-        w, nw = worker_info()
-        for shard_no in range(w, len(self.job.shards), nw):
-            yield from _chunks(self.job, shard_no)
-
-
-def _identity(x: Any) -> Any:
-    return x
+    shown = "; ".join(f"{out} ({k['format'] if 'format' in k else _describe_kind(k)})"
+                      for out, k in clashes[:3])
+    more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
+    raise OverwriteError(
+        f"indexing would replace {len(clashes)} index(es) of another kind with "
+        f"{_describe_kind(ours)} indexes: {shown}{more}. Pass --overwrite (overwrite=True) to "
+        "replace them, --index-dir DIR to write the new indexes elsewhere, or the same "
+        "--centroids/--encoder to keep them")
 
 
 def index_is_current(shard: str, index_path: Path, *, encoder: str, centroids_digest: str,
@@ -176,40 +186,44 @@ def index_is_current(shard: str, index_path: Path, *, encoder: str, centroids_di
     return not idx.shard_is_stale(shard, meta)
 
 
+# --- writing one shard's index ---------------------------------------------------------------------
 @dataclass
 class _Pending:
-    rows: list[tuple[str, int, int, float, float, str]] = field(default_factory=list)
+    rows: list[SampleRow] = field(default_factory=list)
     cluster: list[NDArray[np.int16]] = field(default_factory=list)
     similarity: list[NDArray[np.float32]] = field(default_factory=list)
 
 
-def _finish(shard: str, out: Path, pending: _Pending, *, encoder_id: str,
+def _finish(shard: str, out: Path, pending: _Pending, before: dict[str, str], *, encoder_id: str,
             centroids: Centroids | None, entropy_mode: str) -> Counter[str]:
     rows = pending.rows
     n = len(rows)
-    reasons = Counter(r[5] for r in rows if r[5])
+    why = idx.shard_is_stale(shard, before)
+    if why:  # changed after the worker's own check, before the index is written
+        raise StaleIndexError(f"{why} while being indexed: run `rsprune-data index` again")
+    reasons = Counter(r.reason for r in rows if r.reason)
     reason_names = sorted(reasons)
     code = {name: i + 1 for i, name in enumerate(reason_names)}
-    valid = np.array([not r[5] for r in rows], dtype=bool)
+    valid = np.array([not r.reason for r in rows], dtype=bool)
     cluster = np.full(n, -1, dtype=np.int16)
     sim = np.zeros(n, dtype=np.float32)
     if centroids is not None and pending.cluster:
         cluster[valid] = np.concatenate(pending.cluster)
         sim[valid] = np.concatenate(pending.similarity)
-    keys = [r[0] for r in rows]
     arrays = {
-        "entropy": np.array([r[3] for r in rows], dtype=np.float32),
-        "nodata": np.array([r[4] for r in rows], dtype=np.float32),
+        "entropy": np.array([r.entropy for r in rows], dtype=np.float32),
+        "nodata": np.array([r.nodata for r in rows], dtype=np.float32),
         "cluster_id": cluster,
         "similarity": sim,
         "valid": valid.astype(np.uint8),
-        "reason": np.array([code.get(r[5], 0) for r in rows], dtype=np.uint8),
-        "offset": np.array([r[1] for r in rows], dtype=np.int64),
-        "length": np.array([r[2] for r in rows], dtype=np.int64),
-        **idx.encode_keys(keys),
+        "reason": np.array([code.get(r.reason, 0) for r in rows], dtype=np.uint8),
+        "offset": np.array([r.offset for r in rows], dtype=np.int64),
+        "length": np.array([r.length for r in rows], dtype=np.int64),
+        "checksum": np.array([r.checksum for r in rows], dtype=np.uint64),
+        **idx.encode_keys([r.key for r in rows]),
     }
     meta = {
-        **idx.shard_metadata(shard),
+        **before,
         "encoder": encoder_id,
         "centroids_digest": centroids.digest if centroids is not None else "",
         "num_clusters": str(centroids.centroids.shape[0] if centroids is not None else 0),
@@ -219,6 +233,24 @@ def _finish(shard: str, out: Path, pending: _Pending, *, encoder_id: str,
     }
     idx.write_index(out, arrays, meta)
     return reasons
+
+
+def _is_last(chunk: Any) -> bool:
+    return bool(chunk["done"])
+
+
+def _run(job: Job, numbers: list[int], workers: int) -> Iterator[dict[str, Any]]:
+    """Chunks of every shard in ``numbers``; a dead worker's shard ends with an error chunk."""
+    if workers == 0:
+        for no in numbers:
+            yield from shard_chunks(job, no)
+        return
+    for no, msg in supervised(shard_chunks, job, numbers, workers, _is_last):
+        if isinstance(msg, Died):
+            yield {"shard": no, "rows": [], "images": None, "examples": {}, "done": True,
+                   "error": msg.reason(), "meta": None}
+        else:
+            yield msg
 
 
 def index_shards(
@@ -233,7 +265,9 @@ def index_shards(
     world_size: int | None = None,
     rgb_bands: tuple[int, int, int] = (0, 1, 2),
     force: bool = False,
+    overwrite: bool = False,
     fast_gray: bool = False,
+    decode_budget: int | None = DEFAULT_DECODE_BUDGET,
     progress: bool = True,
 ) -> IndexReport:
     """Index this rank's share of ``shards`` (see the module docstring).
@@ -243,21 +277,31 @@ def index_shards(
         centroids: reference centroids; ``None`` writes entropy-only indexes (no Stage II).
         encoder: the encoder the centroids were built with (required with ``centroids``).
         index_dir: where to write indexes (default: beside each shard).
-        workers: DataLoader worker processes decoding images (0 = in this process).
+        workers: supervised worker processes decoding images (0 = in this process, where a
+            killed decoder takes the run with it).
         batch_size: samples per chunk, and so per encoder batch (entropy-only indexes send at
             least :data:`ENTROPY_CHUNK` samples per chunk).
         rank, world_size: override the distributed rank (see :func:`shard_share`).
         rgb_bands: the bands that make RGB for the encoder in multi-band GeoTIFFs.
         force: index again even when an index is current.
+        overwrite: allow replacing indexes of another kind (other encoder, centroids, K or
+            entropy mode); without it such a run raises before any work.
         fast_gray: entropy-only indexes: decode JPEGs straight to libjpeg's Y channel, about 2x
             faster but not equal to PIL's luma (see :mod:`rsprune_data.images`); recorded in the
             index metadata as ``entropy_mode``. Ignored with centroids (the RGB decode is needed).
+        decode_budget: bytes of decoded raster per image (``images.DEFAULT_DECODE_BUDGET``);
+            larger images are decoded at reduced resolution or recorded as ``too_large``.
         progress: show a tqdm bar over samples.
 
     Returns:
-        An :class:`IndexReport`; corrupt images are counted there, failed shards listed by name.
+        An :class:`IndexReport`; corrupt images are counted there, failed shards listed by name
+        with their reason.
+
+    Raises:
+        OverwriteError: indexes of another kind would be replaced and ``overwrite`` is False.
+        IndexMismatchError, ConfigError: bad arguments (before any work).
     """
-    from torch.utils.data import DataLoader
+    import torch
     from tqdm.auto import tqdm
 
     from .centroids import assign
@@ -274,6 +318,8 @@ def index_shards(
     workers = check_int("workers", workers, 0)
     batch_size = check_int("batch_size", batch_size, 1)
     rgb_bands = check_rgb_bands(rgb_bands)  # here, not in a decoding worker
+    if decode_budget is not None:
+        decode_budget = check_int("decode_budget", decode_budget, 1)
     names = [os.fspath(s) for s in shards]
     idx.check_distinct_index_paths(names, [idx.index_path_for(s, index_dir) for s in names])
     encoder_id = encoder.name if (encoder is not None and centroids is not None) else ""
@@ -289,41 +335,61 @@ def index_shards(
             report.skipped.append(shard)
         else:
             todo.append((shard, out))
-    if not todo:
+    if not overwrite:
+        k = centroids.centroids.shape[0] if centroids is not None else 0
+        _check_overwrite(todo, {"encoder": encoder_id, "centroids_digest": digest,
+                                "num_clusters": str(k), "entropy_mode": mode})
+    ready: list[tuple[str, Path]] = []
+    for shard, out in todo:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            idx.remove_stale_temporaries(out)
+        except OSError as exc:  # a read-only or missing index folder fails this shard, by name
+            report.failed[shard] = f"cannot prepare its index folder {out.parent}: {describe(exc)}"
+            continue
+        ready.append((shard, out))
+    if not ready:
         return report
-    for _, out in todo:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        idx.remove_stale_temporaries(out)
     preprocess = encoder.preprocess if centroids is not None and encoder is not None else None
     # entropy-only chunks carry no images: large chunks keep the per-chunk IPC off the hot path
-    chunk = batch_size if preprocess is not None else max(batch_size, ENTROPY_CHUNK)
-    job = _Job(tuple(s for s, _ in todo), chunk, preprocess, rgb_bands, fast_gray)
-    nw = min(workers, len(todo))
-    loader = DataLoader(_ShardStream(job), batch_size=None, num_workers=nw, collate_fn=_identity,
-                        prefetch_factor=4 if nw else None)
+    chunk_size = batch_size if preprocess is not None else max(batch_size, ENTROPY_CHUNK)
+    job = Job(tuple(s for s, _ in ready), chunk_size, preprocess, rgb_bands, fast_gray,
+              decode_budget)
     pending: dict[int, _Pending] = {}
-    bar = tqdm(total=None, unit="img", desc=f"index 0/{len(todo)} shards", disable=not progress)
-    for chunk in loader:
+    broken: set[int] = set()  # shards whose main-process work failed; their later chunks are dropped
+    bar = tqdm(total=None, unit="img", desc=f"index 0/{len(ready)} shards", disable=not progress)
+    for chunk in _run(job, list(range(len(ready))), min(workers, len(ready))):
         no = chunk["shard"]
-        p = pending.setdefault(no, _Pending())
-        p.rows.extend(chunk["rows"])
-        if chunk["images"] is not None and centroids is not None and encoder is not None:
-            emb = encoder.encode(chunk["images"])
-            z, s = assign(emb, centroids.centroids, device=encoder.device)
-            p.cluster.append(z)
-            p.similarity.append(s)
+        shard, out = ready[no]
         bar.update(len(chunk["rows"]))
-        if not chunk["done"]:
+        if no in broken:
             continue
-        shard, out = todo[no]
-        del pending[no]
-        if chunk["error"]:
-            report.failed[shard] = chunk["error"]
-        else:
-            report.invalid += _finish(shard, out, p, encoder_id=encoder_id, centroids=centroids,
-                                      entropy_mode=mode)
-            report.indexed.append(shard)
-            report.samples += len(p.rows)
-        bar.set_description(f"index {len(report.indexed) + len(report.failed)}/{len(todo)} shards")
+        p = pending.setdefault(no, _Pending())
+        try:
+            p.rows.extend(chunk["rows"])
+            for reason, example in chunk["examples"].items():
+                report.examples.setdefault(reason, f"{shard} {example}")
+            if chunk["images"] is not None and centroids is not None and encoder is not None:
+                emb = encoder.encode(torch.from_numpy(chunk["images"]))
+                z, s = assign(emb, centroids.centroids, device=encoder.device)
+                p.cluster.append(z)
+                p.similarity.append(s)
+            if chunk["done"]:
+                del pending[no]
+                if chunk["error"]:
+                    report.failed[shard] = chunk["error"]
+                else:
+                    report.invalid += _finish(shard, out, p, chunk["meta"], encoder_id=encoder_id,
+                                              centroids=centroids, entropy_mode=mode)
+                    report.indexed.append(shard)
+                    report.samples += len(p.rows)
+        except Exception as exc:  # ENOSPC/EROFS writing the index, an encoder error: this shard
+            pending.pop(no, None)
+            if not chunk["done"]:
+                broken.add(no)
+            report.failed[shard] = describe(exc)
+        bar.set_description(f"index {len(report.indexed) + len(report.failed)}/{len(ready)} shards")
     bar.close()
+    report.failed = {s: report.failed[s] for s in names if s in report.failed}  # in shard order
     return report
+

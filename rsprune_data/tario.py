@@ -45,6 +45,7 @@ __all__ = [
     "Readable",
     "TarSample",
     "iter_tar_samples",
+    "iter_tar_samples_raw",
     "parse_sample",
     "read_ranges",
     "scan_tar",
@@ -61,6 +62,9 @@ DEFAULT_MAX_GAP = 64 * 1024
 # One coalesced read never spans more than this (unless a single range is larger), so reading
 # every sample of a shard does not pull the whole shard into memory at once.
 DEFAULT_MAX_BLOCK = 16 * 1024 * 1024
+# Streams are read at most this much per call, so a forged header size (a pax ``size=99999999999999``)
+# ends at EOF as "truncated" instead of asking the allocator for 90 TB in one read.
+_READ_CHUNK = 16 * 1024 * 1024
 
 # WebDataset's own rules (webdataset.tariterators): key/extension split and metadata names.
 _BASE_PLUS_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -377,11 +381,19 @@ class Readable(Protocol):
 
 
 class _Stream:
-    """Forward-only ``read(pos, n)`` over a file object (pipes and HTTP bodies included)."""
+    """Forward-only ``read(pos, n)`` over a file object (pipes and HTTP bodies included).
 
-    def __init__(self, fileobj: Readable) -> None:
+    ``size`` (a local file's length) clamps every read to the file, so a forged size costs
+    nothing; ``record`` keeps the bytes read since the last :meth:`cut`, which returns the exact
+    bytes of one sample's range (what the loaders read back and checksum).
+    """
+
+    def __init__(self, fileobj: Readable, *, size: int | None = None, record: bool = False) -> None:
         self.f = fileobj
         self.pos = 0
+        self.size = size
+        self.record: bytearray | None = bytearray() if record else None
+        self.base = 0  # stream position of record[0]
 
     def read(self, pos: int, n: int) -> bytes:
         while self.pos < pos:  # skip padding or unwanted data by reading it
@@ -391,14 +403,31 @@ class _Stream:
         return self._read(n)
 
     def _read(self, n: int) -> bytes:
-        data = self.f.read(n)
-        while 0 < len(data) < n:  # raw streams may return short reads before EOF
-            more = self.f.read(n - len(data))
+        if self.size is not None:
+            n = max(0, min(n, self.size - self.pos))
+        parts: list[bytes] = []
+        left = n
+        while left > 0:  # raw streams may return short reads before EOF
+            more = self.f.read(min(left, _READ_CHUNK))
             if not more:
                 break
-            data += more
+            parts.append(more)
+            left -= len(more)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
         self.pos += len(data)
+        if self.record is not None:
+            self.record += data
         return data
+
+    def cut(self, offset: int, length: int) -> bytes:
+        """The recorded bytes ``[offset, offset + length)``; forgets everything before their end."""
+        if self.record is None:
+            raise RuntimeError("cut() needs a stream made with record=True")
+        a = offset - self.base
+        out = bytes(self.record[a : a + length])
+        del self.record[: a + length]
+        self.base = offset + length
+        return out
 
 
 def iter_tar_samples(
@@ -424,19 +453,47 @@ def iter_tar_samples(
         >>> for sample, data in iter_tar_samples("shard-000000.tar"):  # doctest: +SKIP
         ...     print(sample.key, sorted(data))
     """
+    for sample, data, _ in _iter_samples(source, name, record=False):
+        yield sample, data
+
+
+def iter_tar_samples_raw(
+    source: str | os.PathLike[str] | Readable, *, name: str | None = None
+) -> Iterator[tuple[TarSample, dict[str, bytes], bytes]]:
+    """Like :func:`iter_tar_samples`, also yielding each sample's raw bytes.
+
+    The third item is exactly ``[sample.offset, sample.offset + sample.length)`` of the tar
+    (headers, data and padding), the range the loaders read back, so a checksum of it taken here
+    is the one they can verify.
+    """
+    yield from _iter_samples(source, name, record=True)
+
+
+def _iter_samples(
+    source: str | os.PathLike[str] | Readable, name: str | None, *, record: bool
+) -> Iterator[tuple[TarSample, dict[str, bytes], bytes]]:
     if isinstance(source, (str, os.PathLike)):
         with open(source, "rb", buffering=1 << 20) as f:
-            yield from iter_tar_samples(f, name=name or os.fspath(source))
+            size = os.fstat(f.fileno()).st_size
+            stream = _Stream(f, size=size, record=record)
+            yield from _samples(stream, name or os.fspath(source))
         return
-    shard = name or str(getattr(source, "name", "<stream>"))
-    stream = _Stream(source)
+    yield from _samples(_Stream(source, record=record),
+                        name or str(getattr(source, "name", "<stream>")))
+
+
+def _samples(stream: _Stream, shard: str) -> Iterator[tuple[TarSample, dict[str, bytes], bytes]]:
     group = _Group(shard)
     data: dict[str, bytes] = {}
+
+    def raw(s: TarSample) -> bytes:
+        return stream.cut(s.offset, s.length) if stream.record is not None else b""
+
     for member in _walk(stream.read, shard):
         _, mname, off, size, regular = member
         split = split_key_ext(mname) if regular else None
         if split is not None and (done := group.add(split[0], split[1], member)):
-            yield done, data
+            yield done, data, raw(done)
             data = {}
         payload = stream.read(off, size)
         if len(payload) < size:
@@ -445,7 +502,7 @@ def iter_tar_samples(
             data[split[1]] = payload
     last = group.close()
     if last is not None:
-        yield last, data
+        yield last, data, raw(last)
 
 
 def parse_sample(

@@ -16,7 +16,9 @@ A webdataset pipeline whose first stage yields the selected samples as the same 
 shard without a selected sample in a worker's span is never opened. Streams (``pipe:``, ``http://``
 and anything else :func:`webdataset.gopen.gopen` opens) are read in one pass and unselected samples
 are dropped by their position in the tar without being decoded; a stream is closed as soon as its
-last selected sample has been read. Every delivered ``__key__`` is checked against the index.
+last selected sample has been read. Every delivered ``__key__`` is checked against the index, and
+with ``verify=True`` (the default) every sample's bytes against its per-sample checksum
+(:func:`rsprune_data.integrity.check_sample`, at the point where the sample is cut out).
 
 **Order and split (one epoch, pure numpy: :func:`epoch_plan`).** Shards are permuted by
 ``rng([seed, epoch])`` (``shuffle_shards``); the global sequence is the selected samples of the
@@ -79,10 +81,11 @@ from ._validate import check_int
 from .config import PruneConfig, Schedule, as_config
 from .errors import ConfigError, StaleIndexError, StateDictError
 from .index import PruneIndex, is_remote
+from .integrity import check_sample
 from .partition import per_rank
 from .state_check import check_wds_state
 from .stream_plan import EpochPlan, epoch_plan, shard_runs, worker_batches
-from .tario import iter_tar_samples, parse_sample, read_ranges
+from .tario import iter_tar_samples_raw, parse_sample, read_ranges
 from .world import World, distributed_rank, get_world
 
 __all__ = ["DEFAULT_MAX_GAP", "EpochPlan", "PrunedWebDataset", "epoch_plan", "worker_batches"]
@@ -130,8 +133,9 @@ class _Source:
 
     def __init__(self, index: PruneIndex, load_args: tuple[Any, ...] | None, config: Any, *,
                  seed: int, shuffle_shards: bool, drop_last: bool, rank: int | None,
-                 world_size: int | None, max_gap: int) -> None:
+                 world_size: int | None, max_gap: int, verify: bool = True) -> None:
         self._index: PruneIndex | None = index
+        self.verify = verify
         self._load_args = load_args  # (shards, index_dir, check_stale) to reload after pickling
         self.seed, self.shuffle_shards, self.drop_last = seed, shuffle_shards, drop_last
         self.max_gap = max_gap
@@ -276,7 +280,7 @@ class _Source:
             url = index.shards[shard]
             part = p.positions[a:b]
             if is_remote(url):
-                samples = self._read_stream(url, part - int(index.shard_starts[shard]))
+                samples = self._read_stream(url, part, int(index.shard_starts[shard]))
             else:
                 samples = self._read_local(url, part)
             for g, sample in zip(part.tolist(), samples, strict=True):
@@ -290,21 +294,32 @@ class _Source:
         path = urlparse(url).path if url.startswith("file:") else url
         offsets = self.index.offsets[part].tolist()
         ranges = list(zip(offsets, self.index.lengths[part].tolist(), strict=True))
-        for off, buf in zip(offsets, read_ranges(path, ranges, max_gap=self.max_gap), strict=True):
+        blobs = read_ranges(path, ranges, max_gap=self.max_gap)
+        for g, off, buf in zip(part.tolist(), offsets, blobs, strict=True):
+            self._verify(g, buf, url, off)
             key, members = parse_sample(buf, off, shard=url)
             yield {"__key__": key, "__url__": url, **members, "__local_path__": path}
 
-    @staticmethod
-    def _read_stream(url: str, wanted: NDArray[np.int64]) -> Iterator[Sample]:
+    def _verify(self, g: int, buf: bytes, url: str, offset: int) -> None:
+        """Checksum of the bytes of global position ``g`` (where the index has checksums)."""
+        index = self.index
+        if self.verify and index.checksummed[index.shard_ids[g]]:
+            keys = self._index_keys()
+            key = keys[g] if keys else f"#{g}"
+            check_sample(buf, int(index.checksums[g]), shard=url, key=key, offset=offset)
+
+    def _read_stream(self, url: str, part: NDArray[np.int64], first: int) -> Iterator[Sample]:
         from webdataset.gopen import gopen
 
-        todo = wanted.tolist()
+        todo = (part - first).tolist()
+        positions = part.tolist()
         stream = gopen(url)
         j = 0
         try:
-            for i, (sample, members) in enumerate(iter_tar_samples(stream, name=url)):
+            for i, (sample, members, raw) in enumerate(iter_tar_samples_raw(stream, name=url)):
                 if i != todo[j]:
                     continue  # dropped by position: never decoded
+                self._verify(positions[j], raw, url, sample.offset)
                 yield {"__key__": sample.key, "__url__": url, **members}
                 j += 1
                 if j == len(todo):
@@ -315,10 +330,14 @@ class _Source:
             raise StaleIndexError(f"stream {url} ended after fewer samples than its index lists: "
                                   "the shard changed since indexing; run `rsprune-data index` again")
 
-    def _check_key(self, g: int, key: str, url: str) -> None:
+    def _index_keys(self) -> Sequence[str]:
         if self._keys is None:
             keys = self.index.keys
             self._keys = keys if len(keys) == len(self.index) else ()
+        return self._keys
+
+    def _check_key(self, g: int, key: str, url: str) -> None:
+        self._index_keys()
         if self._keys and self._keys[g] != key:
             raise StaleIndexError(
                 f"shard {url}: sample {g - int(self.index.shard_starts[self.index.shard_ids[g]])} "
@@ -431,6 +450,9 @@ class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # u
         drop_last: cut the epoch to ``world_size * floor(n / world_size)`` samples instead of
             padding it to ``world_size * ceil(n / world_size)`` by wrapping around.
         check_stale: refuse indexes of local shards that changed since indexing.
+        verify: check every sample's bytes against the per-sample checksum of its index
+            (:mod:`rsprune_data.integrity`); ``False`` saves one hash per sample. Keys are always
+            checked.
         max_gap: byte gap up to which neighbouring samples of a local shard are read by one call
             (default :data:`DEFAULT_MAX_GAP`, 4 KiB).
 
@@ -452,6 +474,7 @@ class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # u
         drop_last: bool = False,
         check_stale: bool = True,
         max_gap: int = DEFAULT_MAX_GAP,
+        verify: bool = True,
     ) -> None:
         super().__init__()
         check_int("seed", seed, 0)
@@ -465,7 +488,8 @@ class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # u
             load_args = (names, index_dir, check_stale)
         self._source = _Source(index, load_args, config, seed=int(seed),
                                shuffle_shards=bool(shuffle_shards), drop_last=bool(drop_last),
-                               rank=rank, world_size=world_size, max_gap=max_gap)
+                               rank=rank, world_size=world_size, max_gap=max_gap,
+                               verify=bool(verify))
         # DataPipeline.invoke (webdataset/pipeline.py) calls a plain callable first stage with no
         # argument and iterates what it returns; every later stage gets the previous iterator.
         self.append(self._source)

@@ -21,6 +21,7 @@ from rsprune_data.datasets import PrunedImageFolder, PrunedShardDataset
 from rsprune_data.errors import ConfigError
 from rsprune_data.images import decode_rgb
 from rsprune_data.index import index_path_for, shard_fingerprint, write_index
+from rsprune_data.integrity import range_checksums
 from rsprune_data.pack import pack_folder
 from rsprune_data.tario import scan_tar
 
@@ -53,6 +54,7 @@ def index_shard(shard: Path, *, seed: int = 0, index_dir: Path | None = None) ->
         "reason": np.zeros(n),
         "offset": [s.offset for s in samples],
         "length": [s.length for s in samples],
+        "checksum": range_checksums(str(shard), [(s.offset, s.length) for s in samples]),
         "key_bytes": np.frombuffer(b"".join(raw), np.uint8),
         "key_offsets": key_offsets,
     }

@@ -20,6 +20,7 @@ from rsprune_data.errors import (
     StaleIndexError,
 )
 from rsprune_data.index import PruneIndex, index_path_for, read_index, read_metadata, write_index
+from rsprune_data.integrity import range_checksums
 from rsprune_data.tario import parse_sample, read_ranges, scan_tar
 
 
@@ -42,6 +43,7 @@ def index_shard(shard: Path, index_dir: Path | None = None, *, centroids: str = 
         "cluster_id": rng.integers(0, 4, n), "similarity": rng.uniform(0, 1, n),
         "valid": np.ones(n, bool), "reason": np.zeros(n, np.uint8),
         "offset": [s.offset for s in samples], "length": [s.length for s in samples],
+        "checksum": range_checksums(str(shard), [(s.offset, s.length) for s in samples]),
         **idx.encode_keys([s.key for s in samples]),
     }
     if reasons and n:
@@ -66,7 +68,7 @@ def test_write_read_round_trip(tmp_path: Path) -> None:
     assert path == tmp_path / "a.tar.rsidx.safetensors"
     arrays, meta = read_index(path)
     assert meta == read_metadata(path)
-    assert (meta["format"], meta["version"], meta["num_samples"]) == ("rsprune-index", "1", "6")
+    assert (meta["format"], meta["version"], meta["num_samples"]) == ("rsprune-index", "2", "6")
     assert meta["shard"] == "a.tar" and meta["shard_size"] == str(shard.stat().st_size)
     for name, dtype in {**idx.SAMPLE_TENSORS, **idx.KEY_TENSORS}.items():
         assert arrays[name].dtype == dtype, name

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from rsprune_data import ConfigError, PruneConfig, StaleIndexError, StateDictError
 from rsprune_data import index as idx
+from rsprune_data.integrity import range_checksums
 from rsprune_data.tario import scan_tar
 from rsprune_data.wds import PrunedWebDataset, epoch_plan, worker_batches
 
@@ -60,6 +61,7 @@ def write_shards(root: Path, counts: list[int], *, seed: int = 0, clusters: int 
                   "cluster_id": rng.integers(0, clusters, n), "similarity": rng.uniform(0, 1, n),
                   "valid": np.ones(n), "reason": np.zeros(n),
                   "offset": [t.offset for t in ts], "length": [t.length for t in ts],
+                  "checksum": range_checksums(str(path), [(t.offset, t.length) for t in ts]),
                   **idx.encode_keys([t.key for t in ts])}
         meta = {**idx.shard_metadata(path), "encoder": "", "centroids_digest": "",
                 "num_clusters": str(clusters), "reasons": json.dumps(["ok"])}
