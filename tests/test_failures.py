@@ -30,7 +30,7 @@ from rsprune_data import PruneConfig, PrunedShardDataset, PrunedWebDataset, Prun
 from rsprune_data import index as idx
 from rsprune_data._index_work import Job, shard_chunks
 from rsprune_data.cli import main as cli_main
-from rsprune_data.errors import ChecksumError, OverwriteError, StaleIndexError
+from rsprune_data.errors import ChecksumError, ConfigError, OverwriteError, StaleIndexError
 from rsprune_data.indexer import index_shards
 
 ALL = PruneConfig(prune_ratio=0.0, entropy_filter="none", max_nodata=None, strategy="entropy")
@@ -355,9 +355,14 @@ def test_map_style_dataset_checks_keys_of_shifted_ranges(tmp_path: Path) -> None
     index_shards(shards, workers=0, progress=False)
     path = idx.index_path_for(shards[0])
     arrays, meta = idx.read_index(path)
-    for k in ("offset", "length", "checksum"):  # ranges (and their checksums) one sample off
-        arrays[k] = np.roll(arrays[k], 1)
-    idx.write_index(path, arrays, meta)
+    rolled = {k: np.roll(arrays[k], 1) for k in ("offset", "length", "checksum")}
+    # ranges one sample off are no longer rising: the index is refused when it is written or read
+    with pytest.raises(ConfigError, match="offset"):
+        idx.write_index(path, {**arrays, **rolled}, meta)
+    # keys one sample off (ranges intact): the dataset compares every key it reads
+    keys = [bytes(arrays["key_bytes"][a:b]).decode() for a, b in
+            zip(arrays["key_offsets"][:-1], arrays["key_offsets"][1:], strict=True)]
+    idx.write_index(path, {**arrays, **idx.encode_keys(keys[1:] + keys[:1])}, meta)
     ds = PrunedShardDataset(shards)
     with pytest.raises(StaleIndexError, match=r"has key .* but the index says .*rsprune-data index"):
         ds[3]
