@@ -31,11 +31,17 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-nodata", type=float, default=None,
                    help="drop samples with more no-data than this share (default 0.05; "
                         "negative disables)")
+    g.add_argument("--where", action="append", default=[], metavar="'COLUMN OP NUMBER'",
+                   help="metadata filter on an index column, e.g. --where 'cloud_cover<=0.1' "
+                        "(OP: < <= > >= == !=; repeat to AND several)")
+    g.add_argument("--max-cloud", type=float, default=None,
+                   help="drop samples whose pixel cloud/haze score exceeds this share (default off)")
 
 
 def config_from_args(a: argparse.Namespace) -> PruneConfig:
     """The :class:`PruneConfig` named by the pruning arguments."""
     from .config import DEFAULT_MAX_NODATA
+    from .filters import parse_clause
 
     max_nodata: float | None = DEFAULT_MAX_NODATA if a.max_nodata is None else a.max_nodata
     if max_nodata is not None and max_nodata < 0:
@@ -43,7 +49,8 @@ def config_from_args(a: argparse.Namespace) -> PruneConfig:
     return PruneConfig(prune_ratio=a.prune_ratio, entropy_keep=a.entropy_keep,
                        entropy_threshold=a.entropy_threshold,
                        entropy_filter="none" if a.no_entropy_filter else "auto",
-                       strategy=a.strategy, seed=a.seed, max_nodata=max_nodata)
+                       strategy=a.strategy, seed=a.seed, max_nodata=max_nodata,
+                       where=tuple(parse_clause(w) for w in a.where), max_cloud=a.max_cloud)
 
 
 def _cmd_pack(a: argparse.Namespace) -> int:
@@ -92,7 +99,8 @@ def _cmd_index(a: argparse.Namespace) -> int:
     report = index_shards(a.shards, centroids=cents, encoder=enc, index_dir=a.index_dir,
                           workers=a.workers, batch_size=a.batch_size, rank=a.rank,
                           world_size=a.world_size, force=a.force, fast_gray=a.fast_gray,
-                          rgb_bands=tuple(a.rgb_bands),
+                          rgb_bands=tuple(a.rgb_bands), image_key=a.image_key,
+                          meta_fields=a.meta or (), cloud_score=not a.no_cloud_score,
                           progress=not a.quiet)
     for line in report.lines():
         print(line, file=sys.stderr if line.startswith("FAILED") else sys.stdout)
@@ -116,8 +124,12 @@ def _cmd_select(a: argparse.Namespace) -> int:
         print(f"samples {summary['samples']:,}  budget {summary['budget']:,} "
               f"(prune ratio {cfg.prune_ratio:g}, strategy {cfg.strategy})")
         nodata = "off" if cfg.max_nodata is None else f"> {cfg.max_nodata:g}"
+        filters = "".join(f"  where {w['filter']} dropped {w['dropped']:,}"
+                          for w in summary["where"])
+        if cfg.max_cloud is not None:
+            filters += f"  cloud/haze (> {cfg.max_cloud:g}) dropped {summary['cloud_dropped']:,}"
         print(f"  invalid {summary['invalid']:,}  no-data ({nodata}) dropped "
-              f"{summary['nodata_dropped']:,}  Stage I ({stage1}) dropped "
+              f"{summary['nodata_dropped']:,}{filters}  Stage I ({stage1}) dropped "
               f"{summary['stage1_dropped']:,}  candidates {summary['candidates']:,}")
         print(f"  kept {summary['selected']:,}  shortfall {summary['shortfall']:,}  clusters "
               f"covered {summary['clusters_covered']}/{summary['clusters_in_pool']} in pool "
@@ -187,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0-based bands that make RGB in multi-band GeoTIFFs (default 0 1 2)")
     p.add_argument("--fast-gray", action="store_true",
                    help="entropy-only: decode JPEG to libjpeg's Y (2x faster, not PIL-exact)")
+    p.add_argument("--image-key", default=None,
+                   help="the member holding the image, e.g. img_content (default: the first "
+                        "jpg/jpeg/png/tif/tiff/npy member)")
+    p.add_argument("--meta", default=None, metavar="FIELD,...",
+                   help="numeric fields of each sample's .json member to store in the index "
+                        "(for --where), e.g. --meta cloud_cover,gsd")
+    p.add_argument("--no-cloud-score", action="store_true",
+                   help="do not compute the pixel cloud/haze score (score.cloud)")
     encoder_args(p)
     p.set_defaults(fn=_cmd_index)
 

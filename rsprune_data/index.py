@@ -48,6 +48,14 @@ METADATA_KEYS = (
     *("format", "version", "shard", "shard_size", "shard_mtime_ns", "shard_fingerprint"),
     *("encoder", "centroids_digest", "num_clusters", "num_samples", "reasons", "created_by"),
 )
+# Optional per-sample columns, beside the core tensors: float32 tensors named "meta.<field>" (a
+# numeric field of the sample's .json member, or a Parquet column packed into it) or
+# "score.<name>" (a pixel score such as score.cloud), NaN = missing. The "columns" metadata entry
+# (JSON) describes each: {name: {"dtype": "float32", "version": "1", "source": "..."}}; an index
+# without it has no optional columns (files written before they existed read as such).
+OPTIONAL_PREFIXES = ("meta.", "score.")
+OPTIONAL_DTYPE = np.float32
+COLUMNS_KEY = "columns"
 MUST_AGREE = ("version", "encoder", "centroids_digest", "num_clusters", "entropy_mode")  # across shards
 FINGERPRINT_BYTES = 64 * 1024
 FINGERPRINT_BLOCKS = 32
@@ -131,8 +139,16 @@ def encode_keys(keys: Sequence[str]) -> dict[str, NDArray[Any]]:
 
 
 # --- one file ------------------------------------------------------------------------------------
+def column_info(source: str, version: str = "1") -> dict[str, str]:
+    """The ``columns`` metadata entry of one optional column (see the schema above)."""
+    return {"dtype": np.dtype(OPTIONAL_DTYPE).name, "version": version, "source": source}
+
+
 def write_index(path: _PathLike, arrays: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
     """Check and write one shard index atomically: temp file in the same folder, fsync, rename.
+
+    Optional columns (``meta.*``, ``score.*``) in ``arrays`` must be described, each of them and
+    nothing else, by the JSON ``columns`` metadata entry (:func:`column_info`).
 
     Raises:
         ConfigError: a tensor or metadata field is missing or inconsistent (the message names it).
@@ -144,6 +160,7 @@ def write_index(path: _PathLike, arrays: Mapping[str, Any], metadata: Mapping[st
     meta = {"created_by": "rsprune_data", **metadata}
     meta.update(format=FORMAT_NAME, version=FORMAT_VERSION, num_samples=str(n))
     _check_arrays(out, meta, path)
+    out.update(_optional_arrays(arrays, meta, n, path))
     lossy = [k for k in ("cluster_id", "valid", "reason")
              if not np.array_equal(out[k], arrays.get(k, ()))]
     if lossy:
@@ -160,6 +177,39 @@ def write_index(path: _PathLike, arrays: Mapping[str, Any], metadata: Mapping[st
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _optional_arrays(arrays: Mapping[str, Any], meta: Mapping[str, str], n: int,
+                     path: object) -> dict[str, NDArray[Any]]:
+    names = sorted(k for k in arrays if k.startswith(OPTIONAL_PREFIXES))
+    described = _column_infos(meta, path)
+    if sorted(described) != names:
+        raise ConfigError(f"index {path}: optional columns {names} must match the `columns` "
+                          f"metadata {sorted(described)}: use column_info(source) for each")
+    out = {k: np.ascontiguousarray(arrays[k], dtype=OPTIONAL_DTYPE) for k in names}
+    wrong = [k for k, v in out.items() if v.shape != (n,)]
+    if wrong:
+        raise ConfigError(f"index {path}: optional columns {wrong} must have num_samples={n} values")
+    return out
+
+
+def _column_infos(meta: Mapping[str, str], path: object) -> dict[str, dict[str, str]]:
+    raw = meta.get(COLUMNS_KEY)
+    if raw is None:
+        return {}
+    try:
+        infos = json.loads(raw)
+    except ValueError:
+        infos = None
+    ok = isinstance(infos, dict) and all(
+        isinstance(k, str) and k.startswith(OPTIONAL_PREFIXES) and isinstance(v, dict)
+        and v.get("dtype") == np.dtype(OPTIONAL_DTYPE).name and isinstance(v.get("version"), str)
+        for k, v in infos.items())
+    if not ok:
+        raise IndexMismatchError(f"index {path}: `columns` metadata {raw!r} is not a JSON object of "
+                                 "meta.*/score.* names -> {dtype: float32, version, source}: "
+                                 "run `rsprune-data index --force` again")
+    return dict(infos)
 
 
 def remove_stale_temporaries(path: _PathLike) -> None:
@@ -220,9 +270,11 @@ def read_metadata(path: _PathLike) -> dict[str, str]:
 
 
 def read_index(path: _PathLike) -> tuple[dict[str, NDArray[Any]], dict[str, str]]:
-    """Every tensor and the metadata of one index file."""
+    """Every tensor (optional columns included) and the metadata of one index file."""
     with _open(Path(path)) as f:
-        return {k: f.get_tensor(k) for k in _SCHEMA}, _checked(f.metadata(), Path(path))
+        meta = _checked(f.metadata(), Path(path))
+        names = [*_SCHEMA, *sorted(_column_infos(meta, path))]
+        return {k: f.get_tensor(k) for k in names}, meta
 
 
 # --- many files ----------------------------------------------------------------------------------
@@ -266,7 +318,11 @@ class PruneIndex:
     Arrays: ``entropy``, ``nodata``, ``similarity`` (float32), ``cluster_ids`` (int16, -1 = none),
     ``valid`` (bool), ``reason`` (uint8; ``reasons[code]`` names it, ``reasons[0] == "ok"``),
     ``offsets``/``lengths`` (int64 byte ranges in the tar). ``keys`` are read on first access.
-    ``fingerprint`` digests the shard fingerprints, encoder, centroids, K and the sample count.
+    ``columns``: the optional per-sample columns (``meta.<field>``, ``score.<name>``; float32,
+    NaN = missing), each joined over all shards; a shard indexed without a column contributes NaN
+    for it. ``column_info`` describes them (dtype, version, source).
+    ``fingerprint`` digests the shard fingerprints, encoder, centroids, K and the sample count
+    (and the optional columns' names and versions, when there are any).
 
     Example:
         >>> index = PruneIndex.load("shards/shard-{000000..000099}.tar")  # doctest: +SKIP
@@ -276,7 +332,8 @@ class PruneIndex:
     def __init__(self, columns: Mapping[str, NDArray[Any]], shard_starts: NDArray[np.int64],
                  metadata: Sequence[Mapping[str, str]], *, shards: Sequence[str],
                  index_paths: Sequence[Path] = (), reasons: Sequence[str] = ("ok",),
-                 keys: KeyList | None = None) -> None:
+                 keys: KeyList | None = None,
+                 column_info: Mapping[str, Mapping[str, str]] | None = None) -> None:
         self.entropy: NDArray[np.float32] = columns["entropy"]
         self.nodata: NDArray[np.float32] = columns["nodata"]
         self.cluster_ids: NDArray[np.int16] = columns["cluster_id"]
@@ -292,8 +349,15 @@ class PruneIndex:
         self.centroids_digest: str = self.metadata[0].get("centroids_digest", "")
         self.num_clusters: int = int(self.metadata[0].get("num_clusters", "0"))
         self._keys = keys
+        self.columns: dict[str, NDArray[np.float32]] = {
+            k: np.asarray(v, dtype=OPTIONAL_DTYPE) for k, v in columns.items()
+            if k.startswith(OPTIONAL_PREFIXES)}
+        self.column_info: dict[str, dict[str, str]] = {
+            k: dict((column_info or {}).get(k, column_info_default(k))) for k in self.columns}
         parts = [m.get("shard_fingerprint", "") for m in self.metadata]
         parts += [self.encoder, self.centroids_digest, str(self.num_clusters), str(len(self))]
+        if self.columns:  # absent columns leave the fingerprint of older indexes unchanged
+            parts += [f"{k}:{v['version']}" for k, v in sorted(self.column_info.items())]
         self.fingerprint: str = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
     def __len__(self) -> int:
@@ -358,6 +422,8 @@ class PruneIndex:
         names, paths = _resolve(shards, index_dir)
         metas: list[dict[str, str]] = []
         cols: dict[str, list[NDArray[Any]]] = {k: [] for k in SAMPLE_TENSORS}
+        optional: list[dict[str, NDArray[Any]]] = []
+        infos: dict[str, dict[str, str]] = {}
         reasons = ["ok"]
         for shard, path in zip(names, paths, strict=True):
             with _open(path, shard, index_dir) as f:
@@ -371,6 +437,9 @@ class PruneIndex:
                     raise StaleIndexError(f"index {path} is stale: {why}; {fix}")
                 for k in cols:
                     cols[k].append(f.get_tensor(k))
+                here = _column_infos(meta, path)
+                _merge_infos(infos, here, shard)
+                optional.append({k: f.get_tensor(k) for k in here})
             local = json.loads(meta["reasons"])
             if local != reasons[1 : len(local) + 1]:  # map this shard's reason codes to ours
                 reasons += [r for r in local if r not in reasons]
@@ -380,15 +449,23 @@ class PruneIndex:
         starts = np.zeros(len(names) + 1, dtype=np.int64)
         np.cumsum([len(c) for c in cols["entropy"]], out=starts[1:])
         joined = {k: np.concatenate(v) for k, v in cols.items()}
-        return cls(joined, starts, metas, shards=names, index_paths=paths, reasons=reasons)
+        for k in sorted(infos):  # a shard without the column: NaN, i.e. missing
+            joined[k] = np.concatenate([
+                o[k] if k in o else np.full(n, np.nan, OPTIONAL_DTYPE)
+                for o, n in zip(optional, np.diff(starts), strict=True)])
+        return cls(joined, starts, metas, shards=names, index_paths=paths, reasons=reasons,
+                   column_info=infos)
 
     @classmethod
     def from_arrays(cls, entropy: Any, cluster_ids: Any, similarity: Any, *, num_clusters: int,
                     valid: Any = None, nodata: Any = None, offsets: Any = None,
                     lengths: Any = None, shard_ids: Any = None,
                     shards: Sequence[str] | None = None,
-                    keys: Sequence[str] | None = None) -> PruneIndex:
+                    keys: Sequence[str] | None = None,
+                    columns: Mapping[str, Any] | None = None) -> PruneIndex:
         """An in-memory index (tests, notebooks); columns not given are all valid / zero.
+
+        ``columns`` are optional columns by full name (``{"meta.gsd": [...]}``).
 
         Example:
             >>> idx = PruneIndex.from_arrays([5.0, 7.0], [0, 1], [0.9, 0.8], num_clusters=2)
@@ -404,7 +481,12 @@ class PruneIndex:
         sid = np.zeros(n, np.int64) if shard_ids is None else np.asarray(shard_ids, np.int64)
         num_shards = int(sid.max(initial=0)) + 1
         names = [f"<memory-{i}>" for i in range(num_shards)] if shards is None else list(shards)
-        wrong = [k for k, v in {**cols, "shard_ids": sid}.items() if v.shape != (n,)]
+        extra = {k: np.asarray(v, dtype=OPTIONAL_DTYPE) for k, v in (columns or {}).items()}
+        bad = [k for k in extra if not k.startswith(OPTIONAL_PREFIXES)]
+        if bad:
+            raise ConfigError(f"from_arrays: optional column names must start with "
+                              f"{OPTIONAL_PREFIXES}, got {bad}")
+        wrong = [k for k, v in {**cols, **extra, "shard_ids": sid}.items() if v.shape != (n,)]
         z = cols["cluster_id"]
         lo, hi = z.min(initial=-1), z.max(initial=-1)
         if wrong or (np.diff(sid) < 0).any() or num_shards > len(names) or lo < -1 \
@@ -417,8 +499,24 @@ class PruneIndex:
         content = b"".join(v.tobytes() for v in cols.values())
         meta = {"shard_fingerprint": hashlib.sha256(content).hexdigest(),
                 "num_clusters": str(num_clusters)}
-        return cls(cols, starts, [meta], shards=names,
+        return cls({**cols, **extra}, starts, [meta], shards=names,
                    keys=None if keys is None else KeyList.of(keys))
+
+
+def column_info_default(name: str) -> dict[str, str]:
+    """What an optional column built in memory is described as."""
+    return column_info(source="memory")
+
+
+def _merge_infos(infos: dict[str, dict[str, str]], here: Mapping[str, dict[str, str]],
+                 shard: str) -> None:
+    for k, v in here.items():
+        old = infos.setdefault(k, v)
+        if old["version"] != v["version"]:
+            raise IndexMismatchError(
+                f"shard {shard} has column {k} version {v['version']!r}, an earlier shard "
+                f"{old['version']!r}: index all shards with the same rsprune_data (`rsprune-data "
+                "index --force`)")
 
 
 def check_distinct_index_paths(shards: Sequence[str], paths: Sequence[Path]) -> None:

@@ -1,15 +1,19 @@
 """The offline indexer: tar shards -> one ``<shard>.rsidx.safetensors`` per shard.
 
 Per sample, in tar order: entropy and no-data share (Stage I), nearest reference cluster and its
-cosine similarity (Stage II), validity with a reason, byte range and key. Everything expensive
-happens here, once; selection at load time only reads these arrays.
+cosine similarity (Stage II), validity with a reason, byte range and key; optional columns: the
+pixel cloud/haze score ``score.cloud`` (:func:`rsprune_data.images.cloud_score`) and numeric
+fields of the sample's ``.json`` member as ``meta.<field>`` (``meta_fields``; NaN where a sample
+lacks the field or it is not a number, counted in the report). Everything expensive happens here,
+once; selection at load time only reads these arrays.
 
 How the work flows (shapes between stages)::
 
     pending shards (this rank's share, not yet indexed)
       -> DataLoader workers, one shard at a time each:
          iter_tar_samples -> (TarSample, {ext: bytes})
-         -> images.analyze -> entropy, nodata, rgb | CorruptImageError(reason)
+         -> images.pick_image_member(image_key) -> images.analyze -> entropy, nodata, cloud, rgb
+            | CorruptImageError(reason); the .json member -> meta values
          -> encoder.preprocess(rgb) -> [3, S, S]
          chunks of <= batch_size samples: arrays [n] + images [m, 3, S, S] (m valid)
       -> main process: encoder.encode -> [m, d]; centroids.assign -> cluster id, similarity
@@ -25,7 +29,9 @@ Scale-out: rank ``r`` of ``R`` (``--rank/--world-size`` or ``torchrun``'s enviro
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,8 +44,8 @@ from torch.utils.data import IterableDataset
 
 from . import index as idx
 from ._validate import check_int
-from .errors import CorruptImageError, IndexMismatchError, ShardError
-from .images import analyze, pick_image_member
+from .errors import ConfigError, CorruptImageError, IndexMismatchError, ShardError
+from .images import CLOUD_VERSION, analyze, pick_image_member
 from .tario import iter_tar_samples
 from .world import distributed_rank
 
@@ -49,6 +55,11 @@ if TYPE_CHECKING:
 
 NO_IMAGE = "no_image"
 ENTROPY_CHUNK = 2048  # samples per worker message when no encoder runs
+CLOUD_COLUMN = "score.cloud"
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
+META_PREFIX = "meta."
+# a row per sample: key, offset, length, entropy, nodata, reason, (cloud, *meta values)
+_Row = tuple[str, int, int, float, float, str, tuple[float, ...]]
 
 
 @dataclass
@@ -60,6 +71,7 @@ class IndexReport:
     failed: dict[str, str] = field(default_factory=dict)
     samples: int = 0
     invalid: Counter[str] = field(default_factory=Counter)
+    meta_missing: Counter[str] = field(default_factory=Counter)  # field -> samples without a number
 
     @property
     def ok(self) -> bool:
@@ -72,8 +84,22 @@ class IndexReport:
         if self.invalid:
             reasons = ", ".join(f"{r}: {c}" for r, c in sorted(self.invalid.items()))
             out.append(f"invalid samples (never selected): {sum(self.invalid.values())} ({reasons})")
+        if self.meta_missing:
+            missing = ", ".join(f"{f}: {c}" for f, c in sorted(self.meta_missing.items()))
+            out.append(f"metadata fields missing or not numeric (stored as NaN): {missing}")
         out += [f"FAILED {shard}: {why}" for shard, why in self.failed.items()]
         return out
+
+
+def check_meta_fields(fields: Sequence[str] | str) -> tuple[str, ...]:
+    """``fields`` (a list, or one comma-separated string) as distinct, valid field names."""
+    items = fields.split(",") if isinstance(fields, str) else list(fields)
+    out = tuple(f.strip() for f in items if not isinstance(f, str) or f.strip())
+    bad = [f for f in out if not isinstance(f, str) or not _FIELD.fullmatch(f)]
+    if bad or len(set(out)) < len(out):
+        raise ConfigError(f"`meta_fields` must be distinct field names (letters, digits, _ . -) "
+                          f"such as 'cloud_cover,gsd', got {list(items)!r}")
+    return out
 
 
 def shard_share(shards: Sequence[str], rank: int | None = None,
@@ -92,24 +118,68 @@ class _Job:
     preprocess: Any  # encoder.preprocess (an ImageTransform) or None for entropy only
     rgb_bands: tuple[int, int, int]
     fast_gray: bool = False
+    image_key: str | None = None
+    meta_fields: tuple[str, ...] = ()
+    cloud: bool = False
 
 
-def _analyze_one(job: _Job, sample: dict[str, bytes]) -> tuple[float, float, Any]:
-    picked = pick_image_member(sample)
+def _analyze_one(job: _Job, sample: dict[str, bytes]) -> tuple[float, float, float, Any]:
+    picked = pick_image_member(sample, job.image_key)
     if picked is None:
-        raise CorruptImageError("sample has no image member", reason=NO_IMAGE)
-    ext, data = picked
-    st = analyze(data, ext, want_rgb=job.preprocess is not None, rgb_bands=job.rgb_bands,
-                 fast_gray=job.fast_gray)
+        what = f"no {job.image_key!r} member" if job.image_key else "no image member"
+        raise CorruptImageError(f"sample has {what}", reason=NO_IMAGE)
+    name, data = picked
+    st = analyze(data, name if job.image_key is None else None,
+                 want_rgb=job.preprocess is not None, want_cloud=job.cloud,
+                 rgb_bands=job.rgb_bands, fast_gray=job.fast_gray)
     image = job.preprocess(st.rgb) if job.preprocess is not None else None
-    return st.entropy, st.nodata, image
+    return st.entropy, st.nodata, st.cloud, image
+
+
+def meta_values(sample: dict[str, bytes], fields: Sequence[str]) -> tuple[float, ...]:
+    """The numeric ``fields`` of a sample's ``.json`` member (``json`` or ``*.json``), NaN where
+    missing or not a number. A dotted field (``"geo.gsd"``) also looks into nested objects;
+    numbers written as strings (``"0.5"``) count, booleans are 1 or 0."""
+    if not fields:
+        return ()
+    raw = sample.get("json")
+    if raw is None:
+        raw = next((v for k, v in sample.items() if k.endswith(".json")), None)
+    try:
+        doc = json.loads(raw) if raw is not None else None
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    return tuple(_number(_lookup(doc, f)) for f in fields)
+
+
+def _lookup(doc: Any, name: str) -> Any:
+    if not isinstance(doc, dict):
+        return None
+    if name in doc:
+        return doc[name]
+    head, _, rest = name.partition(".")
+    return _lookup(doc.get(head), rest) if rest else None
+
+
+def _number(v: Any) -> float:
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, int | float):
+        return float(v) if math.isfinite(v) else math.nan
+    if isinstance(v, str):
+        try:
+            x = float(v)
+        except ValueError:
+            return math.nan
+        return x if math.isfinite(x) else math.nan
+    return math.nan
 
 
 def _chunks(job: _Job, shard_no: int) -> Iterator[dict[str, Any]]:
     """Chunks of one shard (see the module docstring); the last has ``done=True``."""
     import torch
 
-    rows: list[tuple[str, int, int, float, float, str]] = []
+    rows: list[_Row] = []
     images: list[Any] = []
     start = 0
 
@@ -124,13 +194,14 @@ def _chunks(job: _Job, shard_no: int) -> Iterator[dict[str, Any]]:
     try:
         for ts, sample in iter_tar_samples(job.shards[shard_no]):
             try:
-                ent, nod, image = _analyze_one(job, sample)
+                ent, nod, cloud, image = _analyze_one(job, sample)
                 reason = ""
                 if image is not None:
                     images.append(image)
             except CorruptImageError as exc:
-                ent, nod, reason = 0.0, 0.0, exc.reason
-            rows.append((ts.key, ts.offset, ts.length, ent, nod, reason))
+                ent, nod, cloud, reason = 0.0, 0.0, math.nan, exc.reason
+            extras = ((cloud,) if job.cloud else ()) + meta_values(sample, job.meta_fields)
+            rows.append((ts.key, ts.offset, ts.length, ent, nod, reason, extras))
             if len(rows) >= job.batch_size:
                 yield flush(False)
     except (ShardError, OSError) as exc:
@@ -159,8 +230,10 @@ def _identity(x: Any) -> Any:
 
 
 def index_is_current(shard: str, index_path: Path, *, encoder: str, centroids_digest: str,
-                     entropy_mode: str = "exact") -> bool:
-    """True when ``index_path`` is a complete index of ``shard`` as it is now, for these centroids."""
+                     entropy_mode: str = "exact", columns: Sequence[str] | None = None,
+                     image_key: str = "") -> bool:
+    """True when ``index_path`` is a complete index of ``shard`` as it is now, for these centroids
+    (and, when ``columns`` is given, with exactly these optional columns and image key)."""
     if not index_path.exists():
         return False
     try:
@@ -173,18 +246,27 @@ def index_is_current(shard: str, index_path: Path, *, encoder: str, centroids_di
         return False
     if meta.get("entropy_mode", "exact") != entropy_mode:
         return False
+    if columns is not None:
+        try:
+            have = json.loads(meta.get(idx.COLUMNS_KEY, "{}"))
+        except ValueError:
+            return False
+        if sorted(have) != sorted(columns) or meta.get("image_key", "") != image_key:
+            return False
     return not idx.shard_is_stale(shard, meta)
 
 
 @dataclass
 class _Pending:
-    rows: list[tuple[str, int, int, float, float, str]] = field(default_factory=list)
+    rows: list[_Row] = field(default_factory=list)
     cluster: list[NDArray[np.int16]] = field(default_factory=list)
     similarity: list[NDArray[np.float32]] = field(default_factory=list)
 
 
 def _finish(shard: str, out: Path, pending: _Pending, *, encoder_id: str,
-            centroids: Centroids | None, entropy_mode: str) -> Counter[str]:
+            centroids: Centroids | None, entropy_mode: str,
+            optional: Sequence[tuple[str, dict[str, str]]] = (), image_key: str = "",
+            missing: Counter[str] | None = None) -> Counter[str]:
     rows = pending.rows
     n = len(rows)
     reasons = Counter(r[5] for r in rows if r[5])
@@ -208,6 +290,12 @@ def _finish(shard: str, out: Path, pending: _Pending, *, encoder_id: str,
         "length": np.array([r[2] for r in rows], dtype=np.int64),
         **idx.encode_keys(keys),
     }
+    infos: dict[str, dict[str, str]] = {}
+    for j, (name, info) in enumerate(optional):
+        col = np.array([r[6][j] for r in rows], dtype=np.float32).reshape(n)
+        arrays[name], infos[name] = col, info
+        if missing is not None and name.startswith(META_PREFIX):
+            missing[name.removeprefix(META_PREFIX)] += int(np.isnan(col).sum())
     meta = {
         **idx.shard_metadata(shard),
         "encoder": encoder_id,
@@ -217,6 +305,10 @@ def _finish(shard: str, out: Path, pending: _Pending, *, encoder_id: str,
         "reasons": json.dumps(reason_names),
         "entropy_mode": entropy_mode,
     }
+    if infos:
+        meta[idx.COLUMNS_KEY] = json.dumps(infos, sort_keys=True)
+    if image_key:
+        meta["image_key"] = image_key
     idx.write_index(out, arrays, meta)
     return reasons
 
@@ -234,6 +326,9 @@ def index_shards(
     rgb_bands: tuple[int, int, int] = (0, 1, 2),
     force: bool = False,
     fast_gray: bool = False,
+    image_key: str | None = None,
+    meta_fields: Sequence[str] = (),
+    cloud_score: bool = True,
     progress: bool = True,
 ) -> IndexReport:
     """Index this rank's share of ``shards`` (see the module docstring).
@@ -252,6 +347,12 @@ def index_shards(
         fast_gray: entropy-only indexes: decode JPEGs straight to libjpeg's Y channel, about 2x
             faster but not equal to PIL's luma (see :mod:`rsprune_data.images`); recorded in the
             index metadata as ``entropy_mode``. Ignored with centroids (the RGB decode is needed).
+        image_key: the member that holds the image (``"img_content"``), decoded by its bytes;
+            default: the first member with an image or ``.npy`` extension.
+        meta_fields: numeric fields of each sample's ``.json`` member to store as ``meta.<field>``
+            columns (NaN where missing), for ``PruneConfig(where=...)``.
+        cloud_score: store the pixel cloud/haze score as ``score.cloud`` (not with ``fast_gray``:
+            it needs colour).
         progress: show a tqdm bar over samples.
 
     Returns:
@@ -273,18 +374,29 @@ def index_shards(
             )
     workers = check_int("workers", workers, 0)
     batch_size = check_int("batch_size", batch_size, 1)
+    fields_ = check_meta_fields(meta_fields)
+    if image_key is not None and (not isinstance(image_key, str) or not image_key
+                                  or image_key.startswith("_")):
+        raise ConfigError(f"`image_key` must be a member name such as 'img_content' or "
+                          f"'rgb.npy', got {image_key!r}")
     names = [os.fspath(s) for s in shards]
     idx.check_distinct_index_paths(names, [idx.index_path_for(s, index_dir) for s in names])
     encoder_id = encoder.name if (encoder is not None and centroids is not None) else ""
     digest = centroids.digest if centroids is not None else ""
     fast_gray = fast_gray and centroids is None
     mode = "fast_gray" if fast_gray else "exact"
+    cloud = bool(cloud_score) and not fast_gray
+    optional = ([(CLOUD_COLUMN, idx.column_info("pixels:cloud_score", CLOUD_VERSION))]
+                if cloud else [])
+    optional += [(META_PREFIX + f, idx.column_info(f"json:{f}")) for f in fields_]
+    wanted = [name for name, _ in optional]
     report = IndexReport()
     todo: list[tuple[str, Path]] = []
     for shard in shard_share(names, rank, world_size):
         out = idx.index_path_for(shard, index_dir)
         if not force and index_is_current(shard, out, encoder=encoder_id, centroids_digest=digest,
-                                          entropy_mode=mode):
+                                          entropy_mode=mode, columns=wanted,
+                                          image_key=image_key or ""):
             report.skipped.append(shard)
         else:
             todo.append((shard, out))
@@ -296,7 +408,8 @@ def index_shards(
     preprocess = encoder.preprocess if centroids is not None and encoder is not None else None
     # entropy-only chunks carry no images: large chunks keep the per-chunk IPC off the hot path
     chunk = batch_size if preprocess is not None else max(batch_size, ENTROPY_CHUNK)
-    job = _Job(tuple(s for s, _ in todo), chunk, preprocess, rgb_bands, fast_gray)
+    job = _Job(tuple(s for s, _ in todo), chunk, preprocess, rgb_bands, fast_gray, image_key,
+               fields_, cloud)
     nw = min(workers, len(todo))
     loader = DataLoader(_ShardStream(job), batch_size=None, num_workers=nw, collate_fn=_identity,
                         prefetch_factor=4 if nw else None)
@@ -320,7 +433,8 @@ def index_shards(
             report.failed[shard] = chunk["error"]
         else:
             report.invalid += _finish(shard, out, p, encoder_id=encoder_id, centroids=centroids,
-                                      entropy_mode=mode)
+                                      entropy_mode=mode, optional=optional,
+                                      image_key=image_key or "", missing=report.meta_missing)
             report.indexed.append(shard)
             report.samples += len(p.rows)
         bar.set_description(f"index {len(report.indexed) + len(report.failed)}/{len(todo)} shards")
