@@ -56,11 +56,24 @@ def config_from_args(a: argparse.Namespace) -> PruneConfig:
 def _cmd_pack(a: argparse.Namespace) -> int:
     from .pack import pack_folder
 
-    res = pack_folder(a.src_dir, a.out_dir, shard_size=a.shard_size, prefix=a.prefix,
-                      progress=not a.quiet)
+    if a.source_format == "folder":
+        res = pack_folder(a.src_dir, a.out_dir, shard_size=a.shard_size, prefix=a.prefix,
+                          progress=not a.quiet, overwrite=a.overwrite)
+    else:
+        from .pack_table import pack_table
+
+        image_column = a.path_column if a.source_format == "csv" and a.path_column else (
+            a.image_column or ("path" if a.source_format == "csv" else "image"))
+        res = pack_table(a.src_dir, a.out_dir, fmt=a.source_format, image_column=image_column,
+                         keep_columns=[c for c in (a.keep_columns or "").split(",") if c],
+                         caption_column=a.caption_column, key_column=a.key_column,
+                         base_dir=a.base_dir, shard_size=a.shard_size, prefix=a.prefix,
+                         workers=a.workers, overwrite=a.overwrite, progress=not a.quiet)
     print(f"packed {res.num_samples:,} images into {len(res.shards)} shard(s) in {a.out_dir}")
     for path, why in getattr(res, "skipped", [])[:20]:
         print(f"skipped {path}: {why}", file=sys.stderr)
+    if len(res.skipped) > 20:
+        print(f"... and {len(res.skipped) - 20} more skipped", file=sys.stderr)
     return EXIT_OK
 
 
@@ -164,11 +177,30 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version="%(prog)s 0.1.0")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pack", help="turn a folder of images into WebDataset tar shards")
-    p.add_argument("src_dir")
+    p = sub.add_parser("pack", help="turn a folder of images, or Parquet/Arrow/HF/CSV tables, "
+                                    "into WebDataset tar shards")
+    p.add_argument("src_dir", help="a folder of images; with --from: a file or quoted glob "
+                                   "('data/*.parquet'), or an HF save_to_disk folder")
     p.add_argument("out_dir")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--prefix", default="shard", help="shard name prefix (default 'shard')")
+    p.add_argument("--from", dest="source_format", default="folder",
+                   choices=("folder", "parquet", "arrow", "hf", "csv"),
+                   help="what src_dir is (default: folder)")
+    p.add_argument("--image-column", default=None,
+                   help="table column with the image bytes or HF Image struct (default 'image')")
+    p.add_argument("--path-column", default=None,
+                   help="csv: column with the image file path (default 'path')")
+    p.add_argument("--base-dir", default=None,
+                   help="csv: folder relative paths start from (default: the CSV's folder)")
+    p.add_argument("--keep-columns", default=None, metavar="COL,...",
+                   help="columns to write into each sample's .json member")
+    p.add_argument("--caption-column", default=None, help="text column also written as .txt")
+    p.add_argument("--key-column", default=None,
+                   help="column of unique sample keys (default '<file stem>-<row>')")
+    p.add_argument("--workers", type=int, default=1, help="processes writing shards (tables)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace shards of another earlier pack in out_dir")
     p.set_defaults(fn=_cmd_pack)
 
     def encoder_args(p: argparse.ArgumentParser) -> None:

@@ -294,8 +294,9 @@ def _finish(shard: str, out: Path, pending: _Pending, *, encoder_id: str,
     for j, (name, info) in enumerate(optional):
         col = np.array([r[6][j] for r in rows], dtype=np.float32).reshape(n)
         arrays[name], infos[name] = col, info
-        if missing is not None and name.startswith(META_PREFIX):
-            missing[name.removeprefix(META_PREFIX)] += int(np.isnan(col).sum())
+        lacking = int(np.isnan(col).sum())
+        if missing is not None and name.startswith(META_PREFIX) and lacking:
+            missing[name.removeprefix(META_PREFIX)] += lacking
     meta = {
         **idx.shard_metadata(shard),
         "encoder": encoder_id,

@@ -140,6 +140,11 @@ def _check_args(src: Path, shard_size: int, prefix: str) -> None:
         raise ConfigError(f"src_dir={str(src)!r} is not an existing folder; pass the folder of images")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ConfigError(f"shard_size must be an integer >= 1 (samples per shard), got {shard_size!r}")
+    check_prefix(prefix)
+
+
+def check_prefix(prefix: str) -> None:
+    """Refuse a shard name prefix that is empty, hidden or a path (shared with ``pack_table``)."""
     if not prefix or "/" in prefix or os.sep in prefix or prefix.startswith("."):
         raise ConfigError(
             f"prefix must be a plain, non-hidden file name part without '/', got {prefix!r}; "
