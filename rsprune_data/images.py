@@ -298,6 +298,27 @@ def pick_image_member(sample: Mapping[str, Any],
     return None
 
 
+def sniff_image_member(sample: Mapping[str, Any]) -> tuple[str, bytes] | None:
+    """:func:`pick_image_member`, else the first member whose leading bytes are a JPEG, PNG, TIFF
+    or ``.npy`` (shards with a custom image member such as ``img_content``). Decode the second
+    case with ``ext=None``.
+
+    Example:
+        >>> sniff_image_member({"__key__": "a", "img_content": b"\\x89PNG..."})
+        ('img_content', b'\\x89PNG...')
+    """
+    picked = pick_image_member(sample)
+    if picked is not None:
+        return picked
+    for name, value in sample.items():
+        if name.startswith("_") or not isinstance(value, bytes | bytearray | memoryview):
+            continue
+        head = bytes(value[:6])
+        if head.startswith((_JPEG_MAGIC, _PNG_MAGIC, _NPY_MAGIC, *_TIFF_MAGICS)):
+            return name, bytes(value)
+    return None
+
+
 # decoding: bytes -> _Raster ----------------------------------------------------------------------
 
 

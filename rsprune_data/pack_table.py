@@ -466,8 +466,7 @@ def _write_shard(spec: TableSpec, plan: Sequence[_Slice], name: str
     keys: set[str] = set()
     n = 0
     try:
-        with open(partial, "wb") as f:
-            writer = wds.TarWriter(f, encoder=False, mtime=0.0)
+        with open(partial, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0.0) as writer:
             for sl in plan:
                 path = spec.files[sl.file]
                 folder, stem = os.path.dirname(path), Path(path).name.split(".")[0] or "_"
@@ -494,7 +493,7 @@ def _write_shard(spec: TableSpec, plan: Sequence[_Slice], name: str
                         sample["txt"] = ("" if cap is None else str(cap)).encode("utf-8")
                     writer.write(sample)
                     n += 1
-            writer.close()
+            writer.close()  # the end-of-archive blocks, before the fsync
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, name)
