@@ -1,11 +1,11 @@
 """Packing a Parquet corpus into tar shards (`pack_table`) against a bare pyarrow read of the same files.
 
-    python benchmarks/pack_parquet.py [--images 8000] [--files 4] [--row-group 512] \
+    python benchmarks/pack_parquet.py [--src ../shared/data/harvey] [--images 8000] [--files 4] [--row-group 512] \
         [--shard-size 1000] [--repeat 3] [--out results/pack_parquet.json]
 
 Builds Parquet files in Git-10M's schema (``image`` bytes, ``img_quality_score``, ``resolution``,
-``Google_location``, ``caption``) from the Harvey JPEGs of ``../shared/data`` (or
-``examples/data`` when absent), then times, best of ``--repeat`` with the spread: the yardstick,
+``Google_location``, ``caption``) from the Harvey JPEGs of ``--src`` (default ``../shared/data/harvey``,
+or ``examples/data`` when absent), then times, best of ``--repeat`` with the spread: the yardstick,
 a bare pyarrow read of the same columns in the same batches with every row turned into Python
 objects (``ParquetFile.iter_batches(...).to_pylist()``, what any per-sample writer must do at
 least), and ``pack_table`` with ``workers`` 1 and 2 (tar writing, JSON metadata, ``.txt``
@@ -41,8 +41,7 @@ def timings(fn: Callable[[], object], repeat: int) -> list[float]:
     return out
 
 
-def build(folder: Path, n: int, files: int, row_group: int) -> int:
-    root = REPO.parent / "shared" / "data" / "harvey"
+def build(folder: Path, n: int, files: int, row_group: int, root: Path) -> int:
     if not root.is_dir():
         root = REPO / "examples" / "data" / "harvey"
     paths = sorted(root.rglob("*.jpeg"))
@@ -68,6 +67,8 @@ def build(folder: Path, n: int, files: int, row_group: int) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", type=Path, default=REPO.parent / "shared" / "data" / "harvey",
+                    help="JPEGs to build the Parquet files from (examples/data when missing)")
     ap.add_argument("--images", type=int, default=8000)
     ap.add_argument("--files", type=int, default=4)
     ap.add_argument("--row-group", type=int, default=512)
@@ -78,7 +79,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
         src.mkdir()
-        nbytes = build(src, a.images, a.files, a.row_group)
+        nbytes = build(src, a.images, a.files, a.row_group, a.src)
         files = sorted(src.glob("*.parquet"))
 
         def bare() -> int:

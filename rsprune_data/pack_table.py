@@ -456,47 +456,58 @@ def safe_key(value: Any) -> str:
     return _UNSAFE_KEY.sub("_", str(value))
 
 
+def _header_parts() -> tuple[bytes, bytes, int]:
+    """The constant fields of :class:`_TarOut`'s USTAR header around the name, size and checksum
+    (mode 0444, uid/gid 0, mtime 0, regular file, owner ``bigdata``), and their checksum share."""
+    # bytes 100-124 mode, uid, gid; then size (124-136, per member); then mtime 136-148
+    mid = b"0000444\0" + b"0000000\0" * 2
+    mtime = b"00000000000\0"
+    # after the checksum (148-156, per member): typeflag, linkname, magic + version, uname,
+    # gname, devmajor, devminor: up to byte 345, where the name prefix starts
+    tail = b"0" + bytes(100) + b"ustar\x0000" + b"bigdata".ljust(32, b"\0") * 2 + bytes(16)
+    total = sum(mid) + sum(mtime) + sum(tail) + 8 * 32  # the checksum field counts as spaces
+    return mid + b"%s", mtime + b"%s" + tail, total
+
+
+_MID, _TAIL, _HEADER_SUM = _header_parts()
+
+
 class _TarOut:
     """A minimal deterministic tar writer: one USTAR header per member (mode 0444, mtime 0, owner
     ``bigdata`` like webdataset's ``TarWriter``), then the data padded to 512 bytes.
 
     ``tarfile`` builds each header in Python through a pax header (webdataset's writer took about
     three quarters of the packing time in a profile); a member name that does not fit USTAR's
-    100 + 155 bytes still goes through ``tarfile``'s pax path.
+    100 + 155 bytes, or is not ASCII, still goes through ``tarfile``'s pax path.
     """
 
     def __init__(self, f: Any) -> None:
         self.f = f
 
-    def add(self, name: str, data: bytes) -> None:
-        import tarfile
-
+    def parts(self, name: str, data: bytes) -> list[bytes]:
+        """Header, data and padding of one member, to be written in this order."""
         raw = name.encode("utf-8")
         prefix, base = b"", raw
         if len(raw) > 100 and b"/" in raw[-101:]:
             cut = raw.index(b"/", len(raw) - 101)
             prefix, base = raw[:cut], raw[cut + 1 :]
         if len(base) > 100 or len(prefix) > 155 or not raw.isascii():
+            import tarfile
+
             info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime, info.uname, info.gname = len(data), 0o444, 0, "bigdata", "bigdata"
-            self.f.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+            info.size, info.mode, info.mtime = len(data), 0o444, 0
+            info.uname = info.gname = "bigdata"
+            hdr = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
         else:
-            hdr = bytearray(512)
-            hdr[0 : len(base)] = base
-            hdr[100:108] = b"0000444\0"
-            hdr[108:116] = hdr[116:124] = b"0000000\0"
-            hdr[124:136] = b"%011o\0" % len(data)
-            hdr[136:148] = b"00000000000\0"
-            hdr[148:156] = b" " * 8
-            hdr[156:157] = b"0"
-            hdr[257:265] = b"ustar\x0000"
-            hdr[265:272] = hdr[297:304] = b"bigdata"
-            hdr[345 : 345 + len(prefix)] = prefix
-            hdr[148:156] = b"%06o\0 " % sum(hdr)
-            self.f.write(hdr)
-        self.f.write(data)
-        if len(data) % 512:
-            self.f.write(bytes(512 - len(data) % 512))
+            size = b"%011o\0" % len(data)
+            cks = b"%06o\0 " % (_HEADER_SUM + sum(base) + sum(size) + sum(prefix))
+            hdr = (base.ljust(100, b"\0") + _MID % size + _TAIL % cks
+                   + prefix.ljust(155, b"\0") + bytes(12))
+        pad = -len(data) % 512
+        return [hdr, data, bytes(pad)] if pad else [hdr, data]
+
+    def add(self, name: str, data: bytes) -> None:
+        self.f.writelines(self.parts(name, data))
 
     def close(self) -> None:
         self.f.write(bytes(1024))  # two zero blocks end the archive
@@ -536,9 +547,9 @@ def _write_shard(spec: TableSpec, plan: Sequence[_Slice], name: str
                     if spec.caption_column is not None:
                         cap = rec[spec.caption_column]
                         sample["txt"] = ("" if cap is None else str(cap)).encode("utf-8")
-                    for member, data_ in sample.items():
-                        if member != "__key__":
-                            writer.add(f"{key}.{member}", data_)
+                    out = [p for m, v in sample.items() if m != "__key__"
+                           for p in writer.parts(f"{key}.{m}", v)]
+                    f.writelines(out)
                     n += 1
             writer.close()  # the end-of-archive blocks, before the fsync
             f.flush()

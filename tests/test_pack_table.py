@@ -198,3 +198,23 @@ def test_cli_end_to_end_with_a_metadata_filter(corpus: Path, tmp_path: Path,
     assert cli_main(["report", *shards, *args, "-o", str(report), "-q"]) == 0
     page = (report / "index.html").read_text()
     assert "img_quality_score &gt;= 0.4" in page or "img_quality_score >= 0.4" in page
+
+
+def test_tar_writer_headers_read_back_with_tarfile() -> None:
+    import io
+    import tarfile
+
+    from rsprune_data.pack_table import _TarOut
+
+    members = [("a" * 150 + "/" + "b" * 20 + ".jpg", b"x" * 10), ("\u00e9t\u00e9.txt", b"yy"),
+               ("c" * 96 + ".jpg", b"z" * 600), ("k-1.json", b"{}"), ("x/y.png", b"1" * 512)]
+    buf = io.BytesIO()
+    w = _TarOut(buf)
+    for name, data in members:
+        w.add(name, data)
+    w.close()
+    assert len(buf.getvalue()) % 512 == 0
+    buf.seek(0)
+    with tarfile.open(fileobj=buf) as t:
+        got = [(m.name, t.extractfile(m).read(), m.mode, m.mtime, m.uname) for m in t.getmembers()]
+    assert got == [(n, d, 0o444, 0, "bigdata") for n, d in members]
