@@ -10,6 +10,9 @@
 2. The full pipeline with the default encoder (decode on DataLoader workers, encode + assign in the
    main process) against the bare encoder forward pass on the same preprocessed batches.
 3. Index size in bytes per sample.
+4. What the cloud/haze score (on by default) costs: ``images.analyze`` with and without
+   ``want_cloud`` on the same bytes in memory, and entropy-only indexing (1 process) with and
+   without ``cloud_score``. ``--cloud-only`` runs just this part.
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ from rsprune_data.tario import iter_tar_samples
 REPO = Path(__file__).resolve().parents[1]
 
 
-def ceiling(blobs: list[bytes], fast: bool) -> float:
+def ceiling(blobs: list[bytes], fast: bool, cloud: bool = False) -> float:
     """Images/s of decode + histogram + entropy on in-memory JPEG bytes, one process."""
     t0 = time.perf_counter()
     for b in blobs:
-        if fast:
+        if cloud:
+            analyze(b, "jpeg", want_cloud=True)
+        elif fast:
             g = simplejpeg.decode_jpeg(b, colorspace="GRAY", fastdct=False, fastupsample=False)
             entropy_from_hist(np.bincount(g.ravel(), minlength=256))
         else:
@@ -70,6 +75,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--repeat", type=int, default=3, help="best of this many runs per figure")
     ap.add_argument("--out", type=Path, default=Path("results/indexer_throughput.json"))
+    ap.add_argument("--cloud-only", action="store_true", help="only part 4 (cloud score cost)")
     args = ap.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="rsprune_idxbench_"))
@@ -90,12 +96,28 @@ def main() -> None:
     print(f"{n:,} JPEG tiles in {len(shards)} shards ({work})")
     res: dict[str, object] = {"images": n, "shards": len(shards)}
 
+    plain = [ceiling(blobs, False) for _ in range(args.repeat)]
+    cloudy = [ceiling(blobs, False, cloud=True) for _ in range(args.repeat)]
+    idx_plain = timed_index(shards, work, args.repeat, workers=1, cloud_score=False)
+    idx_cloud = timed_index(shards, work, args.repeat, workers=1, cloud_score=True)
+    print(f"cloud score cost: analyze {max(plain):7.0f} img/s without (worst of {args.repeat} "
+          f"{min(plain):.0f}), {max(cloudy):7.0f} with (worst {min(cloudy):.0f}): "
+          f"{max(cloudy) / max(plain):4.2f}x; entropy-only indexing, 1 proc: {idx_plain:7.0f} "
+          f"vs {idx_cloud:7.0f} img/s = {idx_cloud / idx_plain:4.2f}x")
+    res["cloud_score"] = {"analyze_per_s": max(plain), "analyze_cloud_per_s": max(cloudy),
+                          "index_per_s": idx_plain, "index_cloud_per_s": idx_cloud}
+    if args.cloud_only:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=2))
+        return
+
     rows = []
     for mode, fast in (("exact", False), ("fast_gray", True)):
         ceil = max(ceiling(blobs, fast) for _ in range(args.repeat))
         one = 0.0
         for workers in (1, 2):
-            rate = timed_index(shards, work, args.repeat, workers=workers, fast_gray=fast)
+            rate = timed_index(shards, work, args.repeat, workers=workers, fast_gray=fast,
+                               cloud_score=False)  # the ceiling has no cloud score either
             one = one or rate
             rows.append({"mode": mode, "workers": workers, "images_per_s": rate,
                          "ceiling_per_s": ceil, "ratio": rate / ceil, "scaling": rate / one})

@@ -35,6 +35,11 @@ no-data). Extra metrics: normalised entropy of the hidden-class occupancy, and p
 ratio of its share of the selection to its share of the pool (a class "keeps its share" at >= 0.5,
 is "lost" below 0.1).
 
+Part 3 (issue 12, ``--cloud``, runs alone in a minute or two): the opt-in cloud/haze rule
+``max_cloud`` on the Stage I survivors of Harvey and UC Merced (``benchmarks/_cloud_tradeoff.py``):
+``bad_images`` removed against good Harvey and UC Merced tiles removed, per threshold; writes
+``quality_cloud.json`` and ``quality_cloud.md``.
+
 Outputs under ``--out``: ``quality.json``, ``quality_makeup_<pool>.json``, ``quality_<metric>.png``
 (strategies as lines over the ratio, random as mean with a +-1 std band), ``quality_makeup_<metric>.png``
 and ``quality_table_085.md`` (also printed). A fresh run embeds ~26k tiles at the encoder's default
@@ -700,8 +705,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="extra fixed entropy_threshold rules (bits) for part 2, e.g. 5.0 5.5")
     ap.add_argument("--skip-mixes", action="store_true", help="only the Harvey pool in part 2")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--cloud", action="store_true",
+                    help="only part 3: the cloud/haze rule's trade-off (entropy-only indexes, "
+                         "no encoder; a minute or two)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
+    if args.cloud:
+        import _cloud_tradeoff
+
+        log("part 3: the cloud/haze rule (max_cloud) on Harvey and UC Merced")
+        print(_cloud_tradeoff.run(Path(args.pool), Path(args.reference), Path(args.cache),
+                                  args.out, not args.quiet))
+        log(f"wrote {args.out / 'quality_cloud.json'} in {time.perf_counter() - t_start:.1f} s")
+        return
     table_ratio = 0.85 if 0.85 in args.ratios else args.ratios[-1]
 
     u = prepare(args)

@@ -14,6 +14,7 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "torchdata": ("resume", "torchdata"),
     "skimage": ("bench", "scikit-image"),
     "scipy": ("bench", "scipy"),
+    "pyarrow": ("parquet", "pyarrow"),
 }
 
 

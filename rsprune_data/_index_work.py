@@ -19,8 +19,10 @@ process boundary (a codec's exception class may not unpickle in the parent).
 
 from __future__ import annotations
 
+import json
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -33,6 +35,7 @@ from .integrity import checksum
 from .tario import iter_tar_samples_raw
 
 NO_IMAGE = "no_image"
+META_PREFIX = "meta."
 UNEXPECTED = "unexpected_error"  # reason of a sample whose analysis raised something unforeseen
 
 
@@ -46,6 +49,7 @@ class SampleRow(NamedTuple):
     nodata: float
     reason: str  # "" = valid
     checksum: int  # integrity.checksum of the sample's byte range
+    extras: tuple[float, ...] = ()  # optional columns: (cloud score if asked, *meta values)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,9 @@ class Job:
     rgb_bands: tuple[int, int, int]
     fast_gray: bool = False
     decode_budget: int | None = DEFAULT_DECODE_BUDGET
+    image_key: str | None = None
+    meta_fields: tuple[str, ...] = ()
+    cloud: bool = False
 
 
 def describe(exc: BaseException) -> str:
@@ -70,15 +77,57 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-def _analyze_one(job: Job, sample: dict[str, bytes]) -> tuple[float, float, Any]:
-    picked = pick_image_member(sample)
+def _analyze_one(job: Job, sample: dict[str, bytes]) -> tuple[float, float, float, Any]:
+    picked = pick_image_member(sample, job.image_key)
     if picked is None:
-        raise CorruptImageError("sample has no image member", reason=NO_IMAGE)
-    ext, data = picked
-    st = analyze(data, ext, want_rgb=job.preprocess is not None, rgb_bands=job.rgb_bands,
-                 fast_gray=job.fast_gray, max_decoded_bytes=job.decode_budget)
+        what = f"no {job.image_key!r} member" if job.image_key else "no image member"
+        raise CorruptImageError(f"sample has {what}", reason=NO_IMAGE)
+    name, data = picked
+    st = analyze(data, name if job.image_key is None else None,
+                 want_rgb=job.preprocess is not None, want_cloud=job.cloud,
+                 rgb_bands=job.rgb_bands, fast_gray=job.fast_gray,
+                 max_decoded_bytes=job.decode_budget)
     image = job.preprocess(st.rgb) if job.preprocess is not None else None
-    return st.entropy, st.nodata, image
+    return st.entropy, st.nodata, st.cloud, image
+
+
+def meta_values(sample: dict[str, bytes], fields: Sequence[str]) -> tuple[float, ...]:
+    """The numeric ``fields`` of a sample's ``.json`` member (``json`` or ``*.json``), NaN where
+    missing or not a number. A dotted field (``"geo.gsd"``) also looks into nested objects;
+    numbers written as strings (``"0.5"``) count, booleans are 1 or 0."""
+    if not fields:
+        return ()
+    raw = sample.get("json")
+    if raw is None:
+        raw = next((v for k, v in sample.items() if k.endswith(".json")), None)
+    try:
+        doc = json.loads(raw) if raw is not None else None
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    return tuple(_number(_lookup(doc, f)) for f in fields)
+
+
+def _lookup(doc: Any, name: str) -> Any:
+    if not isinstance(doc, dict):
+        return None
+    if name in doc:
+        return doc[name]
+    head, _, rest = name.partition(".")
+    return _lookup(doc.get(head), rest) if rest else None
+
+
+def _number(v: Any) -> float:
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, int | float):
+        return float(v) if math.isfinite(v) else math.nan
+    if isinstance(v, str):
+        try:
+            x = float(v)
+        except ValueError:
+            return math.nan
+        return x if math.isfinite(x) else math.nan
+    return math.nan
 
 
 def _changed(shard: str, before: dict[str, str], ino: int) -> str | None:
@@ -118,16 +167,18 @@ def shard_chunks(job: Job, shard_no: int) -> Iterator[dict[str, Any]]:
         for ts, sample, raw in iter_tar_samples_raw(shard):
             reason = ""
             try:
-                ent, nod, image = _analyze_one(job, sample)
+                ent, nod, cloud, image = _analyze_one(job, sample)
                 if image is not None:
                     images.append(image)
             except CorruptImageError as exc:
-                ent, nod, reason = 0.0, 0.0, exc.reason
+                ent, nod, cloud, reason = 0.0, 0.0, math.nan, exc.reason
                 examples.setdefault(reason, f"{ts.key}: {exc}")
             except Exception as exc:  # a transform's or a codec's surprise: one sample, not the shard
-                ent, nod, reason = 0.0, 0.0, UNEXPECTED
+                ent, nod, cloud, reason = 0.0, 0.0, math.nan, UNEXPECTED
                 examples.setdefault(reason, f"{ts.key}: {describe(exc)}")
-            rows.append(SampleRow(ts.key, ts.offset, ts.length, ent, nod, reason, checksum(raw)))
+            extras = ((cloud,) if job.cloud else ()) + meta_values(sample, job.meta_fields)
+            rows.append(SampleRow(ts.key, ts.offset, ts.length, ent, nod, reason, checksum(raw),
+                                  extras))
             if len(rows) >= job.batch_size:
                 yield flush(False)
         changed = _changed(shard, before, ino)

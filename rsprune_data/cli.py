@@ -35,11 +35,17 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-nodata", type=float, default=None,
                    help="drop samples with more no-data than this share (default 0.05; "
                         "negative disables)")
+    g.add_argument("--where", action="append", default=[], metavar="'COLUMN OP NUMBER'",
+                   help="metadata filter on an index column, e.g. --where 'cloud_cover<=0.1' "
+                        "(OP: < <= > >= == !=; repeat to AND several)")
+    g.add_argument("--max-cloud", type=float, default=None,
+                   help="drop samples whose pixel cloud/haze score exceeds this share (default off)")
 
 
 def config_from_args(a: argparse.Namespace) -> PruneConfig:
     """The :class:`PruneConfig` named by the pruning arguments."""
     from .config import DEFAULT_MAX_NODATA
+    from .filters import parse_clause
 
     max_nodata: float | None = DEFAULT_MAX_NODATA if a.max_nodata is None else a.max_nodata
     if max_nodata is not None and max_nodata < 0:
@@ -47,16 +53,29 @@ def config_from_args(a: argparse.Namespace) -> PruneConfig:
     return PruneConfig(prune_ratio=a.prune_ratio, entropy_keep=a.entropy_keep,
                        entropy_threshold=a.entropy_threshold,
                        entropy_filter="none" if a.no_entropy_filter else "auto",
-                       strategy=a.strategy, seed=a.seed, max_nodata=max_nodata)
+                       strategy=a.strategy, seed=a.seed, max_nodata=max_nodata,
+                       where=tuple(parse_clause(w) for w in a.where), max_cloud=a.max_cloud)
 
 
 def _cmd_pack(a: argparse.Namespace) -> int:
     from .pack import pack_folder
 
-    res = pack_folder(a.src_dir, a.out_dir, shard_size=a.shard_size, prefix=a.prefix,
-                      progress=not a.quiet, overwrite=a.overwrite,
-                      follow_symlinks=a.follow_symlinks)
-    kept = f" ({res.resumed_shards} kept from an earlier run)" if res.resumed_shards else ""
+    if a.source_format == "folder":
+        res = pack_folder(a.src_dir, a.out_dir, shard_size=a.shard_size, prefix=a.prefix,
+                          progress=not a.quiet, overwrite=a.overwrite,
+                          follow_symlinks=a.follow_symlinks)
+    else:
+        from .pack_table import pack_table
+
+        image_column = a.path_column if a.source_format == "csv" and a.path_column else (
+            a.image_column or ("path" if a.source_format == "csv" else "image"))
+        res = pack_table(a.src_dir, a.out_dir, fmt=a.source_format, image_column=image_column,
+                         keep_columns=[c for c in (a.keep_columns or "").split(",") if c],
+                         caption_column=a.caption_column, key_column=a.key_column,
+                         base_dir=a.base_dir, shard_size=a.shard_size, prefix=a.prefix,
+                         workers=a.workers, overwrite=a.overwrite, progress=not a.quiet)
+    resumed = getattr(res, "resumed_shards", 0)
+    kept = f" ({resumed} kept from an earlier run)" if resumed else ""
     print(f"packed {res.num_samples:,} images into {len(res.shards)} shard(s) in {a.out_dir}{kept}")
     for path, why in res.skipped[:20]:
         print(f"skipped {path}: {why}", file=sys.stderr)
@@ -114,6 +133,8 @@ def _cmd_index(a: argparse.Namespace) -> int:
                           world_size=a.world_size, force=a.force, fast_gray=a.fast_gray,
                           rgb_bands=rgb_bands, overwrite=a.overwrite,
                           decode_budget=budget if not a.no_decode_budget else None,
+                          image_key=a.image_key,
+                          meta_fields=a.meta or (), cloud_score=not a.no_cloud_score,
                           progress=not a.quiet)
     for line in report.lines():
         print(line, file=sys.stderr if line.startswith("FAILED") else sys.stdout)
@@ -141,8 +162,12 @@ def _cmd_select(a: argparse.Namespace) -> int:
         print(f"samples {summary['samples']:,}  budget {summary['budget']:,} "
               f"(prune ratio {cfg.prune_ratio:g}, strategy {cfg.strategy})")
         nodata = "off" if cfg.max_nodata is None else f"> {cfg.max_nodata:g}"
+        filters = "".join(f"  where {w['filter']} dropped {w['dropped']:,}"
+                          for w in summary["where"])
+        if cfg.max_cloud is not None:
+            filters += f"  cloud/haze (> {cfg.max_cloud:g}) dropped {summary['cloud_dropped']:,}"
         print(f"  invalid {summary['invalid']:,}  no-data ({nodata}) dropped "
-              f"{summary['nodata_dropped']:,}  Stage I ({stage1}) dropped "
+              f"{summary['nodata_dropped']:,}{filters}  Stage I ({stage1}) dropped "
               f"{summary['stage1_dropped']:,}  candidates {summary['candidates']:,}")
         print(f"  kept {summary['selected']:,}  shortfall {summary['shortfall']:,}  clusters "
               f"covered {summary['clusters_covered']}/{summary['clusters_in_pool']} in pool "
@@ -193,11 +218,28 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("pack", help="turn a folder of images into WebDataset tar shards")
-    p.add_argument("src_dir")
+    p = sub.add_parser("pack", help="turn a folder of images, or Parquet/Arrow/HF/CSV tables, "
+                                    "into WebDataset tar shards")
+    p.add_argument("src_dir", help="a folder of images; with --from: a file or quoted glob "
+                                   "('data/*.parquet'), or an HF save_to_disk folder")
     p.add_argument("out_dir")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--prefix", default="shard", help="shard name prefix (default 'shard')")
+    p.add_argument("--from", dest="source_format", default="folder",
+                   choices=("folder", "parquet", "arrow", "hf", "csv"),
+                   help="what src_dir is (default: folder)")
+    p.add_argument("--image-column", default=None,
+                   help="table column with the image bytes or HF Image struct (default 'image')")
+    p.add_argument("--path-column", default=None,
+                   help="csv: column with the image file path (default 'path')")
+    p.add_argument("--base-dir", default=None,
+                   help="csv: folder relative paths start from (default: the CSV's folder)")
+    p.add_argument("--keep-columns", default=None, metavar="COL,...",
+                   help="columns to write into each sample's .json member")
+    p.add_argument("--caption-column", default=None, help="text column also written as .txt")
+    p.add_argument("--key-column", default=None,
+                   help="column of unique sample keys (default '<file stem>-<row>')")
+    p.add_argument("--workers", type=int, default=1, help="processes writing shards (tables)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace shards already in out_dir (default: resume a killed run of the "
                         "same settings, refuse others)")
@@ -246,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0-based bands that make RGB in multi-band GeoTIFFs (default 0 1 2)")
     p.add_argument("--fast-gray", action="store_true",
                    help="entropy-only: decode JPEG to libjpeg's Y (2x faster, not PIL-exact)")
+    p.add_argument("--image-key", default=None,
+                   help="the member holding the image, e.g. img_content (default: the first "
+                        "jpg/jpeg/png/tif/tiff/npy member)")
+    p.add_argument("--meta", default=None, metavar="FIELD,...",
+                   help="numeric fields of each sample's .json member to store in the index "
+                        "(for --where), e.g. --meta cloud_cover,gsd")
+    p.add_argument("--no-cloud-score", action="store_true",
+                   help="do not compute the pixel cloud/haze score (score.cloud)")
     encoder_args(p)
     p.set_defaults(fn=_cmd_index)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from ._validate import as_float, check_int, check_number, is_number
 from .errors import ConfigError
+from .filters import check_where
 
 #: Default for :attr:`PruneConfig.max_nodata`: a sample whose no-data share exceeds this fraction is
 #: dropped in Stage I (an extension of the paper's Stage I, see ``max_nodata``).
@@ -56,11 +57,22 @@ class PruneConfig:
         max_nodata: drop samples whose no-data share exceeds this fraction in Stage I, in [0, 1], or
             ``None`` to disable. An extension of the paper's Stage I: swath-edge wedges of no-data
             barely move global entropy, so the entropy filter alone keeps them.
+        where: metadata filters, ``(column, operator, number)`` triples ANDed, e.g.
+            ``[("cloud_cover", "<=", 0.1), ("gsd", "<", 1.0)]`` over the index's optional columns
+            (:mod:`rsprune_data.filters`: operators, name resolution, missing values). An extension
+            applied as eligibility before Stage I, with every strategy (it defines the pool);
+            an unknown operator fails here, an unknown column when the config meets an index.
+        max_cloud: drop samples whose pixel cloud/haze score (``score.cloud``, see
+            :func:`rsprune_data.images.cloud_score`) exceeds this value in Stage I, in [0, 1], or
+            ``None`` (default: off, see the README's measured trade-off). An extension like
+            ``max_nodata``; samples without the score (indexed before it existed) are kept.
 
     Example:
-        >>> cfg = PruneConfig(prune_ratio=0.85, entropy_keep=0.3)
+        >>> cfg = PruneConfig(prune_ratio=0.85, entropy_keep=0.3, where=[("gsd", "<", 1.0)])
         >>> PruneConfig.from_dict(cfg.to_dict()) == cfg
         True
+        >>> cfg.where
+        (('gsd', '<', 1.0),)
     """
 
     prune_ratio: float
@@ -70,9 +82,14 @@ class PruneConfig:
     strategy: str = "rsprune"
     seed: int = 0
     max_nodata: float | None = DEFAULT_MAX_NODATA
+    where: tuple[tuple[str, str, float], ...] = ()
+    max_cloud: float | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        set_(self, "where", check_where(self.where))
+        if self.max_cloud is not None:
+            set_(self, "max_cloud", check_number("max_cloud", self.max_cloud, 0.0, 1.0))
         set_(self, "prune_ratio", check_number("prune_ratio", self.prune_ratio, 0.0, 1.0, hi_open=True))
         if self.entropy_keep is not None and self.entropy_threshold is not None:
             raise ConfigError(
@@ -106,7 +123,9 @@ class PruneConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form; ``PruneConfig.from_dict(c.to_dict()) == c``."""
-        return asdict(self)
+        out = asdict(self)
+        out["where"] = [list(c) for c in self.where]  # JSON has no tuples; from_dict restores them
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruneConfig:

@@ -56,9 +56,9 @@ def _check_decode(decode: Decode) -> Decode:
 def _finish(sample: dict[str, Any], decode: Decode, transform: Callable[[Any], Any] | None) -> Any:
     out: Any = sample
     if decode == "rgb":
-        from .images import IMAGE_EXTS, decode_rgb, pick_image_member
+        from .images import IMAGE_EXTS, MEMBER_EXTS, decode_rgb, sniff_image_member
 
-        picked = pick_image_member(sample)
+        picked = sniff_image_member(sample)
         if picked is None:
             raise CorruptImageError(
                 f"sample {sample['__key__']!r} of {sample['__url__']} has no image member "
@@ -67,7 +67,8 @@ def _finish(sample: dict[str, Any], decode: Decode, transform: Callable[[Any], A
                 reason="no_image",
             )
         name, data = picked
-        sample[name] = decode_rgb(data, name)
+        ext = name if name.rsplit(".", 1)[-1].lower() in MEMBER_EXTS else None
+        sample[name] = decode_rgb(data, ext)
     elif callable(decode):
         out = decode(sample)
     return out if transform is None else transform(out)

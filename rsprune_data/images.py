@@ -1,4 +1,5 @@
-"""Decode one image (JPEG, PNG, TIFF/GeoTIFF) and measure what Stage I needs: entropy and no-data share.
+"""Decode one image (JPEG, PNG, TIFF/GeoTIFF, ``.npy`` array) and measure what Stage I needs:
+entropy, no-data share and, when asked, a cloud/haze score (:func:`cloud_score`).
 
 Failures stay at the image: whatever a codec raises (Pillow, tifffile, libjpeg, imagecodecs' LZW,
 deflate, zstd, packbits, lzma, webp, JPEG ... errors, ``MemoryError``) becomes one
@@ -18,7 +19,10 @@ all Harvey and UC Merced files), falling back to Pillow for what simplejpeg reje
 differently (CMYK/YCCK, recoverable stream warnings); PNG through Pillow; TIFF through tifffile (any
 dtype and band count, GDAL_NODATA tag 42113), falling back to Pillow for compressions that tifffile
 cannot decode without ``imagecodecs`` (LZW, JPEG) and for photometric layouts other than
-grey/RGB/palette.
+grey/RGB/palette. ``.npy`` members (fMoW-style shards) are read with ``numpy.load(allow_pickle=False)``:
+an ``HxW`` or ``HxWxC`` array of any numeric dtype, then the band and dtype rules below. A member
+whose name is not an image extension (``--image-key img_content``) is decoded by sniffing its bytes
+(``ext=None``).
 
 Bands (alpha, when present, is split off first: PNG ``LA``/``RGBA``/transparent palettes, TIFF
 extra samples marked alpha):
@@ -74,6 +78,16 @@ from .entropy import entropy_from_hist
 from .errors import ConfigError, CorruptImageError
 
 IMAGE_EXTS: tuple[str, ...] = ("jpg", "jpeg", "png", "tif", "tiff")
+ARRAY_EXTS: tuple[str, ...] = ("npy",)
+#: Member extensions :func:`pick_image_member` recognises without an explicit image key.
+MEMBER_EXTS: tuple[str, ...] = IMAGE_EXTS + ARRAY_EXTS
+
+CLOUD_BLOCK = 8
+CLOUD_DARK = 0.35
+CLOUD_CHROMA = 0.2
+CLOUD_TEXTURE = 0.02
+CLOUD_VERSION = "1"
+"""Cloud/haze score parameters (:func:`cloud_score`), measured with ``benchmarks/quality.py --cloud``."""
 
 NODATA_TOLERANCE = 8
 """Default no-data tolerance in 8-bit levels.
@@ -100,6 +114,7 @@ an encoder beside them. Larger images are decoded at reduced resolution or refus
 docstring); a 16000 x 16000 float32 TIFF without overviews costs +2.4 MiB instead of +3.7 GiB.
 """
 
+_NPY_MAGIC = b"\x93NUMPY"
 _JPEG_MAGIC = b"\xff\xd8"
 _PNG_MAGIC = b"\x89PNG"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -121,11 +136,13 @@ class ImageStats:
         entropy: Shannon entropy in bits of the 8-bit luma histogram, in [0, 8].
         nodata: share of no-data pixels in [0, 1] (see the module docstring).
         rgb: the ``HxWx3`` uint8 image when asked for with ``want_rgb``, else None.
+        cloud: :func:`cloud_score` when asked for with ``want_cloud``, else NaN.
     """
 
     entropy: float
     nodata: float
     rgb: NDArray[np.uint8] | None = None
+    cloud: float = math.nan
 
 
 class _Raster(NamedTuple):
@@ -136,9 +153,10 @@ class _Raster(NamedTuple):
 
 def analyze(
     data: bytes,
-    ext: str,
+    ext: str | None,
     *,
     want_rgb: bool = False,
+    want_cloud: bool = False,
     rgb_bands: tuple[int, int, int] = (0, 1, 2),
     nodata_value: float | None = None,
     tolerance: int = NODATA_TOLERANCE,
@@ -149,8 +167,10 @@ def analyze(
 
     Args:
         data: encoded image bytes.
-        ext: the file or webdataset member extension (``"jpg"``, ``".TIF"``, ``"rgb.png"``...).
+        ext: the file or webdataset member extension (``"jpg"``, ``".TIF"``, ``"rgb.png"``,
+            ``"npy"``...), or None to pick the format from the bytes alone.
         want_rgb: also return the ``HxWx3`` uint8 image (for an encoder).
+        want_cloud: also compute :func:`cloud_score` (NaN with ``fast_gray``: it needs colour).
         rgb_bands: band indices used as R, G, B for images with 3 or more bands.
         nodata_value: no-data value in the file's units; None = the GeoTIFF tag, else 0.
         tolerance: no-data tolerance in 8-bit levels (see :data:`NODATA_TOLERANCE`).
@@ -175,7 +195,8 @@ def analyze(
         0.0
     """
     _check_args(rgb_bands, tolerance, max_decoded_bytes)
-    raster = _decode(data, ext, gray=fast_gray and not want_rgb, budget=max_decoded_bytes)
+    gray = fast_gray and not want_rgb
+    raster = _decode(data, ext, gray=gray, budget=max_decoded_bytes)
     bands = _select(raster.bands, rgb_bands)
     value = _nodata_value(nodata_value, raster.nodata)
     if bands.dtype == np.uint8:
@@ -191,12 +212,72 @@ def analyze(
             mask |= raster.transparent
         nodata = float(mask.mean())
     rgb = _as_rgb(img8) if want_rgb else None
-    return ImageStats(float(entropy_from_hist(hist)), nodata, rgb)
+    cloud = _cloud_u8(img8, np.asarray(gray_im)) if want_cloud and not gray else math.nan
+    return ImageStats(float(entropy_from_hist(hist)), nodata, rgb, cloud)
+
+
+def cloud_score(rgb: NDArray[np.uint8]) -> float:
+    """Share of the image covered by cloud or haze, in [0, 1]: the share of 8x8 blocks that are
+    bright, colourless and flat.
+
+    A block counts when three tests hold (values on a 0..1 scale):
+
+    - its dark channel (the minimum over the block's pixels of min(R, G, B)) exceeds
+      :data:`CLOUD_DARK` = 0.35. The dark channel prior (He, Sun and Tang, "Single Image Haze
+      Removal Using Dark Channel Prior", CVPR 2009) observes that in haze-free outdoor patches some
+      pixel has a channel near 0; haze and cloud add airlight and lift every channel;
+    - its mean chroma max(R, G, B) - min(R, G, B) is below :data:`CLOUD_CHROMA` = 0.2 (cloud and
+      haze are white to grey: the low-saturation test of simple RGB cloud masks);
+    - the standard deviation of its luma is below :data:`CLOUD_TEXTURE` = 0.02 (about 5 grey
+      levels: cloud tops and thick haze carry no texture, bright roofs and concrete do).
+
+    The thresholds were chosen on Harvey and UC Merced tiles (128 and 256 px) and their measured
+    trade-off is in the README (``benchmarks/quality.py --cloud``). Images smaller than a block use
+    one block of their own size. A grey image has zero chroma, so only brightness and flatness
+    decide.
+
+    Example:
+        >>> cloud_score(np.full((16, 16, 3), 230, np.uint8))
+        1.0
+        >>> cloud_score(np.zeros((16, 16, 3), np.uint8))
+        0.0
+    """
+    img = np.asarray(rgb)
+    if img.ndim != 3 or img.shape[2] not in (1, 3) or img.dtype != np.uint8 or 0 in img.shape:
+        raise ConfigError(f"cloud_score needs an HxWx3 (or HxWx1) uint8 image, got "
+                          f"{img.dtype} {img.shape}")
+    if img.shape[2] == 1:
+        luma = img[..., 0]
+    else:
+        luma = (img.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) + 0.5
+                ).astype(np.uint8)
+    return _cloud_u8(img, luma)
+
+
+def _cloud_u8(img8: NDArray[np.uint8], luma: NDArray[np.uint8]) -> float:
+    h, w = img8.shape[:2]
+    b = max(1, min(CLOUD_BLOCK, h, w))
+    hb, wb = h // b, w // b
+
+    def blocks(a: NDArray[Any]) -> NDArray[Any]:  # H x W -> (hb * wb) x (b * b)
+        return a[: hb * b, : wb * b].reshape(hb, b, wb, b).transpose(0, 2, 1, 3).reshape(hb * wb, -1)
+
+    if img8.shape[2] == 1:
+        lo, chroma = blocks(img8[..., 0]), None
+    else:
+        lo = blocks(img8.min(axis=2))
+        chroma = blocks(img8.max(axis=2) - img8.min(axis=2))
+    hit = lo.min(axis=1) > CLOUD_DARK * 255
+    if chroma is not None:
+        hit &= chroma.mean(axis=1, dtype=np.float32) < CLOUD_CHROMA * 255
+    if hit.any():
+        hit[hit] = blocks(luma)[hit].astype(np.float32).std(axis=1) < CLOUD_TEXTURE * 255
+    return float(hit.mean())
 
 
 def decode_rgb(
     data: bytes,
-    ext: str,
+    ext: str | None,
     *,
     rgb_bands: tuple[int, int, int] = (0, 1, 2),
     nodata_value: float | None = None,
@@ -220,30 +301,61 @@ def decode_rgb(
     return _as_rgb(bands)
 
 
-def pick_image_member(sample: Mapping[str, Any]) -> tuple[str, bytes] | None:
-    """The first member of a webdataset sample whose extension is an image extension.
+def pick_image_member(sample: Mapping[str, Any],
+                      image_key: str | None = None) -> tuple[str, bytes] | None:
+    """The image member of a webdataset sample: ``image_key`` if given, else the first member
+    whose extension is in :data:`MEMBER_EXTS`.
 
-    The last dot-separated part of the member name decides (``"jpg"``, ``"rgb.TIF"``); members
-    starting with ``_`` (``__key__``, ``__url__``) are skipped.
+    Without ``image_key`` the last dot-separated part of the member name decides (``"jpg"``,
+    ``"rgb.TIF"``, ``"npy"``); members starting with ``_`` (``__key__``, ``__url__``) are skipped.
+    With it, the member of exactly that name (``"img_content"`` in RS5M's shards), whatever its
+    extension: decode it with ``ext=None`` (format from the bytes). None when there is none.
 
     Example:
         >>> pick_image_member({"__key__": "a", "cls.txt": b"x", "jpg": b"..."})
         ('jpg', b'...')
+        >>> pick_image_member({"__key__": "a", "img_content": b"..."}, "img_content")
+        ('img_content', b'...')
     """
+    if image_key is not None:
+        value = sample.get(image_key)
+        return None if value is None else (image_key, value)
     for name, value in sample.items():
-        if not name.startswith("_") and name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
+        if not name.startswith("_") and name.rsplit(".", 1)[-1].lower() in MEMBER_EXTS:
             return name, value
+    return None
+
+
+def sniff_image_member(sample: Mapping[str, Any]) -> tuple[str, bytes] | None:
+    """:func:`pick_image_member`, else the first member whose leading bytes are a JPEG, PNG, TIFF
+    or ``.npy`` (shards with a custom image member such as ``img_content``). Decode the second
+    case with ``ext=None``.
+
+    Example:
+        >>> sniff_image_member({"__key__": "a", "img_content": b"\\x89PNG..."})
+        ('img_content', b'\\x89PNG...')
+    """
+    picked = pick_image_member(sample)
+    if picked is not None:
+        return picked
+    for name, value in sample.items():
+        if name.startswith("_") or not isinstance(value, bytes | bytearray | memoryview):
+            continue
+        head = bytes(value[:6])
+        if head.startswith((_JPEG_MAGIC, _PNG_MAGIC, _NPY_MAGIC, *_TIFF_MAGICS)):
+            return name, bytes(value)
     return None
 
 
 # decoding: bytes -> _Raster ----------------------------------------------------------------------
 
 
-def _decode(data: bytes, ext: str, *, gray: bool, budget: int | None) -> _Raster:
-    kind = ext.rsplit(".", 1)[-1].lower()
-    if kind not in IMAGE_EXTS:
+def _decode(data: bytes, ext: str | None, *, gray: bool, budget: int | None) -> _Raster:
+    kind = "image" if ext is None else ext.rsplit(".", 1)[-1].lower()
+    if kind not in MEMBER_EXTS and ext is not None:
         raise CorruptImageError(
-            f"extension {ext!r} is not an image extension; expected one of {IMAGE_EXTS}",
+            f"extension {ext!r} is not an image extension; expected one of {MEMBER_EXTS} "
+            "(or name the member with an image key)",
             reason="unsupported_format",
         )
     try:
@@ -264,7 +376,11 @@ def _decode_any(data: bytes, kind: str, gray: bool, budget: int | None) -> _Rast
     if not data:
         raise CorruptImageError(f"empty .{kind} image (0 bytes)", reason="empty")
     head = bytes(data[:4])
-    if head.startswith(_JPEG_MAGIC):
+    if bytes(data[:6]) == _NPY_MAGIC:
+        raster = _decode_npy(data, budget)
+    elif kind == "npy":
+        raise CorruptImageError(f".npy data does not start with the NumPy magic ({head!r})")
+    elif head.startswith(_JPEG_MAGIC):
         raster = _decode_jpeg(data, gray, budget)
     elif head == _PNG_MAGIC:
         raster = _decode_pil(data, budget)
@@ -281,6 +397,35 @@ def _decode_any(data: bytes, kind: str, gray: bool, budget: int | None) -> _Rast
     if len(shape) != 3 or 0 in shape:
         raise CorruptImageError(f"decoded image has shape {shape}, expected H x W x bands", reason="bad_shape")
     return raster
+
+
+def _decode_npy(data: bytes, budget: int | None) -> _Raster:
+    fmt: Any = np.lib.format  # untyped module
+    f = io.BytesIO(data)
+    try:  # the header first: refuse a huge array before allocating it
+        version = fmt.read_magic(f)
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        if dtype.kind not in "biuf" or len(shape) not in (2, 3):
+            raise CorruptImageError(f".npy array has dtype {dtype} and shape {shape}; expected a "
+                                    "numeric HxW or HxWxC array", reason="bad_shape")
+        _check_pixels(math.prod(shape))
+        if budget is not None and math.prod(shape) * dtype.itemsize > budget:
+            raise CorruptImageError(
+                f".npy array of shape {shape} and dtype {dtype} needs "
+                f"{math.prod(shape) * dtype.itemsize:,} bytes, over the decode budget of "
+                f"{budget:,} (max_decoded_bytes / --decode-budget)", reason="too_large")
+        f.seek(0)
+        arr = np.load(f, allow_pickle=False)
+    except CorruptImageError:
+        raise
+    except (ValueError, OSError, EOFError, SyntaxError) as exc:
+        text = str(exc)
+        reason = "truncated" if "EOF" in text or "reshape" in text or "read" in text else "decode_error"
+        raise CorruptImageError(f"cannot read .npy array: {text}", reason=reason) from exc
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return _Raster(arr[..., None] if arr.ndim == 2 else arr, None, None)
 
 
 def _decode_jpeg(data: bytes, gray: bool, budget: int | None) -> _Raster:

@@ -68,6 +68,14 @@ METADATA_KEYS = (
     *("format", "version", "shard", "shard_size", "shard_mtime_ns", "shard_fingerprint"),
     *("encoder", "centroids_digest", "num_clusters", "num_samples", "reasons", "created_by"),
 )
+# Optional per-sample columns, beside the core tensors: float32 tensors named "meta.<field>" (a
+# numeric field of the sample's .json member, or a Parquet column packed into it) or
+# "score.<name>" (a pixel score such as score.cloud), NaN = missing. The "columns" metadata entry
+# (JSON) describes each: {name: {"dtype": "float32", "version": "1", "source": "..."}}; an index
+# without it has no optional columns (files written before they existed read as such).
+OPTIONAL_PREFIXES = ("meta.", "score.")
+OPTIONAL_DTYPE = np.float32
+COLUMNS_KEY = "columns"
 # across shards; versions 1 and 2 mix (a shard's checksums are used where it has them)
 MUST_AGREE = ("encoder", "centroids_digest", "num_clusters", "entropy_mode")
 FINGERPRINT_BYTES = 64 * 1024
@@ -152,10 +160,18 @@ def encode_keys(keys: Sequence[str]) -> dict[str, NDArray[Any]]:
 
 
 # --- one file ------------------------------------------------------------------------------------
+def column_info(source: str, version: str = "1") -> dict[str, str]:
+    """The ``columns`` metadata entry of one optional column (see the schema above)."""
+    return {"dtype": np.dtype(OPTIONAL_DTYPE).name, "version": version, "source": source}
+
+
 def write_index(path: _PathLike, arrays: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
     """Check and write one shard index atomically: temp file in the same folder, fsync, rename.
 
     Everything :func:`read_index` checks is checked here too, so a file that was written can be read.
+
+    Optional columns (``meta.*``, ``score.*``) in ``arrays`` must be described, each of them and
+    nothing else, by the JSON ``columns`` metadata entry (:func:`column_info`).
 
     Raises:
         ConfigError: a tensor or metadata field is missing or inconsistent (the message names it).
@@ -176,6 +192,7 @@ def write_index(path: _PathLike, arrays: Mapping[str, Any], metadata: Mapping[st
         _check_arrays(out, meta, path)
     except IndexCorruptError as exc:
         raise ConfigError(f"index {path}: field {exc.field!r} {exc.problem}") from None
+    out.update(_optional_arrays(arrays, meta, n, path))
     lossy = [k for k in ("cluster_id", "valid", "reason")
              if not np.array_equal(out[k], arrays.get(k, ()))]
     if lossy:
@@ -186,6 +203,39 @@ def write_index(path: _PathLike, arrays: Mapping[str, Any], metadata: Mapping[st
     except IndexCorruptError as exc:
         raise ConfigError(f"index {path}: field {exc.field!r} {exc.problem}") from None
     atomic_write_bytes(path, save(out, metadata=meta))
+
+
+def _optional_arrays(arrays: Mapping[str, Any], meta: Mapping[str, str], n: int,
+                     path: object) -> dict[str, NDArray[Any]]:
+    names = sorted(k for k in arrays if k.startswith(OPTIONAL_PREFIXES))
+    described = _column_infos(meta, path)
+    if sorted(described) != names:
+        raise ConfigError(f"index {path}: optional columns {names} must match the `columns` "
+                          f"metadata {sorted(described)}: use column_info(source) for each")
+    out = {k: np.ascontiguousarray(arrays[k], dtype=OPTIONAL_DTYPE) for k in names}
+    wrong = [k for k, v in out.items() if v.shape != (n,)]
+    if wrong:
+        raise ConfigError(f"index {path}: optional columns {wrong} must have num_samples={n} values")
+    return out
+
+
+def _column_infos(meta: Mapping[str, str], path: object) -> dict[str, dict[str, str]]:
+    raw = meta.get(COLUMNS_KEY)
+    if raw is None:
+        return {}
+    try:
+        infos = json.loads(raw)
+    except ValueError:
+        infos = None
+    ok = isinstance(infos, dict) and all(
+        isinstance(k, str) and k.startswith(OPTIONAL_PREFIXES) and isinstance(v, dict)
+        and v.get("dtype") == np.dtype(OPTIONAL_DTYPE).name and isinstance(v.get("version"), str)
+        for k, v in infos.items())
+    if not ok:
+        raise IndexMismatchError(f"index {path}: `columns` metadata {raw!r} is not a JSON object of "
+                                 "meta.*/score.* names -> {dtype: float32, version, source}: "
+                                 "run `rsprune-data index --force` again")
+    return dict(infos)
 
 
 def remove_stale_temporaries(path: _PathLike) -> None:
@@ -250,7 +300,8 @@ def read_metadata(path: _PathLike) -> dict[str, str]:
 
 
 def read_index(path: _PathLike) -> tuple[dict[str, NDArray[Any]], dict[str, str]]:
-    """Every tensor and the metadata of one index file, validated (:mod:`.index_check`).
+    """Every tensor (optional columns included) and the metadata of one index file, validated
+    (:mod:`.index_check`).
 
     Raises:
         IndexCorruptError: a tensor is missing or has the wrong dtype, length or values, or the
@@ -264,8 +315,10 @@ def read_index(path: _PathLike) -> tuple[dict[str, NDArray[Any]], dict[str, str]
     with _open(p) as f:
         meta = _metadata(f, p)
         names = {k: dt for k, dt in _SCHEMA.items() if k != "checksum" or has_checksums(meta)}
-        arrays = _tensors(f, names, p, meta)
+        optional = {k: OPTIONAL_DTYPE for k in sorted(_column_infos(meta, p))}
+        arrays = _tensors(f, {**names, **optional}, p, meta)
     _validate(arrays, meta, p)
+    _check_optional(arrays, optional, meta, p)
     return arrays, meta
 
 
@@ -279,6 +332,13 @@ def read_columns(path: _PathLike, names: Sequence[str]) -> tuple[dict[str, NDArr
         arrays = _tensors(f, {k: SAMPLE_TENSORS[k] for k in names}, p, meta)
     _validate(arrays, meta, p)
     return arrays, meta
+
+
+def _check_optional(arrays: Mapping[str, NDArray[Any]], names: Mapping[str, Any],
+                    meta: Mapping[str, str], path: object) -> None:
+    n = int(meta["num_samples"])
+    for name in names:
+        check.check_tensor(name, arrays[name], OPTIONAL_DTYPE, (n,), path)
 
 
 def _metadata(f: Any, path: Path) -> dict[str, str]:
@@ -386,6 +446,11 @@ class PruneIndex:
     ``offsets``/``lengths`` (int64 byte ranges in the tar), ``checksums`` (uint64 xxh3_64 of each
     range, real where ``checksummed[shard]``). ``keys`` are read on first access.
     ``fingerprint`` digests the shard fingerprints, encoder, centroids, K and the sample count.
+    ``columns``: the optional per-sample columns (``meta.<field>``, ``score.<name>``; float32,
+    NaN = missing), each joined over all shards; a shard indexed without a column contributes NaN
+    for it. ``column_info`` describes them (dtype, version, source).
+    ``fingerprint`` digests the shard fingerprints, encoder, centroids, K and the sample count
+    (and the optional columns' names and versions, when there are any).
 
     Example:
         >>> index = PruneIndex.load("shards/shard-{000000..000099}.tar")  # doctest: +SKIP
@@ -395,7 +460,8 @@ class PruneIndex:
     def __init__(self, columns: Mapping[str, NDArray[Any]], shard_starts: NDArray[np.int64],
                  metadata: Sequence[Mapping[str, str]], *, shards: Sequence[str],
                  index_paths: Sequence[Path] = (), reasons: Sequence[str] = ("ok",),
-                 keys: KeyList | None = None) -> None:
+                 keys: KeyList | None = None,
+                 column_info: Mapping[str, Mapping[str, str]] | None = None) -> None:
         self.entropy: NDArray[np.float32] = columns["entropy"]
         self.nodata: NDArray[np.float32] = columns["nodata"]
         self.cluster_ids: NDArray[np.int16] = columns["cluster_id"]
@@ -417,8 +483,15 @@ class PruneIndex:
         self.centroids_digest: str = self.metadata[0].get("centroids_digest", "")
         self.num_clusters: int = int(self.metadata[0].get("num_clusters", "0"))
         self._keys = keys
+        self.columns: dict[str, NDArray[np.float32]] = {
+            k: np.asarray(v, dtype=OPTIONAL_DTYPE) for k, v in columns.items()
+            if k.startswith(OPTIONAL_PREFIXES)}
+        self.column_info: dict[str, dict[str, str]] = {
+            k: dict((column_info or {}).get(k, column_info_default(k))) for k in self.columns}
         parts = [m.get("shard_fingerprint", "") for m in self.metadata]
         parts += [self.encoder, self.centroids_digest, str(self.num_clusters), str(len(self))]
+        if self.columns:  # absent columns leave the fingerprint of older indexes unchanged
+            parts += [f"{k}:{v['version']}" for k, v in sorted(self.column_info.items())]
         self.fingerprint: str = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
     def __len__(self) -> int:
@@ -490,6 +563,8 @@ class PruneIndex:
         names, paths = _resolve(shards, index_dir)
         metas: list[dict[str, str]] = []
         cols: dict[str, list[NDArray[Any]]] = {k: [] for k in SAMPLE_TENSORS}
+        optional: list[dict[str, NDArray[Any]]] = []
+        infos: dict[str, dict[str, str]] = {}
         for shard, path in zip(names, paths, strict=True):
             with _open(path, shard, index_dir) as f:
                 meta = _metadata(f, path)
@@ -501,7 +576,12 @@ class PruneIndex:
                            "index_dir=...), or check_stale=False to use the index alone")
                     raise StaleIndexError(f"index {path} is stale: {why}; {fix}")
                 mine = _tensors(f, SAMPLE_TENSORS, path, meta)
+                here = _column_infos(meta, path)
+                _merge_infos(infos, here, shard)
+                extra = _tensors(f, {k: OPTIONAL_DTYPE for k in here}, path, meta)
             _check_shapes(mine, meta, path)  # values: below, once over all shards
+            _check_optional(extra, here, meta, path)
+            optional.append(extra)
             for k in cols:
                 cols[k].append(mine[k])
             metas.append(meta)
@@ -520,15 +600,23 @@ class PruneIndex:
                 joined["reason"][part] = lut[joined["reason"][part]]
         _warn_unchecked([s for s, m in zip(names, metas, strict=True) if not has_checksums(m)],
                         len(names))
-        return cls(joined, starts, metas, shards=names, index_paths=paths, reasons=reasons)
+        for k in sorted(infos):  # a shard without the column: NaN, i.e. missing
+            joined[k] = np.concatenate([
+                o[k] if k in o else np.full(n, np.nan, OPTIONAL_DTYPE)
+                for o, n in zip(optional, np.diff(starts), strict=True)])
+        return cls(joined, starts, metas, shards=names, index_paths=paths, reasons=reasons,
+                   column_info=infos)
 
     @classmethod
     def from_arrays(cls, entropy: Any, cluster_ids: Any, similarity: Any, *, num_clusters: int,
                     valid: Any = None, nodata: Any = None, offsets: Any = None,
                     lengths: Any = None, shard_ids: Any = None,
                     shards: Sequence[str] | None = None,
-                    keys: Sequence[str] | None = None) -> PruneIndex:
+                    keys: Sequence[str] | None = None,
+                    columns: Mapping[str, Any] | None = None) -> PruneIndex:
         """An in-memory index (tests, notebooks); columns not given are all valid / zero.
+
+        ``columns`` are optional columns by full name (``{"meta.gsd": [...]}``).
 
         Example:
             >>> idx = PruneIndex.from_arrays([5.0, 7.0], [0, 1], [0.9, 0.8], num_clusters=2)
@@ -544,7 +632,12 @@ class PruneIndex:
         sid = np.zeros(n, np.int64) if shard_ids is None else np.asarray(shard_ids, np.int64)
         num_shards = int(sid.max(initial=0)) + 1
         names = [f"<memory-{i}>" for i in range(num_shards)] if shards is None else list(shards)
-        wrong = [k for k, v in {**cols, "shard_ids": sid}.items() if v.shape != (n,)]
+        extra = {k: np.asarray(v, dtype=OPTIONAL_DTYPE) for k, v in (columns or {}).items()}
+        bad = [k for k in extra if not k.startswith(OPTIONAL_PREFIXES)]
+        if bad:
+            raise ConfigError(f"from_arrays: optional column names must start with "
+                              f"{OPTIONAL_PREFIXES}, got {bad}")
+        wrong = [k for k, v in {**cols, **extra, "shard_ids": sid}.items() if v.shape != (n,)]
         z = cols["cluster_id"]
         lo, hi = z.min(initial=-1), z.max(initial=-1)
         if wrong or (np.diff(sid) < 0).any() or num_shards > len(names) or lo < -1 \
@@ -557,8 +650,24 @@ class PruneIndex:
         content = b"".join(v.tobytes() for v in cols.values())
         meta = {"shard_fingerprint": hashlib.sha256(content).hexdigest(),
                 "num_clusters": str(num_clusters)}
-        return cls(cols, starts, [meta], shards=names,
+        return cls({**cols, **extra}, starts, [meta], shards=names,
                    keys=None if keys is None else KeyList.of(keys))
+
+
+def column_info_default(name: str) -> dict[str, str]:
+    """What an optional column built in memory is described as."""
+    return column_info(source="memory")
+
+
+def _merge_infos(infos: dict[str, dict[str, str]], here: Mapping[str, dict[str, str]],
+                 shard: str) -> None:
+    for k, v in here.items():
+        old = infos.setdefault(k, v)
+        if old["version"] != v["version"]:
+            raise IndexMismatchError(
+                f"shard {shard} has column {k} version {v['version']!r}, an earlier shard "
+                f"{old['version']!r}: index all shards with the same rsprune_data (`rsprune-data "
+                "index --force`)")
 
 
 def check_distinct_index_paths(shards: Sequence[str], paths: Sequence[Path]) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -43,22 +44,25 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import index as idx
-from ._index_work import NO_IMAGE, Job, SampleRow, describe, shard_chunks
+from ._fsio import atomic_write_text
+from ._index_work import META_PREFIX, NO_IMAGE, Job, SampleRow, describe, meta_values, shard_chunks
 from ._supervisor import Died, supervised
 from ._validate import check_int, check_rgb_bands
-from .errors import IndexMismatchError, OverwriteError, StaleIndexError
-from .images import DEFAULT_DECODE_BUDGET
+from .errors import ConfigError, IndexMismatchError, OverwriteError, StaleIndexError
+from .images import CLOUD_VERSION, DEFAULT_DECODE_BUDGET
 from .world import distributed_rank
 
 if TYPE_CHECKING:
     from .centroids import Centroids
     from .encoders import Encoder
 
-__all__ = ["NO_IMAGE", "IndexReport", "SampleRow", "index_is_current", "index_shards",
-           "shard_share"]
+__all__ = ["CLOUD_COLUMN", "META_PREFIX", "NO_IMAGE", "IndexReport", "SampleRow",
+           "check_meta_fields", "index_is_current", "index_shards", "meta_values", "shard_share"]
 
 ENTROPY_CHUNK = 2048  # samples per worker message when no encoder runs
 REPORT_FORMAT = "rsprune-index-report"
+CLOUD_COLUMN = "score.cloud"
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 
 
 @dataclass
@@ -75,6 +79,7 @@ class IndexReport:
     samples: int = 0
     invalid: Counter[str] = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
+    meta_missing: Counter[str] = field(default_factory=Counter)  # field -> samples without a number
 
     @property
     def ok(self) -> bool:
@@ -87,6 +92,9 @@ class IndexReport:
         if self.invalid:
             reasons = ", ".join(f"{r}: {c}" for r, c in sorted(self.invalid.items()))
             out.append(f"invalid samples (never selected): {sum(self.invalid.values())} ({reasons})")
+        if self.meta_missing:
+            missing = ", ".join(f"{f}: {c}" for f, c in sorted(self.meta_missing.items()))
+            out.append(f"metadata fields missing or not numeric (stored as NaN): {missing}")
         out += [f"FAILED {shard}: {why}" for shard, why in self.failed.items()]
         if self.failed:
             out.append(f"FAILED {len(self.failed)} shard(s); rerun the same command to retry "
@@ -99,21 +107,23 @@ class IndexReport:
                 "indexed": list(self.indexed), "skipped": list(self.skipped),
                 "failed": [{"shard": s, "reason": r} for s, r in self.failed.items()],
                 "samples": self.samples, "invalid": dict(sorted(self.invalid.items())),
-                "invalid_examples": dict(sorted(self.examples.items()))}
+                "invalid_examples": dict(sorted(self.examples.items())),
+                "meta_missing": dict(sorted(self.meta_missing.items()))}
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`to_dict` to ``path`` atomically (temp file, fsync, rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def check_meta_fields(fields: Sequence[str] | str) -> tuple[str, ...]:
+    """``fields`` (a list, or one comma-separated string) as distinct, valid field names."""
+    items = fields.split(",") if isinstance(fields, str) else list(fields)
+    out = tuple(f.strip() for f in items if not isinstance(f, str) or f.strip())
+    bad = [f for f in out if not isinstance(f, str) or not _FIELD.fullmatch(f)]
+    if bad or len(set(out)) < len(out):
+        raise ConfigError(f"`meta_fields` must be distinct field names (letters, digits, _ . -) "
+                          f"such as 'cloud_cover,gsd', got {list(items)!r}")
+    return out
 
 
 def shard_share(shards: Sequence[str], rank: int | None = None,
@@ -169,8 +179,10 @@ def _check_overwrite(todo: list[tuple[str, Path]], ours: dict[str, str]) -> None
 
 
 def index_is_current(shard: str, index_path: Path, *, encoder: str, centroids_digest: str,
-                     entropy_mode: str = "exact") -> bool:
-    """True when ``index_path`` is a complete index of ``shard`` as it is now, for these centroids."""
+                     entropy_mode: str = "exact", columns: Sequence[str] | None = None,
+                     image_key: str = "") -> bool:
+    """True when ``index_path`` is a complete index of ``shard`` as it is now, for these centroids
+    (and, when ``columns`` is given, with exactly these optional columns and image key)."""
     if not index_path.exists():
         return False
     try:
@@ -183,6 +195,13 @@ def index_is_current(shard: str, index_path: Path, *, encoder: str, centroids_di
         return False
     if meta.get("entropy_mode", "exact") != entropy_mode:
         return False
+    if columns is not None:
+        try:
+            have = json.loads(meta.get(idx.COLUMNS_KEY, "{}"))
+        except ValueError:
+            return False
+        if sorted(have) != sorted(columns) or meta.get("image_key", "") != image_key:
+            return False
     return not idx.shard_is_stale(shard, meta)
 
 
@@ -195,7 +214,9 @@ class _Pending:
 
 
 def _finish(shard: str, out: Path, pending: _Pending, before: dict[str, str], *, encoder_id: str,
-            centroids: Centroids | None, entropy_mode: str) -> Counter[str]:
+            centroids: Centroids | None, entropy_mode: str,
+            optional: Sequence[tuple[str, dict[str, str]]] = (), image_key: str = "",
+            missing: Counter[str] | None = None) -> Counter[str]:
     rows = pending.rows
     n = len(rows)
     why = idx.shard_is_stale(shard, before)
@@ -222,6 +243,13 @@ def _finish(shard: str, out: Path, pending: _Pending, before: dict[str, str], *,
         "checksum": np.array([r.checksum for r in rows], dtype=np.uint64),
         **idx.encode_keys([r.key for r in rows]),
     }
+    infos: dict[str, dict[str, str]] = {}
+    for j, (name, info) in enumerate(optional):
+        col = np.array([r.extras[j] for r in rows], dtype=np.float32).reshape(n)
+        arrays[name], infos[name] = col, info
+        lacking = int(np.isnan(col).sum())
+        if missing is not None and name.startswith(META_PREFIX) and lacking:
+            missing[name.removeprefix(META_PREFIX)] += lacking
     meta = {
         **before,
         "encoder": encoder_id,
@@ -231,6 +259,10 @@ def _finish(shard: str, out: Path, pending: _Pending, before: dict[str, str], *,
         "reasons": json.dumps(reason_names),
         "entropy_mode": entropy_mode,
     }
+    if infos:
+        meta[idx.COLUMNS_KEY] = json.dumps(infos, sort_keys=True)
+    if image_key:
+        meta["image_key"] = image_key
     idx.write_index(out, arrays, meta)
     return reasons
 
@@ -268,6 +300,9 @@ def index_shards(
     overwrite: bool = False,
     fast_gray: bool = False,
     decode_budget: int | None = DEFAULT_DECODE_BUDGET,
+    image_key: str | None = None,
+    meta_fields: Sequence[str] = (),
+    cloud_score: bool = True,
     progress: bool = True,
 ) -> IndexReport:
     """Index this rank's share of ``shards`` (see the module docstring).
@@ -291,6 +326,12 @@ def index_shards(
             index metadata as ``entropy_mode``. Ignored with centroids (the RGB decode is needed).
         decode_budget: bytes of decoded raster per image (``images.DEFAULT_DECODE_BUDGET``);
             larger images are decoded at reduced resolution or recorded as ``too_large``.
+        image_key: the member that holds the image (``"img_content"``), decoded by its bytes;
+            default: the first member with an image or ``.npy`` extension.
+        meta_fields: numeric fields of each sample's ``.json`` member to store as ``meta.<field>``
+            columns (NaN where missing), for ``PruneConfig(where=...)``.
+        cloud_score: store the pixel cloud/haze score as ``score.cloud`` (not with ``fast_gray``:
+            it needs colour).
         progress: show a tqdm bar over samples.
 
     Returns:
@@ -320,18 +361,29 @@ def index_shards(
     rgb_bands = check_rgb_bands(rgb_bands)  # here, not in a decoding worker
     if decode_budget is not None:
         decode_budget = check_int("decode_budget", decode_budget, 1)
+    fields_ = check_meta_fields(meta_fields)
+    if image_key is not None and (not isinstance(image_key, str) or not image_key
+                                  or image_key.startswith("_")):
+        raise ConfigError(f"`image_key` must be a member name such as 'img_content' or "
+                          f"'rgb.npy', got {image_key!r}")
     names = [os.fspath(s) for s in shards]
     idx.check_distinct_index_paths(names, [idx.index_path_for(s, index_dir) for s in names])
     encoder_id = encoder.name if (encoder is not None and centroids is not None) else ""
     digest = centroids.digest if centroids is not None else ""
     fast_gray = fast_gray and centroids is None
     mode = "fast_gray" if fast_gray else "exact"
+    cloud = bool(cloud_score) and not fast_gray
+    optional = ([(CLOUD_COLUMN, idx.column_info("pixels:cloud_score", CLOUD_VERSION))]
+                if cloud else [])
+    optional += [(META_PREFIX + f, idx.column_info(f"json:{f}")) for f in fields_]
+    wanted = [name for name, _ in optional]
     report = IndexReport()
     todo: list[tuple[str, Path]] = []
     for shard in shard_share(names, rank, world_size):
         out = idx.index_path_for(shard, index_dir)
         if not force and index_is_current(shard, out, encoder=encoder_id, centroids_digest=digest,
-                                          entropy_mode=mode):
+                                          entropy_mode=mode, columns=wanted,
+                                          image_key=image_key or ""):
             report.skipped.append(shard)
         else:
             todo.append((shard, out))
@@ -354,7 +406,7 @@ def index_shards(
     # entropy-only chunks carry no images: large chunks keep the per-chunk IPC off the hot path
     chunk_size = batch_size if preprocess is not None else max(batch_size, ENTROPY_CHUNK)
     job = Job(tuple(s for s, _ in ready), chunk_size, preprocess, rgb_bands, fast_gray,
-              decode_budget)
+              decode_budget, image_key, fields_, cloud)
     pending: dict[int, _Pending] = {}
     broken: set[int] = set()  # shards whose main-process work failed; their later chunks are dropped
     bar = tqdm(total=None, unit="img", desc=f"index 0/{len(ready)} shards", disable=not progress)
@@ -379,8 +431,10 @@ def index_shards(
                 if chunk["error"]:
                     report.failed[shard] = chunk["error"]
                 else:
-                    report.invalid += _finish(shard, out, p, chunk["meta"], encoder_id=encoder_id,
-                                              centroids=centroids, entropy_mode=mode)
+                    report.invalid += _finish(
+                        shard, out, p, chunk["meta"], encoder_id=encoder_id, centroids=centroids,
+                        entropy_mode=mode, optional=optional, image_key=image_key or "",
+                        missing=report.meta_missing)
                     report.indexed.append(shard)
                     report.samples += len(p.rows)
         except Exception as exc:  # ENOSPC/EROFS writing the index, an encoder error: this shard

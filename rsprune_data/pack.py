@@ -267,6 +267,11 @@ def _check_args(src: Path, shard_size: int, prefix: str) -> None:
     if not src.is_dir():
         raise ConfigError(f"src_dir={str(src)!r} is not an existing folder; pass the folder of images")
     check_int("shard_size", shard_size, 1)
+    check_prefix(prefix)
+
+
+def check_prefix(prefix: str) -> None:
+    """Refuse a shard name prefix that is empty, hidden or a path (shared with ``pack_table``)."""
     if not prefix or "/" in prefix or os.sep in prefix or prefix.startswith("."):
         raise ConfigError(
             f"prefix must be a plain, non-hidden file name part without '/', got {prefix!r}; "

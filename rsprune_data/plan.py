@@ -1,7 +1,12 @@
 """From a :class:`PruneConfig` and an index's arrays to a selection and its summary (numpy only).
 
 This is the config layer around :func:`rsprune_data.selection.select_indices`: it folds the no-data
-filter into the validity mask, resolves the data-driven Stage I default, and reports per-stage counts.
+filter, the metadata filters (``where``) and the opt-in cloud/haze rule (``max_cloud``) into the
+validity mask, resolves the data-driven Stage I default, and reports per-stage counts.
+
+Eligibility, in this order (each count in the summary is of samples still eligible before it):
+decodable (``valid``) -> ``max_nodata`` (Stage I strategies) -> each ``where`` clause (every
+strategy: the clauses define the pool) -> ``max_cloud`` (Stage I strategies) -> the entropy rule.
 
 Data-driven Stage I (``entropy_filter="auto"`` with neither ``entropy_keep`` nor
 ``entropy_threshold``). The paper keeps a fixed 30% by entropy on Git-10M, a global corpus full of
@@ -32,6 +37,7 @@ of everything.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,6 +46,7 @@ from numpy.typing import NDArray
 
 from .config import PruneConfig
 from .errors import ConfigError
+from .filters import apply_where, format_clause
 from .selection import STAGE1_STRATEGIES, budget, select_indices
 
 AUTO_MIN_BITS = 2.0
@@ -83,28 +90,49 @@ def auto_entropy_threshold(entropy: NDArray[Any]) -> float:
 class Stage1:
     """How Stage I was resolved for one pool."""
 
-    eligible: NDArray[np.bool_]  # valid and within max_nodata
+    eligible: NDArray[np.bool_]  # valid, within max_nodata, every where clause and max_cloud
     entropy_keep: float | None
     entropy_threshold: float | None
     rule: str  # "keep", "threshold", "auto" or "none"
+    nodata_dropped: int = 0
+    where_dropped: tuple[int, ...] = ()  # one count per config.where clause, in order
+    cloud_dropped: int = 0
+
+
+def _columns(index: IndexArrays) -> Mapping[str, NDArray[Any]]:
+    return getattr(index, "columns", None) or {}
 
 
 def resolve_stage1(index: IndexArrays, config: PruneConfig) -> Stage1:
-    """Fold ``max_nodata`` into validity and pick Stage I's arguments for ``config``."""
+    """Fold the filters into validity (module docstring) and pick Stage I's arguments."""
     eligible = np.asarray(index.valid, dtype=bool)
     uses_stage1 = config.strategy in STAGE1_STRATEGIES
     nodata = index.nodata
+    n0 = int(eligible.sum())
     if uses_stage1 and config.max_nodata is not None and nodata is not None:
         eligible = eligible & (nodata <= config.max_nodata)
+    n1 = int(eligible.sum())
+    eligible, where_dropped = apply_where(eligible, _columns(index), config.where)
+    n2 = int(eligible.sum())
+    if uses_stage1 and config.max_cloud is not None:
+        cloud = _columns(index).get("score.cloud")
+        if cloud is None:
+            raise ConfigError(
+                f"max_cloud={config.max_cloud} needs the score.cloud column, but the index has "
+                f"only {sorted(_columns(index)) or 'no optional columns'}: re-run `rsprune-data "
+                "index --force` (RGB decode, not --fast-gray) or pass max_cloud=None")
+        eligible = eligible & ~(cloud > config.max_cloud)  # NaN (no score) is kept
+    rule: tuple[float | None, float | None, str] = (None, None, "none")
     if not uses_stage1 or config.strategy == "entropy":
-        return Stage1(eligible, None, None, "none")
-    if config.entropy_keep is not None:
-        return Stage1(eligible, config.entropy_keep, None, "keep")
-    if config.entropy_threshold is not None:
-        return Stage1(eligible, None, config.entropy_threshold, "threshold")
-    if config.entropy_filter == "auto":
-        return Stage1(eligible, None, auto_entropy_threshold(index.entropy[eligible]), "auto")
-    return Stage1(eligible, None, None, "none")
+        pass
+    elif config.entropy_keep is not None:
+        rule = (config.entropy_keep, None, "keep")
+    elif config.entropy_threshold is not None:
+        rule = (None, config.entropy_threshold, "threshold")
+    elif config.entropy_filter == "auto":
+        rule = (None, auto_entropy_threshold(index.entropy[eligible]), "auto")
+    return Stage1(eligible, *rule, nodata_dropped=n0 - n1, where_dropped=tuple(where_dropped),
+                  cloud_dropped=n2 - int(eligible.sum()))
 
 
 def _check_clusters(index: IndexArrays, config: PruneConfig) -> None:
@@ -132,7 +160,8 @@ def selection_summary(index: IndexArrays, config: PruneConfig,
                       selected: NDArray[np.int64] | None = None) -> dict[str, Any]:
     """Per-stage counts of a selection, as plain JSON types.
 
-    Keys: ``config``, ``samples``, ``budget``, ``invalid``, ``nodata_dropped``, ``stage1_rule``,
+    Keys: ``config``, ``samples``, ``budget``, ``invalid``, ``nodata_dropped``, ``where`` (one
+    ``{"filter", "dropped"}`` per clause), ``cloud_dropped``, ``stage1_rule``,
     ``entropy_threshold``/``entropy_keep`` (what Stage I used), ``stage1_dropped``, ``candidates``,
     ``selected``, ``shortfall``, ``num_clusters``, ``clusters_in_pool``, ``clusters_covered``.
     """
@@ -161,7 +190,10 @@ def selection_summary(index: IndexArrays, config: PruneConfig,
         "samples": n,
         "budget": b,
         "invalid": n - n_valid,
-        "nodata_dropped": n_valid - n_eligible,
+        "nodata_dropped": st.nodata_dropped,
+        "where": [{"filter": format_clause(c), "dropped": d}
+                  for c, d in zip(config.where, st.where_dropped, strict=True)],
+        "cloud_dropped": st.cloud_dropped,
         "stage1_rule": st.rule,
         "entropy_threshold": st.entropy_threshold,
         "entropy_keep": st.entropy_keep,

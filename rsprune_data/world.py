@@ -8,6 +8,7 @@ Order of precedence for the rank and world size: the explicit argument, then an 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 from .partition import check_rank
@@ -47,6 +48,8 @@ def distributed_rank(rank: int | None = None, world_size: int | None = None) -> 
 
 
 def _from_process_group() -> tuple[int | None, int | None]:
+    if "torch.distributed" not in sys.modules:  # no process group without it: skip torch's import
+        return None, None
     try:
         import torch.distributed as dist
     except ImportError:  # torch is a dependency, but keep the core importable without it

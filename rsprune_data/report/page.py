@@ -175,6 +175,10 @@ def _stage_table(st: ReportStats, summary: dict[str, Any]) -> str:
         ("not decodable (never selected)", summary["invalid"], reasons),
         ("dropped: no-data share > max_nodata", summary["nodata_dropped"],
          f"max_nodata = {st.config.max_nodata}"),
+        *[(f"dropped: where {w['filter']}", w["dropped"], "metadata filter (missing values fail)")
+          for w in summary.get("where", [])],
+        *([("dropped: cloud/haze score > max_cloud", summary.get("cloud_dropped", 0),
+            f"max_cloud = {st.config.max_cloud}")] if st.config.max_cloud is not None else []),
         ("dropped: Stage I (entropy)", summary["stage1_dropped"], _stage1_text(st, summary)),
         ("Stage I candidates", summary["candidates"], ""),
         ("budget B = floor((1 - r) N + 0.5)", summary["budget"], f"r = {st.config.prune_ratio:g}"),

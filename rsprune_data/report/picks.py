@@ -110,14 +110,27 @@ def stage1_sheets(index: PruneIndex, st: ReportStats) -> list[Sheet]:
             f"The tiles closest to the entropy cut ({st.cut:.2f} bits, {st.cut_label}) on the kept "
             "side, lowest first. Junk here means the cut is too low.",
             _tiles(index, st, above, lambda p: f"H {e[p]:.2f} bits")))
-    nodata = spread(ordered(nd, st.status == NODATA), 16)
     limit = st.config.max_nodata
+    by_nodata = st.status == NODATA
+    if limit is not None:  # NODATA also holds the `where` and max_cloud drops
+        by_nodata &= nd > limit
+    nodata = spread(ordered(nd, by_nodata), 16)
     sheets.append(Sheet(
         "nodata-dropped", "Dropped for no-data",
         "max_nodata is off." if limit is None else
         f"Tiles with more than {limit * 100:g}% no-data pixels, evenly spread from the cut (left) "
         "to the most no-data (right).",
         _tiles(index, st, nodata, lambda p: f"no-data {nd[p] * 100:.0f}%")))
+    cloud = getattr(index, "columns", {}).get("score.cloud")
+    if st.config.max_cloud is not None and cloud is not None:
+        by_cloud = (st.status == NODATA) & (cloud > st.config.max_cloud) & ~by_nodata
+        sheets.append(Sheet(
+            "cloud-dropped", "Dropped as cloud or haze",
+            f"Tiles whose cloud/haze score (share of bright, colourless, flat 8x8 blocks) exceeds "
+            f"max_cloud = {st.config.max_cloud:g}, evenly spread from the cut (left) to the "
+            "cloudiest (right).",
+            _tiles(index, st, spread(ordered(cloud, by_cloud), 16),
+                   lambda p: f"cloud {cloud[p] * 100:.0f}%")))
     return sheets
 
 

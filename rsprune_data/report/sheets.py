@@ -86,15 +86,16 @@ def read_thumbnails(index: Any, positions: Iterable[int], *, size: int = THUMB,
 def _thumbnail(blob: bytes, offset: int, shard: str, size: int) -> NDArray[np.uint8] | str:
     from PIL import Image
 
-    from ..images import decode_rgb, pick_image_member
+    from ..images import MEMBER_EXTS, decode_rgb, sniff_image_member
     from ..tario import parse_sample
 
     try:
         _, members = parse_sample(blob, offset, shard=shard)
-        picked = pick_image_member(members)
+        picked = sniff_image_member(members)
         if picked is None:
             return "no image"
-        rgb = decode_rgb(picked[1], picked[0])
+        name = picked[0] if picked[0].rsplit(".", 1)[-1].lower() in MEMBER_EXTS else None
+        rgb = decode_rgb(picked[1], name)
     except CorruptImageError as exc:
         return exc.reason
     except ShardError:

@@ -23,6 +23,7 @@ from ..plan import resolve_stage1, select_with_config, selection_summary
 from ..selection import budget
 
 INVALID, NODATA, STAGE1, NOT_SELECTED, SELECTED = range(5)
+# "no-data dropped" also holds the samples that PruneConfig.where and max_cloud drop
 STATUS_NAMES = ("not decodable", "no-data dropped", "Stage I dropped", "not selected", "selected")
 #: One colour per state, shared by figures (fills) and contact sheets (tile frames).
 STATUS_COLORS = ("#495057", "#868e96", "#e8590c", "#a5d8ff", "#1971c2")
