@@ -1,4 +1,4 @@
-"""`rsprune-data`: pack folders into shards, build centroids, index, select, report, demo.
+"""`rsprune-data`: pack folders into shards, build centroids, index, reassign, select, report, demo.
 
 Exit status: 0 success; 1 the job ran but something failed (a shard could not be indexed); 2 bad
 arguments or input (the message says what to change).
@@ -31,6 +31,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-nodata", type=float, default=None,
                    help="drop samples with more no-data than this share (default 0.05; "
                         "negative disables)")
+    g.add_argument("--dedup-threshold", type=float, default=None, metavar="TAU",
+                   help="drop near-duplicates (cosine >= TAU to a kept, more central sample of "
+                        "the cluster) before Stage II; needs index --store-embeddings")
 
 
 def config_from_args(a: argparse.Namespace) -> PruneConfig:
@@ -43,7 +46,8 @@ def config_from_args(a: argparse.Namespace) -> PruneConfig:
     return PruneConfig(prune_ratio=a.prune_ratio, entropy_keep=a.entropy_keep,
                        entropy_threshold=a.entropy_threshold,
                        entropy_filter="none" if a.no_entropy_filter else "auto",
-                       strategy=a.strategy, seed=a.seed, max_nodata=max_nodata)
+                       strategy=a.strategy, seed=a.seed, max_nodata=max_nodata,
+                       dedup_threshold=a.dedup_threshold)
 
 
 def _cmd_pack(a: argparse.Namespace) -> int:
@@ -89,11 +93,27 @@ def _cmd_index(a: argparse.Namespace) -> int:
 
         cents = Centroids.load(a.centroids)
         enc = _load_encoder(a, default=cents.encoder_spec)
+    basis = None
+    if a.pca_basis:
+        from .embeddings import PcaBasis
+
+        basis = PcaBasis.load(a.pca_basis)
     report = index_shards(a.shards, centroids=cents, encoder=enc, index_dir=a.index_dir,
                           workers=a.workers, batch_size=a.batch_size, rank=a.rank,
                           world_size=a.world_size, force=a.force, fast_gray=a.fast_gray,
-                          rgb_bands=tuple(a.rgb_bands),
-                          progress=not a.quiet)
+                          rgb_bands=tuple(a.rgb_bands), store_embeddings=a.store_embeddings,
+                          pca_basis=basis, progress=not a.quiet)
+    for line in report.lines():
+        print(line, file=sys.stderr if line.startswith("FAILED") else sys.stdout)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _cmd_reassign(a: argparse.Namespace) -> int:
+    from .centroids import Centroids
+    from .reassign import reassign_shards
+
+    report = reassign_shards(a.shards, Centroids.load(a.centroids), index_dir=a.index_dir,
+                             rank=a.rank, world_size=a.world_size, progress=not a.quiet)
     for line in report.lines():
         print(line, file=sys.stderr if line.startswith("FAILED") else sys.stdout)
     return EXIT_OK if report.ok else EXIT_FAILED
@@ -187,8 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0-based bands that make RGB in multi-band GeoTIFFs (default 0 1 2)")
     p.add_argument("--fast-gray", action="store_true",
                    help="entropy-only: decode JPEG to libjpeg's Y (2x faster, not PIL-exact)")
+    p.add_argument("--store-embeddings", nargs="?", const="float16", default=None,
+                   choices=("float16", "int8", "pca"),
+                   help="also write <shard>.rsemb.safetensors (default form float16) for "
+                        "`reassign` and --dedup-threshold")
+    p.add_argument("--pca-basis", help="PCA basis file for --store-embeddings pca "
+                                       "(rsprune_data.embeddings.fit_pca + PcaBasis.save)")
     encoder_args(p)
     p.set_defaults(fn=_cmd_index)
+
+    p = sub.add_parser("reassign", help="new centroids from stored embeddings (no decode, no "
+                                        "encoder); rewrites the indexes")
+    p.add_argument("shards", nargs="+")
+    p.add_argument("--centroids", required=True, help="the new centroids file")
+    p.add_argument("--index-dir", help="where the indexes and sidecars are")
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--world-size", type=int, default=None)
+    p.set_defaults(fn=_cmd_reassign)
 
     p = sub.add_parser("select", help="print what a pruning keeps; optionally write the keys")
     p.add_argument("shards", nargs="+")

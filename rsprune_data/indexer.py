@@ -12,8 +12,14 @@ How the work flows (shapes between stages)::
          -> images.analyze -> entropy, nodata, rgb | CorruptImageError(reason)
          -> encoder.preprocess(rgb) -> [3, S, S]
          chunks of <= batch_size samples: arrays [n] + images [m, 3, S, S] (m valid)
-      -> main process: encoder.encode -> [m, d]; centroids.assign -> cluster id, similarity
-      -> when a shard's last chunk arrives: write_index (atomic)
+      -> main process: encoder.encode -> [m, d] -> embeddings.canonical (unit rows, float16)
+         -> centroids.assign -> cluster id, similarity
+      -> when a shard's last chunk arrives: write_sidecar (with --store-embeddings), then
+         write_index (both atomic)
+
+Clusters are assigned from the l2-normalised embedding rounded to float16
+(:func:`rsprune_data.embeddings.canonical`), the same numbers a float16 sidecar stores, so
+``rsprune-data reassign`` with these centroids gives back exactly these cluster ids.
 
 Resume: an index is written only when its shard is complete, atomically, so a killed run leaves
 either a finished index or none; a rerun skips every shard whose index is current (same shard
@@ -38,13 +44,14 @@ from torch.utils.data import IterableDataset
 
 from . import index as idx
 from ._validate import check_int
-from .errors import CorruptImageError, IndexMismatchError, ShardError
+from .errors import ConfigError, CorruptImageError, IndexMismatchError, ShardError
 from .images import analyze, pick_image_member
 from .tario import iter_tar_samples
 from .world import distributed_rank
 
 if TYPE_CHECKING:
     from .centroids import Centroids
+    from .embeddings import PcaBasis
     from .encoders import Encoder
 
 NO_IMAGE = "no_image"
@@ -176,15 +183,26 @@ def index_is_current(shard: str, index_path: Path, *, encoder: str, centroids_di
     return not idx.shard_is_stale(shard, meta)
 
 
+def _sidecar_current(shard: str, out: Path, encoder: str,
+                     store: tuple[str, PcaBasis | None]) -> bool:
+    from .embeddings import sidecar_is_current, sidecar_path_of_index
+
+    form, basis = store
+    return sidecar_is_current(shard, sidecar_path_of_index(out), encoder=encoder, form=form,
+                              pca_digest=basis.digest if form == "pca" and basis is not None else "")
+
+
 @dataclass
 class _Pending:
     rows: list[tuple[str, int, int, float, float, str]] = field(default_factory=list)
     cluster: list[NDArray[np.int16]] = field(default_factory=list)
     similarity: list[NDArray[np.float32]] = field(default_factory=list)
+    embeddings: list[NDArray[np.float16]] = field(default_factory=list)
 
 
 def _finish(shard: str, out: Path, pending: _Pending, *, encoder_id: str,
-            centroids: Centroids | None, entropy_mode: str) -> Counter[str]:
+            centroids: Centroids | None, entropy_mode: str,
+            store: tuple[str, PcaBasis | None] | None = None) -> Counter[str]:
     rows = pending.rows
     n = len(rows)
     reasons = Counter(r[5] for r in rows if r[5])
@@ -197,6 +215,16 @@ def _finish(shard: str, out: Path, pending: _Pending, *, encoder_id: str,
         cluster[valid] = np.concatenate(pending.cluster)
         sim[valid] = np.concatenate(pending.similarity)
     keys = [r[0] for r in rows]
+    shard_meta = idx.shard_metadata(shard)
+    if store is not None and centroids is not None:
+        from .embeddings import sidecar_path_of_index, write_sidecar
+
+        emb = np.zeros((n, centroids.dim), np.float32)
+        if pending.embeddings:
+            emb[valid] = np.concatenate(pending.embeddings)
+        # the sidecar first: an index that is current then always has its sidecar written
+        write_sidecar(sidecar_path_of_index(out), emb, valid, shard_meta=shard_meta,
+                      encoder=encoder_id, form=store[0], basis=store[1])
     arrays = {
         "entropy": np.array([r[3] for r in rows], dtype=np.float32),
         "nodata": np.array([r[4] for r in rows], dtype=np.float32),
@@ -209,7 +237,7 @@ def _finish(shard: str, out: Path, pending: _Pending, *, encoder_id: str,
         **idx.encode_keys(keys),
     }
     meta = {
-        **idx.shard_metadata(shard),
+        **shard_meta,
         "encoder": encoder_id,
         "centroids_digest": centroids.digest if centroids is not None else "",
         "num_clusters": str(centroids.centroids.shape[0] if centroids is not None else 0),
@@ -234,6 +262,8 @@ def index_shards(
     rgb_bands: tuple[int, int, int] = (0, 1, 2),
     force: bool = False,
     fast_gray: bool = False,
+    store_embeddings: str | None = None,
+    pca_basis: PcaBasis | None = None,
     progress: bool = True,
 ) -> IndexReport:
     """Index this rank's share of ``shards`` (see the module docstring).
@@ -252,6 +282,11 @@ def index_shards(
         fast_gray: entropy-only indexes: decode JPEGs straight to libjpeg's Y channel, about 2x
             faster but not equal to PIL's luma (see :mod:`rsprune_data.images`); recorded in the
             index metadata as ``entropy_mode``. Ignored with centroids (the RGB decode is needed).
+        store_embeddings: also write each shard's embeddings sidecar in this form
+            (``"float16"``, ``"int8"`` or ``"pca"``, see :mod:`rsprune_data.embeddings`); needs
+            ``centroids``. A shard whose index is current but whose sidecar is missing or of
+            another form is indexed again.
+        pca_basis: the basis of the ``"pca"`` form (:func:`rsprune_data.embeddings.fit_pca`).
         progress: show a tqdm bar over samples.
 
     Returns:
@@ -261,6 +296,7 @@ def index_shards(
     from tqdm.auto import tqdm
 
     from .centroids import assign
+    from .embeddings import canonical
 
     if centroids is not None:
         if encoder is None:
@@ -271,6 +307,19 @@ def index_shards(
                 f"encoder {encoder.name!r} differs from the centroids' encoder {centroids.encoder!r}: "
                 "pass the same --encoder/--checkpoint the centroids were built with"
             )
+    if store_embeddings is not None:
+        from .embeddings import FORMS
+
+        if store_embeddings not in FORMS:
+            raise ConfigError(f"`store_embeddings` must be one of {list(FORMS)} or None, got "
+                              f"{store_embeddings!r}")
+        if centroids is None:
+            raise ConfigError("store_embeddings needs centroids (embeddings are computed only for "
+                              "Stage II): pass --centroids FILE")
+        if store_embeddings == "pca" and pca_basis is None:
+            raise ConfigError("store_embeddings='pca' needs pca_basis (--pca-basis FILE): fit one "
+                              "with rsprune_data.embeddings.fit_pca on a sample of embeddings")
+    store = None if store_embeddings is None else (store_embeddings, pca_basis)
     workers = check_int("workers", workers, 0)
     batch_size = check_int("batch_size", batch_size, 1)
     names = [os.fspath(s) for s in shards]
@@ -284,7 +333,8 @@ def index_shards(
     for shard in shard_share(names, rank, world_size):
         out = idx.index_path_for(shard, index_dir)
         if not force and index_is_current(shard, out, encoder=encoder_id, centroids_digest=digest,
-                                          entropy_mode=mode):
+                                          entropy_mode=mode) \
+                and (store is None or _sidecar_current(shard, out, encoder_id, store)):
             report.skipped.append(shard)
         else:
             todo.append((shard, out))
@@ -307,8 +357,11 @@ def index_shards(
         p = pending.setdefault(no, _Pending())
         p.rows.extend(chunk["rows"])
         if chunk["images"] is not None and centroids is not None and encoder is not None:
-            emb = encoder.encode(chunk["images"])
-            z, s = assign(emb, centroids.centroids, device=encoder.device)
+            emb = canonical(encoder.encode(chunk["images"]))
+            # numpy on the CPU, as `reassign` does: the same representation and the same product
+            z, s = assign(emb.astype(np.float32), centroids.centroids)
+            if store is not None:
+                p.embeddings.append(emb)
             p.cluster.append(z)
             p.similarity.append(s)
         bar.update(len(chunk["rows"]))
@@ -320,7 +373,7 @@ def index_shards(
             report.failed[shard] = chunk["error"]
         else:
             report.invalid += _finish(shard, out, p, encoder_id=encoder_id, centroids=centroids,
-                                      entropy_mode=mode)
+                                      entropy_mode=mode, store=store)
             report.indexed.append(shard)
             report.samples += len(p.rows)
         bar.set_description(f"index {len(report.indexed) + len(report.failed)}/{len(todo)} shards")
