@@ -190,3 +190,50 @@ def test_reduced_forms_are_within_their_stated_cosine_error(setup, tmp_path):
         assert float(stated["cos_error_max"]) == pytest.approx(err[0], rel=1e-6, abs=1e-9)
         back = read_sidecar(path)
         assert cosine_error(ref, back.embeddings())[0] <= float(stated["cos_error_max"]) + 1e-9
+
+
+def test_dedup_threshold_on_stored_embeddings_removes_planted_copies(setup, tmp_path):
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    from rsprune_data import PruneConfig
+    from rsprune_data.dedup_cache import cache_path_of_index
+
+    _, _, enc, cents = setup
+    files = harvey_files(24)
+    planted = {}  # copy key -> original key: exact byte copies and re-encoded, flipped-pixel copies
+    shards = []
+    for s in range(2):
+        path = tmp_path / f"d-{s:06d}.tar"
+        with wds.TarWriter(str(path)) as w:
+            for i, f in enumerate(files[s * 12:(s + 1) * 12], start=s * 12):
+                w.write({"__key__": f"t{i:03d}", "jpeg": f.read_bytes()})
+            for i in (s * 12 + 1, s * 12 + 4):
+                w.write({"__key__": f"copy{i:03d}", "jpeg": files[i].read_bytes()})
+                planted[f"copy{i:03d}"] = f"t{i:03d}"
+                img = Image.open(files[i]).convert("RGB")
+                buf = io.BytesIO()
+                img.save(buf, "JPEG", quality=95)
+                w.write({"__key__": f"near{i:03d}", "jpeg": buf.getvalue()})
+                planted[f"near{i:03d}"] = f"t{i:03d}"
+        shards.append(str(path))
+    _index(shards, cents["a"], enc, None, store_embeddings="float16")
+    index = PruneIndex.load(shards)
+    cfg = PruneConfig(prune_ratio=0.0, entropy_filter="none", max_nodata=None, dedup_threshold=0.95)
+    kept = {index.keys[i] for i in index.select(cfg)}
+    groups = {index.keys[i] for i in np.flatnonzero(index.duplicate_of(0.95) >= 0)}
+    families: dict[str, set[str]] = {}
+    for copy, orig in planted.items():
+        families.setdefault(orig, {orig}).add(copy)
+    for family in families.values():  # each planted family: one survivor, the rest duplicates
+        assert len(family - groups) == 1 and len(family & kept) == 1, family
+    assert len(kept) == len(index) - len(groups)
+    cache = cache_path_of_index(index_path_for(shards[0]))
+    stamp = cache.stat().st_mtime_ns
+    again = PruneIndex.load(shards)
+    np.testing.assert_array_equal(again.duplicate_of(0.95), index.duplicate_of(0.95))
+    assert cache.stat().st_mtime_ns == stamp  # read from the cache
+    again.duplicate_of(0.99)
+    assert cache.stat().st_mtime_ns != stamp  # another tau: computed and cached again
