@@ -67,11 +67,11 @@ def main() -> None:
     rows = []
     for n in a.sizes:
         x, z, s = pool(n, a.dim, a.k, a.copies, 0)
-        t, dup = timed(lambda: near_duplicates(x, z, s, a.tau), a.repeats)
+        t, dup = timed(lambda x=x, z=z, s=s: near_duplicates(x, z, s, a.tau), a.repeats)
         row: dict[str, Any] = {"n": n, "seconds": t, "duplicates": int((dup >= 0).sum()),
                                "load_avg": os.getloadavg()[0]}
         if n <= a.exact_up_to:
-            te, ex = timed(lambda: near_duplicates(x, z, s, a.tau, exact_max=None), 1)
+            te, ex = timed(lambda x=x, z=z, s=s: near_duplicates(x, z, s, a.tau, exact_max=None), 1)
             found = int(((dup >= 0) & (ex >= 0)).sum())
             row.update(exact_seconds=te, exact_duplicates=int((ex >= 0).sum()),
                        recall=found / max(1, int((ex >= 0).sum())),

@@ -107,7 +107,7 @@ def test_property_rule_determinism_and_shard_order(n, k, seed, tau):
 
 
 def test_approximate_lists_find_planted_copies_and_obey_the_rule():
-    x, z, sim, src = planted_pool(3000, 32, 2, 300, seed=1, spread=1.0)
+    x, z, sim, _src = planted_pool(3000, 32, 2, 300, seed=1, spread=1.0)
     exact = near_duplicates(x, z, sim, 0.95, exact_max=None)
     approx = near_duplicates(x, z, sim, 0.95, exact_max=64, list_size=64, nprobe=2, proj_dims=16)
     check_rule(x, z, sim, 0.95, exact)

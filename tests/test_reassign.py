@@ -109,7 +109,7 @@ def test_reassign_equals_a_fresh_index_with_the_new_centroids(setup, target):
 
 
 def test_reassign_refuses_another_encoder_before_writing(setup):
-    tmp, shards, enc, cents = setup
+    tmp, shards, _enc, cents = setup
     out = _stored_copy(tmp, "enc_mismatch")
     c = cents["b"]
     alien = Centroids(centroids=c.centroids, encoder="open_clip:ViT-B-32", seed=0,
@@ -122,7 +122,7 @@ def test_reassign_refuses_another_encoder_before_writing(setup):
 
 
 def test_reassign_cli_rank_split_and_missing_sidecar(setup, capsys):
-    tmp, shards, enc, cents = setup
+    tmp, shards, _enc, cents = setup
     out = _stored_copy(tmp, "cli")
     before = {s: read_index(index_path_for(s, out))[1]["centroids_digest"] for s in shards}
     args = ["reassign", *shards, "--centroids", str(tmp / "b.safetensors"), "--index-dir", str(out),
@@ -167,7 +167,7 @@ def test_index_is_redone_when_the_sidecar_is_missing_and_sidecar_validates(setup
 
 
 def test_reduced_forms_are_within_their_stated_cosine_error(setup, tmp_path):
-    _, shards, enc, cents = setup
+    _, shards, enc, _cents = setup
     side = read_sidecar(sidecar_path_for(shards[0], setup[0] / "stored"))
     rng = np.random.default_rng(0)
     # real embeddings of the shipped tiles plus random unit rows, so d' < n holds for the PCA
@@ -237,3 +237,19 @@ def test_dedup_threshold_on_stored_embeddings_removes_planted_copies(setup, tmp_
     assert cache.stat().st_mtime_ns == stamp  # read from the cache
     again.duplicate_of(0.99)
     assert cache.stat().st_mtime_ns != stamp  # another tau: computed and cached again
+    # the report: ratio sweep from the stored embeddings and the near-duplicate sheet
+    import json
+
+    from rsprune_data.report import write_report
+
+    html = write_report(shards, tmp_path / "report", cfg.replace(prune_ratio=0.6),
+                        progress=False).read_text()
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    sweep = summary["ratio_sweep"]
+    assert sweep["ratios"] == [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95] and sweep["chosen"] == 0.6
+    assert sweep["selected"][0] > sweep["selected"][-1] > 0
+    assert all(np.isfinite(sweep[m]).all() for m in ("coverage", "balance", "frechet", "radius"))
+    assert sweep["radius"][-1] >= sweep["radius"][0]
+    assert "Choosing the ratio" in html and "Near-duplicate groups at cosine &gt;= 0.95" in html
+    for png in ("ratio-sweep", "near-duplicates"):
+        assert (tmp_path / "report" / "img" / f"{png}.png").stat().st_size > 1000
