@@ -119,6 +119,19 @@ def _cmd_reassign(a: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def _cmd_pca_basis(a: argparse.Namespace) -> int:
+    from .dedup_cache import load_embeddings
+    from .embeddings import fit_pca
+    from .index import PruneIndex
+
+    index = PruneIndex.load(a.shards, index_dir=a.index_dir)
+    emb = load_embeddings(index)
+    basis = fit_pca(emb[index.valid], a.dims, encoder=index.encoder, max_rows=a.max_rows)
+    basis.save(a.output)
+    print(f"wrote {a.output}: {basis.dims} of {emb.shape[1]} dims, encoder {index.encoder}")
+    return EXIT_OK
+
+
 def _cmd_select(a: argparse.Namespace) -> int:
     from .index import PruneIndex
 
@@ -224,6 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--world-size", type=int, default=None)
     p.set_defaults(fn=_cmd_reassign)
+
+    p = sub.add_parser("pca-basis", help="fit a PCA basis on stored embeddings (for "
+                                         "--store-embeddings pca)")
+    p.add_argument("shards", nargs="+", help="shards indexed with --store-embeddings")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--dims", type=int, default=128, help="components kept (default 128)")
+    p.add_argument("--max-rows", type=int, default=50_000, help="fit on a seeded sample this size")
+    p.add_argument("--index-dir")
+    p.set_defaults(fn=_cmd_pca_basis)
 
     p = sub.add_parser("select", help="print what a pruning keeps; optionally write the keys")
     p.add_argument("shards", nargs="+")

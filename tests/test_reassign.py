@@ -17,6 +17,7 @@ from test_indexer import harvey_files, write_shards
 from rsprune_data.centroids import Centroids, build_centroids
 from rsprune_data.cli import main as cli_main
 from rsprune_data.embeddings import (
+    PcaBasis,
     canonical,
     cosine_error,
     decode_form,
@@ -192,7 +193,7 @@ def test_reduced_forms_are_within_their_stated_cosine_error(setup, tmp_path):
         assert cosine_error(ref, back.embeddings())[0] <= float(stated["cos_error_max"]) + 1e-9
 
 
-def test_dedup_threshold_on_stored_embeddings_removes_planted_copies(setup, tmp_path):
+def test_dedup_threshold_on_stored_embeddings_removes_planted_copies(setup, tmp_path, capsys):
     import io
 
     import webdataset as wds
@@ -237,9 +238,22 @@ def test_dedup_threshold_on_stored_embeddings_removes_planted_copies(setup, tmp_
     assert cache.stat().st_mtime_ns == stamp  # read from the cache
     again.duplicate_of(0.99)
     assert cache.stat().st_mtime_ns != stamp  # another tau: computed and cached again
-    # the report: ratio sweep from the stored embeddings and the near-duplicate sheet
+    # the CLI counts what it removed
     import json
 
+    assert cli_main(["select", *shards, "--prune-ratio", "0", "--no-entropy-filter", "--max-nodata",
+                     "-1", "--dedup-threshold", "0.95", "--json", "-q"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["duplicates_dropped"] == len(groups) and printed["selected"] == len(kept)
+    # a PCA basis from the stored embeddings, then a pca sidecar that reassigns nearly the same
+    basis_path = tmp_path / "basis.safetensors"
+    assert cli_main(["pca-basis", *shards, "-o", str(basis_path), "--dims", "16", "-q"]) == 0
+    pca_dir = tmp_path / "pca"
+    _index(shards, cents["a"], enc, pca_dir, store_embeddings="pca",
+           pca_basis=PcaBasis.load(basis_path))
+    assert read_sidecar(sidecar_path_for(shards[0], pca_dir)).tensors["codes"].shape[1] == 16
+    assert reassign_shards(shards, cents["b"], index_dir=pca_dir, progress=False).ok
+    # the report: ratio sweep from the stored embeddings and the near-duplicate sheet
     from rsprune_data.report import write_report
 
     html = write_report(shards, tmp_path / "report", cfg.replace(prune_ratio=0.6),
