@@ -471,6 +471,45 @@ def run_strategies(u: Universe, ev: Evaluator, ratios: Sequence[float], seeds: i
     return results
 
 
+def run_dedup(u: Universe, ev: Evaluator, ratios: Sequence[float], taus: Sequence[float],
+              emb_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Near-duplicate groups of the Harvey pool at each ``tau`` and ``rsprune`` with
+    ``dedup_threshold=tau`` at every ratio (issue 13), from the tapped embeddings in their canonical
+    float16 form (what a float16 sidecar stores)."""
+    from rsprune_data.dedup import duplicate_groups, near_duplicates
+    from rsprune_data.embeddings import canonical
+
+    pos = u.positions("harvey")
+    emb16 = canonical(np.load(emb_path))
+    results: dict[str, Any] = {}
+    counts: dict[str, Any] = {}
+    for tau in taus:
+        t0 = time.perf_counter()
+        dup = near_duplicates(emb16, u.cluster[pos], u.similarity[pos], tau, valid=u.valid[pos])
+        seconds = time.perf_counter() - t0
+        groups = duplicate_groups(dup)
+        dups = np.flatnonzero(dup >= 0)
+        counts[str(tau)] = {
+            "groups": len(groups), "duplicates": int(dups.size),
+            "largest_group": 1 + max((len(g) for _, g in groups), default=0),
+            "duplicates_in_bad_images": int(u.bad[pos][dups].sum()), "seconds": round(seconds, 3),
+            "example_groups": [[u.harvey_index.keys[h], [u.harvey_index.keys[j] for j in g[:5]]]
+                               for h, g in groups[:5]]}
+        index = pool_index(u, pos).attach_embeddings(emb16)
+        label = f"rsprune + dedup {tau:g}"
+        results[label] = {}
+        for r in ratios:
+            cfg = PruneConfig(prune_ratio=r, dedup_threshold=tau)
+            sel, ms = timed_select(index, cfg, 3)
+            m = ev(pos, pos[sel])
+            m["select_ms"] = ms
+            m["stage1"] = _stage1_info(index, cfg, sel)
+            results[label][str(r)] = m
+        log(f"  dedup tau={tau:g}: {counts[str(tau)]['groups']} groups, "
+            f"{counts[str(tau)]['duplicates']} duplicates ({seconds:.2f} s)")
+    return results, counts
+
+
 def run_makeups(u: Universe, ev: Evaluator, pools: dict[str, NDArray[np.int64]],
                 ratios: Sequence[float], rules: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -526,6 +565,15 @@ def _fmt(v: float | None, s: float | None, key: str) -> str:
     else:
         txt, sd = f"{abs(v) if abs(v) < 5e-4 else v:.3f}", (f"{s:.3f}" if s is not None else None)
     return f"{txt} ± {sd}" if sd is not None else txt
+
+
+def dedup_lines(counts: dict[str, Any]) -> str:
+    lines = ["Near-duplicate groups in the pool (within a reference cluster, greedy by centrality):"]
+    for tau, c in counts.items():
+        lines.append(f"- tau = {tau}: {c['groups']} groups, {c['duplicates']} duplicates removed "
+                     f"(largest group {c['largest_group']} tiles; {c['duplicates_in_bad_images']} of "
+                     f"the duplicates are bad_images; {c['seconds']} s)")
+    return "\n".join(lines)
 
 
 def main_table(results: dict[str, Any], ratio: float) -> str:
@@ -708,6 +756,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--cloud", action="store_true",
                     help="only part 3: the cloud/haze rule's trade-off (entropy-only indexes, "
                          "no encoder; a minute or two)")
+    ap.add_argument("--dedup", type=float, nargs="*", default=[],
+                    help="near-duplicate thresholds tau (issue 13), e.g. 0.95 0.98: group counts and "
+                         "rsprune with dedup_threshold=tau as extra strategies")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     if args.cloud:
@@ -726,6 +777,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                    / f"metrics_k{u.k}_pca{args.pca_dims}.json")
     log("part 1: strategies on the Harvey pool")
     results = run_strategies(u, ev, args.ratios, args.seeds)
+    dedup_counts: dict[str, Any] = {}
+    if args.dedup:
+        cache_dir = Path(args.cache) / u.encoder.replace("/", "_").replace(":", "_")
+        extra, dedup_counts = run_dedup(u, ev, args.ratios, args.dedup, cache_dir / "harvey_emb.npy")
+        results.update(extra)
     log("part 2: Stage I rules on pools of different make-up")
     rules = {**RULES, **{f"t{t:g}": {"entropy_threshold": t} for t in args.thresholds}}
     makeups = run_makeups(u, ev, make_pools(u, args.skip_mixes), args.ratios, rules)
@@ -739,7 +795,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "command": command.strip(), "encoder": u.encoder, "k": K, "pca_dims": args.pca_dims,
         "ratios": args.ratios, "random_seeds": args.seeds, "reference": args.reference, "pool": args.pool,
         "pool_samples": len(hx), "pool_bad_images": int(u.bad[u.positions("harvey")].sum()),
-        "timings_s": u.timings, "cpu_count": os.cpu_count(),
+        "timings_s": u.timings, "cpu_count": os.cpu_count(), "near_duplicates": dedup_counts,
     }
     (args.out / "quality.json").write_text(json.dumps({**meta, "results": results}, indent=2))
     for name, m in makeups.items():
@@ -764,6 +820,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"over {args.seeds} seeds. FD and radii in {args.pca_dims} principal components fitted on pool + "
         "reference; 'no bad' = over the valid pool without `bad_images`. " + clustering,
         shortfalls(results),
+        *([dedup_lines(dedup_counts)] if dedup_counts else []),
         f"### Stage I rules under `rsprune` on pools of different make-up, ratio {table_ratio}",
         makeup_table(makeups, table_ratio),
         "Stage I `auto` against the other rules over all ratios "

@@ -1,4 +1,4 @@
-"""`rsprune-data`: pack folders into shards, build centroids, index, select, report, demo.
+"""`rsprune-data`: pack folders into shards, build centroids, index, reassign, select, report, demo.
 
 Exit status: 0 success; 1 the job ran but something failed (a shard could not be indexed, a disk
 filled up); 2 bad arguments or input (the message says what to change). Output paths are checked
@@ -40,6 +40,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                         "(OP: < <= > >= == !=; repeat to AND several)")
     g.add_argument("--max-cloud", type=float, default=None,
                    help="drop samples whose pixel cloud/haze score exceeds this share (default off)")
+    g.add_argument("--dedup-threshold", type=float, default=None, metavar="TAU",
+                   help="drop near-duplicates (cosine >= TAU to a kept, more central sample of "
+                        "the cluster) before Stage II; needs index --store-embeddings")
 
 
 def config_from_args(a: argparse.Namespace) -> PruneConfig:
@@ -54,7 +57,8 @@ def config_from_args(a: argparse.Namespace) -> PruneConfig:
                        entropy_threshold=a.entropy_threshold,
                        entropy_filter="none" if a.no_entropy_filter else "auto",
                        strategy=a.strategy, seed=a.seed, max_nodata=max_nodata,
-                       where=tuple(parse_clause(w) for w in a.where), max_cloud=a.max_cloud)
+                       where=tuple(parse_clause(w) for w in a.where), max_cloud=a.max_cloud,
+                       dedup_threshold=a.dedup_threshold)
 
 
 def _cmd_pack(a: argparse.Namespace) -> int:
@@ -128,6 +132,11 @@ def _cmd_index(a: argparse.Namespace) -> int:
 
         cents = Centroids.load(a.centroids)
         enc = _load_encoder(a, default=cents.encoder_spec)
+    basis = None
+    if a.pca_basis:
+        from .embeddings import PcaBasis
+
+        basis = PcaBasis.load(a.pca_basis)
     report = index_shards(a.shards, centroids=cents, encoder=enc, index_dir=a.index_dir,
                           workers=a.workers, batch_size=a.batch_size, rank=a.rank,
                           world_size=a.world_size, force=a.force, fast_gray=a.fast_gray,
@@ -135,12 +144,37 @@ def _cmd_index(a: argparse.Namespace) -> int:
                           decode_budget=budget if not a.no_decode_budget else None,
                           image_key=a.image_key,
                           meta_fields=a.meta or (), cloud_score=not a.no_cloud_score,
+                          store_embeddings=a.store_embeddings, pca_basis=basis,
                           progress=not a.quiet)
     for line in report.lines():
         print(line, file=sys.stderr if line.startswith("FAILED") else sys.stdout)
     if a.report_json is not None:
         report.write_json(a.report_json)
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _cmd_reassign(a: argparse.Namespace) -> int:
+    from .centroids import Centroids
+    from .reassign import reassign_shards
+
+    report = reassign_shards(a.shards, Centroids.load(a.centroids), index_dir=a.index_dir,
+                             rank=a.rank, world_size=a.world_size, progress=not a.quiet)
+    for line in report.lines():
+        print(line, file=sys.stderr if line.startswith("FAILED") else sys.stdout)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def _cmd_pca_basis(a: argparse.Namespace) -> int:
+    from .dedup_cache import load_embeddings
+    from .embeddings import fit_pca
+    from .index import PruneIndex
+
+    index = PruneIndex.load(a.shards, index_dir=a.index_dir)
+    emb = load_embeddings(index)
+    basis = fit_pca(emb[index.valid], a.dims, encoder=index.encoder, max_rows=a.max_rows)
+    basis.save(a.output)
+    print(f"wrote {a.output}: {basis.dims} of {emb.shape[1]} dims, encoder {index.encoder}")
+    return EXIT_OK
 
 
 def _cmd_select(a: argparse.Namespace) -> int:
@@ -296,8 +330,32 @@ def build_parser() -> argparse.ArgumentParser:
                         "(for --where), e.g. --meta cloud_cover,gsd")
     p.add_argument("--no-cloud-score", action="store_true",
                    help="do not compute the pixel cloud/haze score (score.cloud)")
+    p.add_argument("--store-embeddings", nargs="?", const="float16", default=None,
+                   choices=("float16", "int8", "pca"),
+                   help="also write <shard>.rsemb.safetensors (default form float16) for "
+                        "`reassign` and --dedup-threshold")
+    p.add_argument("--pca-basis", help="PCA basis file for --store-embeddings pca "
+                                       "(rsprune_data.embeddings.fit_pca + PcaBasis.save)")
     encoder_args(p)
     p.set_defaults(fn=_cmd_index)
+
+    p = sub.add_parser("reassign", help="new centroids from stored embeddings (no decode, no "
+                                        "encoder); rewrites the indexes")
+    p.add_argument("shards", nargs="+")
+    p.add_argument("--centroids", required=True, help="the new centroids file")
+    p.add_argument("--index-dir", help="where the indexes and sidecars are")
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--world-size", type=int, default=None)
+    p.set_defaults(fn=_cmd_reassign)
+
+    p = sub.add_parser("pca-basis", help="fit a PCA basis on stored embeddings (for "
+                                         "--store-embeddings pca)")
+    p.add_argument("shards", nargs="+", help="shards indexed with --store-embeddings")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--dims", type=int, default=128, help="components kept (default 128)")
+    p.add_argument("--max-rows", type=int, default=50_000, help="fit on a seeded sample this size")
+    p.add_argument("--index-dir")
+    p.set_defaults(fn=_cmd_pca_basis)
 
     p = sub.add_parser("select", help="print what a pruning keeps; optionally write the keys")
     p.add_argument("shards", nargs="+")

@@ -66,6 +66,10 @@ class PruneConfig:
             :func:`rsprune_data.images.cloud_score`) exceeds this value in Stage I, in [0, 1], or
             ``None`` (default: off, see the README's measured trade-off). An extension like
             ``max_nodata``; samples without the score (indexed before it existed) are kept.
+        dedup_threshold: opt-in near-duplicate removal (an extension, SemDeDup-style): a cosine
+            ``tau`` in (0, 1]; within each reference cluster a sample whose cosine to a kept, more
+            central sample is ``>= tau`` is dropped after Stage I, before Stage II
+            (:mod:`rsprune_data.dedup`). Needs stored embeddings (``index --store-embeddings``).
 
     Example:
         >>> cfg = PruneConfig(prune_ratio=0.85, entropy_keep=0.3, where=[("gsd", "<", 1.0)])
@@ -84,6 +88,7 @@ class PruneConfig:
     max_nodata: float | None = DEFAULT_MAX_NODATA
     where: tuple[tuple[str, str, float], ...] = ()
     max_cloud: float | None = None
+    dedup_threshold: float | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -116,6 +121,9 @@ class PruneConfig:
         set_(self, "seed", check_int("seed", self.seed, 0))
         if self.max_nodata is not None:
             set_(self, "max_nodata", check_number("max_nodata", self.max_nodata, 0.0, 1.0))
+        if self.dedup_threshold is not None:
+            set_(self, "dedup_threshold",
+                 check_number("dedup_threshold", self.dedup_threshold, 0.0, 1.0, lo_open=True))
 
     def replace(self, **changes: Any) -> PruneConfig:
         """A copy with ``changes`` applied (validated again)."""

@@ -488,6 +488,8 @@ class PruneIndex:
             if k.startswith(OPTIONAL_PREFIXES)}
         self.column_info: dict[str, dict[str, str]] = {
             k: dict((column_info or {}).get(k, column_info_default(k))) for k in self.columns}
+        self._embeddings: NDArray[Any] | None = None  # attach_embeddings (in-memory indexes)
+        self._dup_of: dict[float, NDArray[np.int64]] = {}
         parts = [m.get("shard_fingerprint", "") for m in self.metadata]
         parts += [self.encoder, self.centroids_digest, str(self.num_clusters), str(len(self))]
         if self.columns:  # absent columns leave the fingerprint of older indexes unchanged
@@ -526,6 +528,35 @@ class PruneIndex:
                 base += len(kb)
             self._keys = KeyList(np.concatenate(data), np.concatenate(offsets))
         return self._keys
+
+    def attach_embeddings(self, embeddings: Any) -> PruneIndex:
+        """Give an in-memory index its ``[n, d]`` embeddings (for ``dedup_threshold``); returns self.
+
+        Indexes loaded from files read their embeddings sidecars instead.
+        """
+        emb = np.asarray(embeddings)
+        if emb.ndim != 2 or emb.shape[0] != len(self):
+            raise ConfigError(f"embeddings must be [n={len(self)}, d], got shape {emb.shape}")
+        self._embeddings, self._dup_of = emb, {}
+        return self
+
+    def duplicate_of(self, tau: float) -> NDArray[np.int64]:
+        """The near-duplicate column for cosine threshold ``tau`` (:mod:`rsprune_data.dedup`):
+        ``-1`` = kept, else the position of the kept sample duplicated. Computed once per ``tau``
+        (files: cached per shard beside the index, :mod:`rsprune_data.dedup_cache`)."""
+        key = float(tau)
+        if key not in self._dup_of:
+            if self._embeddings is not None:
+                from .dedup import near_duplicates
+
+                col = near_duplicates(self._embeddings, self.cluster_ids, self.similarity, key,
+                                      valid=self.valid)
+            else:
+                from .dedup_cache import duplicate_of
+
+                col = duplicate_of(self, key)
+            self._dup_of[key] = col
+        return self._dup_of[key]
 
     def select(self, config: PruneConfig) -> NDArray[np.int64]:
         """Sorted global positions that ``config`` keeps (``plan.select_with_config``)."""

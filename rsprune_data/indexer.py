@@ -9,8 +9,14 @@ How the work flows (shapes between stages)::
     pending shards (this rank's share, not yet indexed)
       -> supervised worker processes, one shard at a time each (:mod:`rsprune_data._supervisor`):
          _index_work.shard_chunks -> chunks of SampleRow + images [m, 3, S, S] (m valid)
-      -> main process: encoder.encode -> [m, d]; centroids.assign -> cluster id, similarity
-      -> when a shard's last chunk arrives: write_index (atomic)
+      -> main process: encoder.encode -> [m, d] -> embeddings.canonical (unit rows, float16)
+         -> centroids.assign -> cluster id, similarity
+      -> when a shard's last chunk arrives: write_sidecar (with --store-embeddings), then
+         write_index (both atomic)
+
+Clusters are assigned from the l2-normalised embedding rounded to float16
+(:func:`rsprune_data.embeddings.canonical`), the same numbers a float16 sidecar stores, so
+``rsprune-data reassign`` with these centroids gives back exactly these cluster ids.
 
 Failures stay local: an image that cannot be decoded is an invalid sample with a reason; a shard
 that cannot be indexed (damaged or forged tar headers, MemoryError, a worker killed by SIGKILL or
@@ -54,6 +60,7 @@ from .world import distributed_rank
 
 if TYPE_CHECKING:
     from .centroids import Centroids
+    from .embeddings import PcaBasis
     from .encoders import Encoder
 
 __all__ = ["CLOUD_COLUMN", "META_PREFIX", "NO_IMAGE", "IndexReport", "SampleRow",
@@ -205,18 +212,29 @@ def index_is_current(shard: str, index_path: Path, *, encoder: str, centroids_di
     return not idx.shard_is_stale(shard, meta)
 
 
+def _sidecar_current(shard: str, out: Path, encoder: str,
+                     store: tuple[str, PcaBasis | None]) -> bool:
+    from .embeddings import sidecar_is_current, sidecar_path_of_index
+
+    form, basis = store
+    return sidecar_is_current(shard, sidecar_path_of_index(out), encoder=encoder, form=form,
+                              pca_digest=basis.digest if form == "pca" and basis is not None else "")
+
+
 # --- writing one shard's index ---------------------------------------------------------------------
 @dataclass
 class _Pending:
     rows: list[SampleRow] = field(default_factory=list)
     cluster: list[NDArray[np.int16]] = field(default_factory=list)
     similarity: list[NDArray[np.float32]] = field(default_factory=list)
+    embeddings: list[NDArray[np.float16]] = field(default_factory=list)
 
 
 def _finish(shard: str, out: Path, pending: _Pending, before: dict[str, str], *, encoder_id: str,
             centroids: Centroids | None, entropy_mode: str,
             optional: Sequence[tuple[str, dict[str, str]]] = (), image_key: str = "",
-            missing: Counter[str] | None = None) -> Counter[str]:
+            missing: Counter[str] | None = None,
+            store: tuple[str, PcaBasis | None] | None = None) -> Counter[str]:
     rows = pending.rows
     n = len(rows)
     why = idx.shard_is_stale(shard, before)
@@ -231,6 +249,15 @@ def _finish(shard: str, out: Path, pending: _Pending, before: dict[str, str], *,
     if centroids is not None and pending.cluster:
         cluster[valid] = np.concatenate(pending.cluster)
         sim[valid] = np.concatenate(pending.similarity)
+    if store is not None and centroids is not None:
+        from .embeddings import sidecar_path_of_index, write_sidecar
+
+        emb = np.zeros((n, centroids.dim), np.float32)
+        if pending.embeddings:
+            emb[valid] = np.concatenate(pending.embeddings)
+        # the sidecar first: an index that is current then always has its sidecar written
+        write_sidecar(sidecar_path_of_index(out), emb, valid, shard_meta=before,
+                      encoder=encoder_id, form=store[0], basis=store[1])
     arrays = {
         "entropy": np.array([r.entropy for r in rows], dtype=np.float32),
         "nodata": np.array([r.nodata for r in rows], dtype=np.float32),
@@ -303,6 +330,8 @@ def index_shards(
     image_key: str | None = None,
     meta_fields: Sequence[str] = (),
     cloud_score: bool = True,
+    store_embeddings: str | None = None,
+    pca_basis: PcaBasis | None = None,
     progress: bool = True,
 ) -> IndexReport:
     """Index this rank's share of ``shards`` (see the module docstring).
@@ -332,6 +361,11 @@ def index_shards(
             columns (NaN where missing), for ``PruneConfig(where=...)``.
         cloud_score: store the pixel cloud/haze score as ``score.cloud`` (not with ``fast_gray``:
             it needs colour).
+        store_embeddings: also write each shard's embeddings sidecar in this form
+            (``"float16"``, ``"int8"`` or ``"pca"``, see :mod:`rsprune_data.embeddings`); needs
+            ``centroids``. A shard whose index is current but whose sidecar is missing or of
+            another form is indexed again.
+        pca_basis: the basis of the ``"pca"`` form (:func:`rsprune_data.embeddings.fit_pca`).
         progress: show a tqdm bar over samples.
 
     Returns:
@@ -346,6 +380,7 @@ def index_shards(
     from tqdm.auto import tqdm
 
     from .centroids import assign
+    from .embeddings import canonical
 
     if centroids is not None:
         if encoder is None:
@@ -356,6 +391,19 @@ def index_shards(
                 f"encoder {encoder.name!r} differs from the centroids' encoder {centroids.encoder!r}: "
                 "pass the same --encoder/--checkpoint the centroids were built with"
             )
+    if store_embeddings is not None:
+        from .embeddings import FORMS
+
+        if store_embeddings not in FORMS:
+            raise ConfigError(f"`store_embeddings` must be one of {list(FORMS)} or None, got "
+                              f"{store_embeddings!r}")
+        if centroids is None:
+            raise ConfigError("store_embeddings needs centroids (embeddings are computed only for "
+                              "Stage II): pass --centroids FILE")
+        if store_embeddings == "pca" and pca_basis is None:
+            raise ConfigError("store_embeddings='pca' needs pca_basis (--pca-basis FILE): fit one "
+                              "with rsprune_data.embeddings.fit_pca on a sample of embeddings")
+    store = None if store_embeddings is None else (store_embeddings, pca_basis)
     workers = check_int("workers", workers, 0)
     batch_size = check_int("batch_size", batch_size, 1)
     rgb_bands = check_rgb_bands(rgb_bands)  # here, not in a decoding worker
@@ -383,7 +431,8 @@ def index_shards(
         out = idx.index_path_for(shard, index_dir)
         if not force and index_is_current(shard, out, encoder=encoder_id, centroids_digest=digest,
                                           entropy_mode=mode, columns=wanted,
-                                          image_key=image_key or ""):
+                                          image_key=image_key or "") \
+                and (store is None or _sidecar_current(shard, out, encoder_id, store)):
             report.skipped.append(shard)
         else:
             todo.append((shard, out))
@@ -422,8 +471,11 @@ def index_shards(
             for reason, example in chunk["examples"].items():
                 report.examples.setdefault(reason, f"{shard} {example}")
             if chunk["images"] is not None and centroids is not None and encoder is not None:
-                emb = encoder.encode(torch.from_numpy(chunk["images"]))
-                z, s = assign(emb, centroids.centroids, device=encoder.device)
+                emb = canonical(encoder.encode(torch.from_numpy(chunk["images"])))
+                # numpy on the CPU, as `reassign` does: the same representation and the same product
+                z, s = assign(emb.astype(np.float32), centroids.centroids)
+                if store is not None:
+                    p.embeddings.append(emb)
                 p.cluster.append(z)
                 p.similarity.append(s)
             if chunk["done"]:
@@ -434,7 +486,7 @@ def index_shards(
                     report.invalid += _finish(
                         shard, out, p, chunk["meta"], encoder_id=encoder_id, centroids=centroids,
                         entropy_mode=mode, optional=optional, image_key=image_key or "",
-                        missing=report.meta_missing)
+                        missing=report.meta_missing, store=store)
                     report.indexed.append(shard)
                     report.samples += len(p.rows)
         except Exception as exc:  # ENOSPC/EROFS writing the index, an encoder error: this shard

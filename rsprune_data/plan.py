@@ -32,6 +32,13 @@ so the 4.5-bit ceiling decides the cut on all five; in practice "auto" is "H >= 
 pool holds many cloud or haze tiles, whose entropy is that of ordinary tiles (median 6.3 bits): no
 global-entropy cut separates them, and fixed fractions remove more of them only by removing 30-70%
 of everything.
+
+Near-duplicates (``dedup_threshold = tau``, opt-in, an extension of the method). Stage I survivors
+that :mod:`rsprune_data.dedup` marks as near copies of a kept, more central sample of their cluster
+are removed before Stage II: the config layer forms the Stage I survivors exactly as
+:func:`~rsprune_data.selection.select_indices` would (:func:`stage1_survivors`), drops the
+duplicates, and passes the rest as the valid mask of a ``select_indices`` call without Stage I
+arguments. The budget still counts the whole index; the summary counts ``duplicates_dropped``.
 """
 
 from __future__ import annotations
@@ -144,10 +151,54 @@ def _check_clusters(index: IndexArrays, config: PruneConfig) -> None:
         )
 
 
+def stage1_survivors(entropy: NDArray[Any], st: Stage1) -> NDArray[np.bool_]:
+    """Stage I survivors, exactly as :func:`~rsprune_data.selection.select_indices` forms them:
+    ``entropy_keep = f`` keeps the ``min(floor(f * N + 0.5), N_eligible)`` eligible samples of
+    highest entropy (ties to the lower position), a threshold keeps ``H >= t``."""
+    n = entropy.shape[0]
+    if st.entropy_keep is not None:
+        pos = np.flatnonzero(st.eligible)
+        m = min(math.floor(st.entropy_keep * n + 0.5), pos.shape[0])
+        order = np.lexsort((pos, -entropy[pos].astype(np.float64)))
+        mask = np.zeros(n, dtype=bool)
+        mask[pos[order[:m]]] = True
+        return mask
+    if st.entropy_threshold is not None:
+        return st.eligible & (entropy >= st.entropy_threshold)
+    return st.eligible.copy()
+
+
+def _duplicates(index: IndexArrays, config: PruneConfig) -> NDArray[np.bool_]:
+    getter = getattr(index, "duplicate_of", None)
+    if getter is None:
+        raise ConfigError(f"dedup_threshold={config.dedup_threshold} needs an index with embeddings "
+                          "(PruneIndex loaded from files indexed with --store-embeddings, or "
+                          "PruneIndex.attach_embeddings): drop dedup_threshold or store embeddings")
+    return np.asarray(getter(config.dedup_threshold)) >= 0
+
+
+def _dedup_candidates(index: IndexArrays, config: PruneConfig, st: Stage1
+                      ) -> tuple[NDArray[np.bool_], int]:
+    """Stage I survivors without the near-duplicates, and how many duplicates were dropped."""
+    survivors = stage1_survivors(np.asarray(index.entropy), st)
+    dup = _duplicates(index, config) & survivors
+    return survivors & ~dup, int(dup.sum())
+
+
 def select_with_config(index: IndexArrays, config: PruneConfig) -> NDArray[np.int64]:
     """Sorted global positions that ``config`` keeps from ``index``."""
     _check_clusters(index, config)
     st = resolve_stage1(index, config)
+    if config.dedup_threshold is not None:
+        if index.num_clusters < 1:
+            raise ConfigError("dedup_threshold needs cluster assignments (duplicates are found "
+                              "within clusters): index with --centroids FILE --store-embeddings")
+        cand, _ = _dedup_candidates(index, config, st)
+        return select_indices(
+            index.entropy, index.cluster_ids, index.similarity,
+            num_clusters=max(index.num_clusters, 1), prune_ratio=config.prune_ratio,
+            valid=cand, strategy=config.strategy, seed=config.seed,
+        )
     return select_indices(
         index.entropy, index.cluster_ids, index.similarity,
         num_clusters=max(index.num_clusters, 1), prune_ratio=config.prune_ratio,
@@ -162,7 +213,8 @@ def selection_summary(index: IndexArrays, config: PruneConfig,
 
     Keys: ``config``, ``samples``, ``budget``, ``invalid``, ``nodata_dropped``, ``where`` (one
     ``{"filter", "dropped"}`` per clause), ``cloud_dropped``, ``stage1_rule``,
-    ``entropy_threshold``/``entropy_keep`` (what Stage I used), ``stage1_dropped``, ``candidates``,
+    ``entropy_threshold``/``entropy_keep`` (what Stage I used), ``stage1_dropped``,
+    ``dedup_threshold``/``duplicates_dropped`` (near copies removed after Stage I), ``candidates``,
     ``selected``, ``shortfall``, ``num_clusters``, ``clusters_in_pool``, ``clusters_covered``.
     """
     if selected is None:
@@ -178,6 +230,10 @@ def selection_summary(index: IndexArrays, config: PruneConfig,
         candidates = int((st.eligible & (index.entropy >= st.entropy_threshold)).sum())
     else:
         candidates = n_eligible
+    duplicates = 0
+    if config.dedup_threshold is not None:
+        cand, duplicates = _dedup_candidates(index, config, st)
+        candidates = int(cand.sum())
     b = budget(n, config.prune_ratio)
     k = int(index.num_clusters)
     covered = in_pool = 0
@@ -197,7 +253,9 @@ def selection_summary(index: IndexArrays, config: PruneConfig,
         "stage1_rule": st.rule,
         "entropy_threshold": st.entropy_threshold,
         "entropy_keep": st.entropy_keep,
-        "stage1_dropped": n_eligible - candidates,
+        "stage1_dropped": n_eligible - candidates - duplicates,
+        "dedup_threshold": config.dedup_threshold,
+        "duplicates_dropped": duplicates,
         "candidates": candidates,
         "selected": int(selected.shape[0]),
         "shortfall": max(0, b - int(selected.shape[0])),

@@ -221,6 +221,7 @@ def test_cluster_ids_are_the_argmax_of_similarities_to_the_stored_centroids(tmp_
     import torch
 
     from rsprune_data.centroids import Centroids, build_centroids
+    from rsprune_data.embeddings import canonical
     from rsprune_data.encoders import load_encoder
     from rsprune_data.images import analyze
     from rsprune_data.tario import parse_sample
@@ -244,7 +245,8 @@ def test_cluster_ids_are_the_argmax_of_similarities_to_the_stored_centroids(tmp_
         start = int(index.offsets[pos])
         _, members = parse_sample(blob[start : start + int(index.lengths[pos])])
         rgb = analyze(members["jpeg"], "jpeg", want_rgb=True).rgb
-        emb = enc.encode(torch.stack([enc.preprocess(rgb)]))[0]
+        # the indexer assigns from the canonical representation (unit rows rounded to float16)
+        emb = canonical(enc.encode(torch.stack([enc.preprocess(rgb)])))[0].astype(np.float32)
         sims = stored.centroids @ emb
         assert int(index.cluster_ids[pos]) == int(np.argmax(sims))
         assert abs(float(index.similarity[pos]) - float(sims.max())) < 1e-4

@@ -16,7 +16,10 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from numpy.typing import NDArray
 
 from .._fsio import atomic_folder
 from .._validate import check_int, check_output_dir
@@ -30,6 +33,9 @@ if TYPE_CHECKING:
     from ..centroids import Centroids
     from ..index import PruneIndex
 
+SHEET_TAU = 0.95  # near-duplicate sheet when the config has no dedup_threshold
+
+
 def write_report(
     shards: Sequence[str | os.PathLike[str]] | str,
     out_dir: str | os.PathLike[str],
@@ -39,6 +45,7 @@ def write_report(
     centroids: str | os.PathLike[str] | Centroids | None = None,
     max_clusters_shown: int = 12,
     tiles_per_cluster: int = 8,
+    reference_embeddings: NDArray[Any] | None = None,
     progress: bool = True,
 ) -> Path:
     """Write a report that shows what ``config`` keeps and drops from ``shards``.
@@ -60,6 +67,9 @@ def write_report(
             composition ("cluster 17: 80% forest, 20% river").
         max_clusters_shown: contact sheets for this many of the most populated clusters.
         tiles_per_cluster: kept tiles shown per cluster (nearest to the centroid first).
+        reference_embeddings: ``[m, d]`` embeddings of the reference set, the target of the ratio
+            sweep's Frechet distance (default: the pool itself). The sweep and the near-duplicate
+            sheet appear when the shards were indexed with ``--store-embeddings``.
         progress: show a progress bar while tiles are read.
 
     Returns:
@@ -88,14 +98,15 @@ def write_report(
     selected = select_with_config(index, config)
     st = compute_stats(index, config, selected)
     with atomic_folder(final) as out:
-        _write_all(out, index, st, cents, max_clusters_shown, tiles_per_cluster, t0,
-                   progress)
+        _write_all(out, index, config, selected, st, cents, max_clusters_shown,
+                   tiles_per_cluster, reference_embeddings, t0, progress)
     return final / "index.html"
 
 
-def _write_all(out: Path, index: PruneIndex, st: ReportStats,
-               cents: Centroids | None, max_clusters_shown: int, tiles_per_cluster: int,
-               t0: float, progress: bool) -> None:
+def _write_all(out: Path, index: PruneIndex, config: PruneConfig, selected: NDArray[np.int64],
+               st: ReportStats, cents: Centroids | None, max_clusters_shown: int,
+               tiles_per_cluster: int, reference_embeddings: NDArray[Any] | None, t0: float,
+               progress: bool) -> None:
     """Every file of the report, into the (temporary) folder ``out``."""
     from . import figures
     from .sheets import read_thumbnails, render_sheet
@@ -106,7 +117,19 @@ def _write_all(out: Path, index: PruneIndex, st: ReportStats,
     stage1 = picks.stage1_sheets(index, st)
     clusters = picks.cluster_sheets(index, st, comp, max_clusters_shown, tiles_per_cluster)
     coverage = picks.coverage_sheets(index, st) if index.num_clusters > 0 else []
-    sheets = [s for s in (*stage1, *clusters, *coverage) if s.tiles]
+    emb = _stored_embeddings(index)
+    dup_sheet = None
+    if emb is not None and index.num_clusters > 0:
+        from .sweep import duplicate_tiles
+
+        tau = config.dedup_threshold if config.dedup_threshold is not None else SHEET_TAU
+        dup_sheet = picks.Sheet(
+            "near-duplicates", f"Near-duplicate groups at cosine >= {tau:g}",
+            "The largest groups of near copies within a reference cluster: the most central "
+            "sample (kept by dedup_threshold) first, then the samples it stands for.",
+            duplicate_tiles(index, index.duplicate_of(tau), selected))
+    sheets = [s for s in (*stage1, *clusters, *coverage, *([dup_sheet] if dup_sheet else []))
+              if s.tiles]
     thumbs = read_thumbnails(index, [t.pos for s in sheets for t in s.tiles], progress=progress)
     for s in sheets:
         render_sheet(s.tiles, thumbs, img / f"{s.name}.png")
@@ -121,9 +144,17 @@ def _write_all(out: Path, index: PruneIndex, st: ReportStats,
             least_max = float(index.similarity[coverage[0].tiles[-1].pos])
         figures.similarity_histogram(st, index.similarity, img / "similarity.png", least_max)
 
+    extra: list[str] = []
     summary = st.to_json(index.shards, comp.text if comp is not None else None)
+    if emb is not None and index.num_clusters > 0:
+        from .sweep import ratio_sweep, sweep_figure
+
+        sw = ratio_sweep(index, config, emb, reference=reference_embeddings)
+        sweep_figure(sw, img / "ratio-sweep.png")
+        summary["ratio_sweep"] = sw.to_json()
+        extra.append(page.sweep_section(sw, dup_sheet))
     summary["report_seconds"] = round(time.perf_counter() - t0, 3)
-    html = page.render(index, st, summary, comp, stage1, clusters, coverage)
+    html = page.render(index, st, summary, comp, stage1, clusters, coverage, extra)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "index.html").write_text(html, encoding="utf-8")
 
@@ -139,6 +170,16 @@ def _check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
                 "summary.json of an earlier report): the report replaces its folder as a whole, so "
                 "choose a new or empty folder")
     return out
+
+
+def _stored_embeddings(index: PruneIndex) -> NDArray[Any] | None:
+    from ..dedup_cache import load_embeddings
+    from ..embeddings import read_metadata, sidecar_path_of_index
+
+    if not index.index_paths or not all(read_metadata(sidecar_path_of_index(p))
+                                        for p in index.index_paths):
+        return None
+    return load_embeddings(index)
 
 
 def _load_centroids(centroids: str | os.PathLike[str] | Centroids | None,

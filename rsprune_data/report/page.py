@@ -200,7 +200,7 @@ def _stage_table(st: ReportStats, summary: dict[str, Any]) -> str:
 
 def render(index: PruneIndex, st: ReportStats, summary: dict[str, Any],
           comp: Compositions | None, stage1: list[Sheet], clusters: list[Sheet],
-          coverage: list[Sheet]) -> str:
+          coverage: list[Sheet], extra: Sequence[str] = ()) -> str:
     from .. import __version__
 
     cfg = st.config
@@ -259,6 +259,7 @@ def render(index: PruneIndex, st: ReportStats, summary: dict[str, Any],
                    "and index with <code>rsprune-data index ... --centroids FILE</code>.",
                    cls="warn")))
 
+    body.extend(extra)  # sections that need stored embeddings (build.py: ratio sweep, duplicates)
     body.append(section(
         "io", "Reading this selection",
         note(f"At prune ratio {cfg.prune_ratio:g} a loader reads {_human_bytes(read)} "
@@ -291,3 +292,19 @@ def _shard_table(summary: dict[str, Any], limit: int = 500) -> str:
         if len(shards) > limit else ""
     return table(["shard", "samples", "selected", "to read", "size"], rows,
                    numeric=[False, True, True, True, True]) + more
+
+
+def sweep_section(sw: Any, dup_sheet: Sheet | None) -> str:
+    """The ratio sweep (figure + table) and the near-duplicate sheet (report/sweep.py)."""
+    rows = [(f"{r:g}" + (" (chosen)" if r == sw.chosen else ""), f"{n:,}",
+             *(f"{sw.values[m][i]:.3f}" for m in ("coverage", "balance", "frechet", "radius")))
+            for i, (r, n) in enumerate(zip(sw.ratios, sw.selected, strict=True))]
+    parts = [note("The same configuration at other pruning ratios, measured on the stored "
+                  "embeddings before any training: where coverage and balance drop and the "
+                  f"Frechet distance (target: {esc(sw.target)}) and k-center radius rise, "
+                  "quality falls off. The dashed line marks the chosen ratio."),
+             figure(f"{IMG_DIR}/ratio-sweep.png", "metrics over the pruning ratio"),
+             table(["ratio", "selected", "coverage", "balance", "Frechet", "radius"], rows)]
+    if dup_sheet is not None:
+        parts.append(_sheet_html(dup_sheet))
+    return section("sweep", "Choosing the ratio: sweep and near-duplicates", *parts)
