@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ._fsio import atomic_write_text, publish_file
+from ._fsio import atomic_write_text, publish_file, remove_temporaries
 from ._validate import check_int, check_output_dir
 from .errors import ConfigError
 from .images import IMAGE_EXTS
@@ -153,6 +153,7 @@ def _start(out: Path, prefix: str, settings: dict[str, Any], overwrite: bool) ->
     just before the kill but not yet in the manifest: it is rewritten identically).
     """
     pattern = re.compile(re.escape(prefix) + r"-\d{6}\.tar")
+    remove_temporaries(_manifest_path(out, prefix))  # a kill during a manifest write
     for p in out.glob(f"{glob_escape(prefix)}-*.tar{_PARTIAL}"):
         p.unlink(missing_ok=True)
     old = sorted(p for p in out.iterdir() if pattern.fullmatch(p.name))
