@@ -63,7 +63,9 @@ from ._validate import check_int, check_number
 from .config import PruneConfig, Schedule, as_config
 from .errors import ConfigError, StateDictError
 from .partition import epoch_order, per_rank, rank_share
+from .resume import check_config, check_format, check_same, state_header
 from .world import distributed_rank
+from .wrappers import LIGHTNING_SPLITTERS, refuse_wrapper
 
 __all__ = ["ConfigSource", "PrunedSampler", "Schedule", "SelectableIndex"]
 
@@ -187,9 +189,14 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
             self._source, self._next_source = self._next_source, None
         self._config = self._resolve(self._source, self._epoch)
 
+    def _guard(self) -> None:
+        refuse_wrapper(f"PrunedSampler(num_replicas={self.num_replicas})", self.num_replicas,
+                       always=LIGHTNING_SPLITTERS)
+
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch``: evaluates the schedule and applies any pending config change."""
         check_int("epoch", epoch, 0)
+        self._guard()
         self._epoch = int(epoch)
         self._running = False
         self._pass_started_in_epoch = False
@@ -221,9 +228,11 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
         return per_rank(int(self._select(config).shape[0]), self.num_replicas, self.drop_last)
 
     def __len__(self) -> int:
+        self._guard()
         return self._pass_len if self._running else self._num_samples(self._config)
 
     def __iter__(self) -> Iterator[int]:
+        self._guard()
         if self._next_source is not None:  # a change made during the previous pass
             self._apply_pending()
         config = self._config
@@ -275,18 +284,14 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
                 raise ConfigError(f"`consumed` must be an integer in [0, {length}], got {consumed!r}")
             done = consumed
         return {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "epoch": self._epoch,
+            **state_header(STATE_FORMAT, STATE_VERSION, self._epoch, config, self.index.fingerprint),
             "consumed": done,
             "num_samples": length,
-            "config": config.to_dict(),
             "seed": self.seed,
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
             "num_replicas": self.num_replicas,
             "rank": self.rank,
-            "index_fingerprint": str(self.index.fingerprint),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -296,25 +301,12 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
             StateDictError: the state is malformed, or was taken on another index, seed,
                 shuffle, drop_last or world size, or (with items of its epoch left) config.
         """
-        sd = dict(state_dict)
-        missing = sorted({"format", "epoch", "consumed", "num_samples", "config", "seed", "shuffle",
-                          "drop_last", "num_replicas", "index_fingerprint"} - set(sd))
-        if sd.get("format") != STATE_FORMAT or missing:
-            raise StateDictError(
-                f"not a PrunedSampler state (format={sd.get('format')!r}, missing keys {missing}): "
-                "pass the dict returned by PrunedSampler.state_dict()"
-            )
-        if sd.get("version") != STATE_VERSION:
-            raise StateDictError(
-                f"PrunedSampler state version {sd.get('version')!r} is not supported (this "
-                f"version reads {STATE_VERSION}): resume with the rsprune_data version that saved it"
-            )
-        self._check_same(sd, "index_fingerprint", str(self.index.fingerprint),
-                         "the index (shards, their contents or centroids) changed: load the same "
-                         "shards and index files that the state was saved with")
-        for name in ("seed", "shuffle", "drop_last", "num_replicas"):
-            self._check_same(sd, name, getattr(self, name),
-                             f"construct the sampler with {name}={sd[name]!r}")
+        sd = check_format(state_dict, fmt=STATE_FORMAT, version=STATE_VERSION, what="PrunedSampler",
+                          required=("consumed", "num_samples", "seed", "shuffle", "drop_last",
+                                    "num_replicas"))
+        check_same(sd, {"index_fingerprint": str(self.index.fingerprint), "seed": self.seed,
+                        "shuffle": self.shuffle, "drop_last": self.drop_last,
+                        "num_replicas": self.num_replicas}, "PrunedSampler")
         epoch, consumed, length = int(sd["epoch"]), int(sd["consumed"]), int(sd["num_samples"])
         if epoch < 0 or not 0 <= consumed <= length:
             raise StateDictError(f"corrupt PrunedSampler state: epoch={epoch}, consumed={consumed}, "
@@ -322,29 +314,16 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
         if consumed < length:  # items of that epoch remain: they must come from the same config
             mine = self._resolve(self._source if self._next_source is None else self._next_source,
                                  epoch)
-            theirs = PruneConfig.from_dict(sd["config"])
-            if mine != theirs:
-                raise StateDictError(
-                    f"the state was saved with config {theirs.to_dict()} in epoch {epoch}, but this "
-                    f"sampler would use {mine.to_dict()}: construct it with that config (or call "
-                    "set_config(PruneConfig.from_dict(state['config']))) before loading"
-                )
-            if self._num_samples(theirs) != length:
+            check_config(sd, mine, "PrunedSampler")
+            if self._num_samples(mine) != length:
                 raise StateDictError(
                     f"the state's epoch has {length} items on this rank but the same config "
-                    f"selects {self._num_samples(theirs)} here: the index changed")
+                    f"selects {self._num_samples(mine)} here: the index changed")
             self._epoch = epoch
             self._apply_pending()
         self._running = False
         self._pass_started_in_epoch = False
         self._resume = (epoch, consumed, consumed >= length)
-
-    @staticmethod
-    def _check_same(sd: dict[str, Any], name: str, mine: Any, fix: str) -> None:
-        if sd[name] != mine:
-            raise StateDictError(
-                f"PrunedSampler state has {name}={sd[name]!r} but this sampler has {mine!r}: {fix}"
-            )
 
     def __repr__(self) -> str:
         return (f"PrunedSampler(n={len(self)}, epoch={self._epoch}, rank={self.rank}/"

@@ -72,6 +72,7 @@ from urllib.parse import urlparse
 import numpy as np
 from numpy.typing import NDArray
 from webdataset.compat import FluidInterface
+from webdataset.filters import default_collation_fn, pipelinefilter
 from webdataset.pipeline import DataPipeline
 
 from ._control import _Control
@@ -80,11 +81,13 @@ from .config import PruneConfig, Schedule, as_config
 from .errors import ConfigError, StaleIndexError, StateDictError
 from .index import PruneIndex, is_remote
 from .partition import per_rank
+from .resume import check_config, check_format, check_same, state_header
 from .stream_plan import EpochPlan, epoch_plan, shard_runs, worker_batches
 from .tario import iter_tar_samples, parse_sample, read_ranges
 from .world import World, distributed_rank, get_world
+from .wrappers import refuse_wrapper
 
-__all__ = ["DEFAULT_MAX_GAP", "EpochPlan", "PrunedWebDataset", "epoch_plan", "worker_batches"]
+__all__ = ["DEFAULT_MAX_GAP", "DEFAULT_SAMPLE_WINDOW", "EpochPlan", "PrunedWebDataset", "epoch_plan", "worker_batches"]
 
 #: Default ``max_gap`` of :class:`PrunedWebDataset`: merge samples that touch or are less than a
 #: page apart. Bridging wider gaps buys nothing on a local disk and reads far more bytes when tiles
@@ -93,8 +96,12 @@ __all__ = ["DEFAULT_MAX_GAP", "EpochPlan", "PrunedWebDataset", "epoch_plan", "wo
 #: 64 KiB). On network filesystems, where a round trip costs more, pass a larger ``max_gap``.
 DEFAULT_MAX_GAP = 4096
 STATE_FORMAT = "rsprune-wds"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: sample_window
 _CACHE_SIZE = 4
+#: Default ``sample_window`` of :class:`PrunedWebDataset`: shards whose samples are permuted together.
+DEFAULT_SAMPLE_WINDOW = 8
+#: Items a worker reads together, sorted by (shard, offset), before yielding them in planned order.
+_READ_BLOCK = 256
 _SIGPIPE_STATUS = (-13, 141)  # a child killed by SIGPIPE, as Popen and as a shell report it
 
 Sample = dict[str, Any]
@@ -111,7 +118,8 @@ class _Pass:
     rotation: int  # this worker serves span (worker + rotation) % num_workers
     consumed: int  # samples of the span delivered, including those skipped by a resume
     num_samples: int  # length of the span
-    positions: NDArray[np.int64]  # what is left to deliver
+    positions: NDArray[np.int64]  # what is left to deliver, in the planned order
+    blocks: list[tuple[int, int]]  # read blocks of ``positions`` (EpochPlan.blocks)
     finished: bool = False
 
 
@@ -129,17 +137,21 @@ class _Source:
 
     def __init__(self, index: PruneIndex, load_args: tuple[Any, ...] | None, config: Any, *,
                  seed: int, shuffle_shards: bool, drop_last: bool, rank: int | None,
-                 world_size: int | None, max_gap: int) -> None:
+                 world_size: int | None, max_gap: int, sample_window: int) -> None:
         self._index: PruneIndex | None = index
         self._load_args = load_args  # (shards, index_dir, check_stale) to reload after pickling
         self.seed, self.shuffle_shards, self.drop_last = seed, shuffle_shards, drop_last
         self.max_gap = max_gap
+        self.sample_window = sample_window
+        # A stream (pipe:, http) is read from its start for each block that needs it, so streams
+        # read whole windows; local shards read blocks of _READ_BLOCK items (module docstring).
+        self._block = 0 if any(is_remote(u) for u in index.shards) else _READ_BLOCK
         self._explicit = (rank, world_size)
         self.rank, self.world_size = distributed_rank(rank, world_size)
         self._schedule: Schedule | None = None
         self._schedule_id = 0
-        self._control = _Control({"gen": 0, "epoch": 0, "config": None, "schedule": None,
-                                  "resume": None})
+        self._control = _Control({"gen": 0, "epoch": 0, "epoch_set": False, "config": None,
+                                  "schedule": None, "resume": None})
         self.set_config(config)
         self._selections: OrderedDict[PruneConfig, NDArray[np.int64]] = OrderedDict()
         self._plan_key: tuple[Any, ...] | None = None
@@ -210,7 +222,7 @@ class _Source:
             self._plan = epoch_plan(self.selected(config), self.index.shard_starts,
                                     seed=self.seed, epoch=epoch,
                                     shuffle_shards=self.shuffle_shards, world_size=world_size,
-                                    drop_last=self.drop_last)
+                                    drop_last=self.drop_last, sample_window=self.sample_window)
             self._plan_key = key
         return self._plan
 
@@ -218,11 +230,20 @@ class _Source:
     def __call__(self) -> Iterator[Sample]:
         return self._deliver(self._begin())
 
+    def guard(self) -> None:
+        refuse_wrapper(f"PrunedWebDataset(world_size={self.world_size})", self.world_size)
+
     def _begin(self) -> _Pass:
+        self.guard()
         world = self.world()
         ctl = self._control.read()
         epoch = int(ctl["epoch"])
         resume, self._pending = (self._pending or ctl["resume"]), None
+        if (resume is not None and int(resume["epoch"]) != epoch and not ctl["epoch_set"]
+                and not _complete(resume)):
+            # A fresh dataset handed a mid-epoch state (StatefulDataLoader loads it inside each
+            # worker) and no set_epoch() call: the state's epoch is the one to continue.
+            epoch = int(resume["epoch"])
         if resume is not None and int(resume["epoch"]) != epoch:
             if not _complete(resume):
                 warnings.warn(
@@ -240,7 +261,7 @@ class _Source:
                                        world.num_workers)
         skip = min(skip, stop - start)
         p = _Pass(epoch, int(ctl["gen"]), config, world, rotation, skip, stop - start,
-                  plan.positions(start + skip, stop))
+                  plan.positions(start + skip, stop), plan.blocks(start + skip, stop, self._block))
         self._pass = p
         return p
 
@@ -269,20 +290,31 @@ class _Source:
         return int(state["rotation"]), int(state["consumed"])
 
     def _deliver(self, p: _Pass) -> Iterator[Sample]:
+        # positions (planned order) -> blocks -> sorted by (shard, offset) -> runs per shard ->
+        # coalesced reads -> samples back in the planned order.
+        for a, b in p.blocks:
+            for sample in self._read_block(p.positions[a:b]):
+                p.consumed += 1  # before yielding: a state taken right after next() includes it
+                yield sample
+        p.finished = True
+
+    def _read_block(self, block: NDArray[np.int64]) -> list[Sample]:
+        """The samples at ``block`` (global positions, any order, repeats allowed), in that order."""
         index = self.index
-        shard_ids = index.shard_ids
-        for shard, a, b in shard_runs(p.positions, shard_ids):
+        order = np.argsort(block, kind="stable")
+        ranked = block[order]
+        out: list[Sample | None] = [None] * int(block.shape[0])
+        for shard, a, b in shard_runs(ranked, index.shard_ids):
             url = index.shards[shard]
-            part = p.positions[a:b]
+            part = ranked[a:b]
             if is_remote(url):
                 samples = self._read_stream(url, part - int(index.shard_starts[shard]))
             else:
                 samples = self._read_local(url, part)
-            for g, sample in zip(part.tolist(), samples, strict=True):
+            for slot, g, sample in zip(order[a:b].tolist(), part.tolist(), samples, strict=True):
                 self._check_key(g, sample["__key__"], url)
-                p.consumed += 1  # before yielding: a state taken right after next() includes it
-                yield sample
-        p.finished = True
+                out[slot] = sample
+        return out  # type: ignore[return-value]
 
     def _read_local(self, url: str, part: NDArray[np.int64]) -> Iterator[Sample]:
         # webdataset's StreamingOpen: a local url's path (urlparse) is also __local_path__.
@@ -326,11 +358,10 @@ class _Source:
 
     # -- state
     def _common(self, epoch: int, config: PruneConfig, world_size: int) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch,
-                "config": config.to_dict(), "seed": self.seed,
-                "shuffle_shards": self.shuffle_shards, "drop_last": self.drop_last,
-                "world_size": world_size, "rank": self.rank,
-                "index_fingerprint": str(self.index.fingerprint)}
+        return {**state_header(STATE_FORMAT, STATE_VERSION, epoch, config, self.index.fingerprint),
+                "seed": self.seed, "shuffle_shards": self.shuffle_shards,
+                "sample_window": self.sample_window, "drop_last": self.drop_last,
+                "world_size": world_size, "rank": self.rank}
 
     def state(self) -> dict[str, Any]:
         if self._pending is not None:
@@ -376,37 +407,24 @@ class _Source:
             self._control.update(resume=sd, epoch=int(sd["epoch"]))
 
     def _check_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        sd = dict(state)
-        need = {"format", "epoch", "config", "seed", "shuffle_shards", "drop_last", "world_size",
-                "index_fingerprint", "num_workers"}
-        need |= ({"delivered", "batch_size", "items"} if "delivered" in sd else
-                 {"worker", "rotation", "consumed", "num_samples", "finished"})
-        missing = sorted(need - set(sd))
-        if sd.get("format") != STATE_FORMAT or missing:
+        required = {"seed", "shuffle_shards", "sample_window", "drop_last", "world_size",
+                    "num_workers"}
+        required |= ({"delivered", "batch_size", "items"} if "delivered" in state else
+                     {"worker", "rotation", "consumed", "num_samples", "finished"})
+        sd = check_format(state, fmt=STATE_FORMAT, version=STATE_VERSION, required=required,
+                          what="PrunedWebDataset")
+        if sd.get("buffered"):
             raise StateDictError(
-                f"not a PrunedWebDataset state (format={sd.get('format')!r}, missing keys "
-                f"{missing}): pass the dict returned by PrunedWebDataset.state_dict()")
-        if sd.get("version") != STATE_VERSION:
-            raise StateDictError(
-                f"PrunedWebDataset state version {sd.get('version')!r} is not supported (this "
-                f"version reads {STATE_VERSION}): resume with the rsprune_data version that saved it")
-        mine = {"index_fingerprint": str(self.index.fingerprint), "seed": self.seed,
-                "shuffle_shards": self.shuffle_shards, "drop_last": self.drop_last,
-                "world_size": self.world_size}
-        for name, value in mine.items():
-            if sd[name] != value:
-                fix = ("load the same shards and index files the state was saved with"
-                       if name == "index_fingerprint" else f"construct it with {name}={sd[name]!r}")
-                raise StateDictError(f"PrunedWebDataset state has {name}={sd[name]!r} but this "
-                                     f"dataset has {value!r}: {fix}")
+                f"this PrunedWebDataset state was saved behind a .shuffle({sd['buffered']}) stage, "
+                "whose buffer held samples counted as delivered that the model never saw: resume "
+                "would lose them. Drop .shuffle(n): PrunedWebDataset already delivers a new "
+                "sample-level order every epoch (sample_window), and resume is exact without it")
+        check_same(sd, {"index_fingerprint": str(self.index.fingerprint), "seed": self.seed,
+                        "shuffle_shards": self.shuffle_shards, "sample_window": self.sample_window,
+                        "drop_last": self.drop_last, "world_size": self.world_size},
+                   "PrunedWebDataset")
         if not _complete(sd):
-            theirs = PruneConfig.from_dict(sd["config"])
-            ours = self.config_for(int(sd["epoch"]))
-            if theirs != ours:
-                raise StateDictError(
-                    f"the state was saved with config {theirs.to_dict()} in epoch {sd['epoch']}, "
-                    f"but this dataset would use {ours.to_dict()}: construct it with that config "
-                    "(or call set_config(PruneConfig.from_dict(state['config']))) before loading")
+            check_config(sd, self.config_for(int(sd["epoch"])), "PrunedWebDataset")
         return sd
 
 
@@ -417,6 +435,21 @@ def _close(stream: Any, *, early: bool) -> None:
     except OSError:
         if not (early and getattr(stream, "status", None) in _SIGPIPE_STATUS):
             raise
+
+
+def _batched_exact_stage(data: Iterator[Any], batchsize: int, collation_fn: Any,
+                         partial: bool) -> Iterator[Any]:
+    batch: list[Any] = []
+    for sample in data:
+        batch.append(sample)
+        if len(batch) == batchsize:  # yield before pulling the next sample (no look-ahead)
+            yield batch if collation_fn is None else collation_fn(batch)
+            batch = []
+    if batch and partial:
+        yield batch if collation_fn is None else collation_fn(batch)
+
+
+_batched_exact = pipelinefilter(_batched_exact_stage)
 
 
 # --- the dataset ---------------------------------------------------------------------------------
@@ -446,6 +479,9 @@ class PrunedWebDataset(DataPipeline, FluidInterface):
         check_stale: refuse indexes of local shards that changed since indexing.
         max_gap: byte gap up to which neighbouring samples of a local shard are read by one call
             (default :data:`DEFAULT_MAX_GAP`, 4 KiB).
+        sample_window: permute the samples of every ``sample_window`` consecutive shards of the
+            epoch's shard order (a new sample-level order per epoch; module docstring); 0 keeps
+            tar order inside shards. Default :data:`DEFAULT_SAMPLE_WINDOW`.
 
     Example:
         >>> ds = PrunedWebDataset("shards/shard-{000000..000021}.tar", 0.85)  # doctest: +SKIP
@@ -465,10 +501,14 @@ class PrunedWebDataset(DataPipeline, FluidInterface):
         drop_last: bool = False,
         check_stale: bool = True,
         max_gap: int = DEFAULT_MAX_GAP,
+        sample_window: int = DEFAULT_SAMPLE_WINDOW,
     ) -> None:
         super().__init__()
         check_int("seed", seed, 0)
         check_int("max_gap", max_gap, 0)
+        check_int("sample_window", sample_window, 0)
+        self.batch_size: int | None = None  # set by .batched(n), read by the integrations
+        self._buffered = 0  # size of a .shuffle(n) buffer downstream (resume refuses it)
         if isinstance(shards, PruneIndex):
             index, load_args = shards, None
         else:
@@ -478,7 +518,8 @@ class PrunedWebDataset(DataPipeline, FluidInterface):
             load_args = (names, index_dir, check_stale)
         self._source = _Source(index, load_args, config, seed=int(seed),
                                shuffle_shards=bool(shuffle_shards), drop_last=bool(drop_last),
-                               rank=rank, world_size=world_size, max_gap=max_gap)
+                               rank=rank, world_size=world_size, max_gap=max_gap,
+                               sample_window=int(sample_window))
         # DataPipeline.invoke (webdataset/pipeline.py) calls a plain callable first stage with no
         # argument and iterates what it returns; every later stage gets the previous iterator.
         self.append(self._source)
@@ -522,13 +563,40 @@ class PrunedWebDataset(DataPipeline, FluidInterface):
         """
         return sum(worker_batches(self.num_samples, num_workers, batch_size))
 
+    # -- stages whose look-ahead would break resume
+    def batched(self, batchsize: int, collation_fn: Any = default_collation_fn,
+                partial: bool = True) -> PrunedWebDataset:
+        """Batches of ``batchsize`` samples, like ``wds.WebDataset.batched``, without look-ahead.
+
+        webdataset's ``batched`` pulls sample ``n + 1`` before it yields a batch of ``n``, so a
+        resume state taken after a batch would count a sample the model never saw. This stage
+        yields as soon as a batch is full: the state after ``k`` batches is exactly ``k * n``.
+        """
+        check_int("batchsize", batchsize, 1)
+        out: PrunedWebDataset = self.compose(_batched_exact(batchsize, collation_fn, partial))
+        out.batch_size = int(batchsize)
+        return out
+
+    def shuffle(self, size: int, **kw: Any) -> PrunedWebDataset:
+        """webdataset's buffer shuffle; a resume state saved behind it is refused on loading.
+
+        Its buffer holds samples that the source counts as delivered, so resuming would lose
+        them. Rarely needed: the source already delivers a new sample-level order every epoch.
+        """
+        out: PrunedWebDataset = super().shuffle(size, **kw)
+        if size > 1:
+            out._buffered = int(size)
+        return out
+
     def set_epoch(self, epoch: int) -> None:
         """Use epoch ``epoch`` from the next pass on, in this process and in every worker."""
         check_int("epoch", epoch, 0)
         self._source.refresh_world()
+        self._source.guard()
         resume = self._source._control.read()["resume"]
         keep = resume is not None and int(resume["epoch"]) == int(epoch)
-        self._source._control.update(epoch=int(epoch), resume=resume if keep else None)
+        self._source._control.update(epoch=int(epoch), epoch_set=True,
+                                     resume=resume if keep else None)
 
     def set_config(self, config: PruneConfig | float | Schedule) -> None:
         """Use ``config`` (a PruneConfig, ratio or schedule) from the next pass on, everywhere.
@@ -557,9 +625,11 @@ class PrunedWebDataset(DataPipeline, FluidInterface):
             batch_size: samples per item (``DataLoader(batch_size=...)`` or ``.batched(...)``).
             num_workers: the loader's ``num_workers``.
         """
-        if delivered is None:
-            return self._source.state()
-        return self._source.rank_state(delivered, batch_size, num_workers)
+        state = (self._source.state() if delivered is None else
+                 self._source.rank_state(delivered, batch_size, num_workers))
+        if self._buffered:
+            state["buffered"] = self._buffered
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue from a :meth:`state_dict`; raises :class:`StateDictError` on a mismatch."""
