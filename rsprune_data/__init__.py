@@ -13,6 +13,7 @@ from .config import PruneConfig
 from .errors import (
     ConfigError,
     CorruptImageError,
+    DeliveryError,
     DependencyNotFoundError,
     EncoderLoadError,
     IndexMismatchError,
@@ -54,6 +55,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ConfigError",
     "CorruptImageError",
+    "DeliveryError",
     "DependencyNotFoundError",
     "EncoderLoadError",
     "IndexMismatchError",

@@ -14,6 +14,8 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "torchdata": ("resume", "torchdata"),
     "skimage": ("bench", "scikit-image"),
     "scipy": ("bench", "scipy"),
+    "accelerate": ("accelerate", "accelerate"),
+    "lightning": ("lightning", "lightning"),
 }
 
 

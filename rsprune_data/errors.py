@@ -49,3 +49,7 @@ class EncoderLoadError(RsPruneError, OSError):
 
 class StateDictError(RsPruneError, ValueError):
     """A sampler/dataset state was taken on a different index or configuration."""
+
+
+class DeliveryError(RsPruneError, RuntimeError):
+    """A pass delivered another number of batches than its plan (a wrapper changed the stream)."""
