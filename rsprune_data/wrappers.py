@@ -73,6 +73,8 @@ def refuse_wrapper(what: str, world_size: int, *, always: Iterable[str] = ()) ->
     if found is None:
         return
     framework = "accelerate" if found in ACCELERATE_SPLITTERS else "lightning"
+    if found == "_DatasetSamplerWrapper":  # the inner half of DistributedSamplerWrapper
+        found = "DistributedSamplerWrapper (Trainer(use_distributed_sampler=True))"
     if world_size > 1:
         why = (f"{what} already splits the selection over {world_size} ranks, and {framework}'s "
                f"{found} splits it again: part of every epoch would never be trained on, without "
