@@ -2,7 +2,7 @@
 
     python benchmarks/streaming_io.py [--src /work/shared/data/harvey] [--cache /tmp/rsprune_bench]
         [--shard-size 1000] [--ratios 0.5 0.7 0.85 0.9] [--repeat 3] [--gaps 0 4096 65536]
-        [--out results/streaming_io.json]
+        [--sample-windows 8] [--order-only] [--out results/streaming_io.json]
 
 Both sides deliver exactly the same samples (checked) as raw webdataset dicts, in one process,
 nothing decoded:
@@ -19,6 +19,12 @@ the block device), with ``stream / ours`` ratios. "cold" empties the page cache 
 ``posix_fadvise(POSIX_FADV_DONTNEED)`` on every shard (unprivileged); the JSON records which.
 The sampler path (map-style ``PrunedShardDataset`` + ``PrunedSampler``, ``DataLoader`` with 2
 workers) and ``PrunedWebDataset`` through the same loader are measured warm, against the stream.
+
+**Sample-level order** (``--sample-windows``, ``--order-only`` measures only this): the same
+``PrunedWebDataset`` with shuffled shards, delivering a new sample-level order (``sample_window=w``:
+samples of ``w`` consecutive shards permuted, read in sorted blocks) against today's shard order
+(``sample_window=0``: tar order inside shards), warm and cold, best of ``--repeat`` with the spread
+(min-max) of both sides and the ratio of the bests.
 
 The shards are ``rsprune_data.pack.pack_folder`` output of ``--src`` (real JPEG tiles), written once
 to ``--cache``. The index files hold real byte ranges and keys (``tario.scan_tar``) but synthetic
@@ -125,8 +131,56 @@ def timed(fn: Callable[[], list[str]]) -> dict[str, Any]:
 def run_ours(index: PruneIndex, cfg: PruneConfig, max_gap: int) -> list[str]:
     from rsprune_data import PrunedWebDataset
 
-    ds = PrunedWebDataset(index, cfg, shuffle_shards=False, max_gap=max_gap)
+    ds = PrunedWebDataset(index, cfg, shuffle_shards=False, max_gap=max_gap, sample_window=0)
     return [s["__key__"] for s in ds]
+
+
+def run_order(index: PruneIndex, cfg: PruneConfig, window: int) -> list[str]:
+    from rsprune_data import PrunedWebDataset
+
+    ds = PrunedWebDataset(index, cfg, shuffle_shards=True, sample_window=window, seed=1)
+    ds.set_epoch(1)
+    return [s["__key__"] for s in ds]
+
+
+def best_run(fn: Callable[[], list[str]], repeat: int, before: Callable[[], None],
+             want: set[str]) -> dict[str, Any]:
+    """Best of ``repeat`` runs, with the spread (min and max seconds)."""
+    runs = []
+    for _ in range(repeat):
+        before()
+        r = timed(fn)
+        if set(r.pop("keys")) != want:
+            raise SystemExit(f"{fn} delivered other samples than the selection")
+        runs.append(r)
+    best = min(runs, key=lambda r: r["seconds"])
+    return {**best, "samples_per_s": len(want) / best["seconds"],
+            "spread": [min(r["seconds"] for r in runs), max(r["seconds"] for r in runs)]}
+
+
+def measure_order(index: PruneIndex, shards: list[str], keys: list[str], ratio: float,
+                  windows: list[int], repeat: int, dropped: bool) -> dict[str, Any]:
+    """Sample-level order (``sample_window=w``) against shard order (``0``), warm and cold."""
+    total = sum(os.path.getsize(s) for s in shards)
+    cfg = PruneConfig(prune_ratio=ratio, entropy_filter="none")
+    want = {keys[i] for i in index.select(cfg).tolist()}
+    row: dict[str, Any] = {"prune_ratio": ratio, "selected": len(want)}
+    for cache, before in (("warm", partial(warm, shards)),
+                          ("cold", partial(evict, shards, drop_caches=dropped))):
+        base = best_run(partial(run_order, index, cfg, 0), repeat, before, want)
+        row[f"shard_order_{cache}"] = base
+        print(f"  {cache:4} shard order (sample_window=0): best {base['seconds']:.3f} s "
+              f"[{base['spread'][0]:.3f}-{base['spread'][1]:.3f}], {base['samples_per_s']:.0f} "
+              f"samples/s, read {base['rchar'] / total:.3f}x of shards")
+        for w in windows:
+            r = best_run(partial(run_order, index, cfg, w), repeat, before, want)
+            r["vs_shard_order"] = base["seconds"] / r["seconds"]
+            row[f"sample_order_w{w}_{cache}"] = r
+            print(f"  {cache:4} sample order (sample_window={w}): best {r['seconds']:.3f} s "
+                  f"[{r['spread'][0]:.3f}-{r['spread'][1]:.3f}], {r['samples_per_s']:.0f} "
+                  f"samples/s, read {r['rchar'] / total:.3f}x of shards: "
+                  f"{r['vs_shard_order']:.2f}x the shard order's speed")
+    return row
 
 
 def run_stream(shards: list[str], keep: set[str]) -> list[str]:
@@ -156,7 +210,7 @@ def run_ours_loader(index: PruneIndex, cfg: PruneConfig, workers: int) -> list[s
 
     from rsprune_data import PrunedWebDataset
 
-    ds = PrunedWebDataset(index, cfg, shuffle_shards=False)
+    ds = PrunedWebDataset(index, cfg, shuffle_shards=False, sample_window=0)
     loader: DataLoader[Any] = DataLoader(ds, batch_size=64, num_workers=workers, collate_fn=_keys)
     return [k for batch in loader for k in batch]
 
@@ -208,6 +262,10 @@ def main() -> None:
     ap.add_argument("--gaps", type=int, nargs="+", default=[0, 4096, 65536],
                     help="max_gap values for PrunedWebDataset (its default is always added)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--sample-windows", type=int, nargs="+", default=[8],
+                    help="sample_window values compared with shard order (0)")
+    ap.add_argument("--order-only", action="store_true",
+                    help="measure only the sample-level order against shard order")
     ap.add_argument("--out", type=Path, default=Path("results/streaming_io.json"))
     args = ap.parse_args()
 
@@ -226,7 +284,13 @@ def main() -> None:
           f"{load_s:.3f} s; /proc/sys/vm/drop_caches "
           f"{'allowed' if dropped else 'not allowed here'}; cold cache = {cold}")
     results = []
+    order = []
     for ratio in args.ratios:
+        print(f"\nprune_ratio {ratio}: sample-level order against shard order (shuffled shards)")
+        order.append(measure_order(index, shards, keys, ratio, args.sample_windows, args.repeat,
+                                   dropped))
+        if args.order_only:
+            continue
         results.append(measure_ratio(index, shards, keys, ratio, gaps, args.repeat, args.workers,
                                      dropped))
         _print_row(results[-1], gaps, DEFAULT_MAX_GAP, total_bytes, args.workers)
@@ -236,9 +300,13 @@ def main() -> None:
               "shards": len(shards), "samples": len(index), "shard_bytes": total_bytes,
               "index_load_seconds": load_s, "drop_caches_allowed": dropped,
               "cold_method": cold + " before each run",
-              "default_max_gap": DEFAULT_MAX_GAP, "workers": args.workers, "results": results}
+              "default_max_gap": DEFAULT_MAX_GAP, "workers": args.workers, "results": results,
+              "sample_order": order}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
+    if not results:
+        print(f"wrote {args.out}")
+        return
     plot(report, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 

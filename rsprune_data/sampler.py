@@ -42,6 +42,11 @@ epoch and makes the next pass continue it from ``consumed``; a later :meth:`set_
 epoch abandons that position. A state taken at the end of an epoch leaves the sampler's epoch
 alone: a pass of that same epoch yields nothing, a pass of any other epoch is a full one.
 
+**Trainers.** A sampler that splits by rank (``num_replicas > 1``) refuses to be split again by
+accelerate's ``BatchSamplerShard``/``DataLoaderDispatcher``, and any sampler refuses Lightning's
+``DistributedSamplerWrapper`` (:mod:`rsprune_data.wrappers`); use
+:mod:`rsprune_data.integrations` instead.
+
 With torchdata's ``StatefulDataLoader`` resume is exact with any ``num_workers``: the loader saves
 the sampler's state at the moment each batch's indices were drawn, so the prefetched batches are
 not counted. With a plain ``DataLoader`` and workers the sampler runs ``prefetch_factor *

@@ -19,15 +19,24 @@ are dropped by their position in the tar without being decoded; a stream is clos
 last selected sample has been read. Every delivered ``__key__`` is checked against the index.
 
 **Order and split (one epoch, pure numpy: :func:`epoch_plan`).** Shards are permuted by
-``rng([seed, epoch])`` (``shuffle_shards``); the global sequence is the selected samples of the
-first shard in tar order, then of the second, ... Like ``DistributedSampler`` it is padded by
+``rng([seed, epoch])`` (``shuffle_shards``) and laid out one after the other; the samples of every
+``sample_window`` consecutive shards of that order (default 8) are then permuted together by
+``rng([seed, epoch, 1, window])``, so every epoch has a new sample-level order, the same on every
+rank and for every worker count, even with a single shard (``sample_window=0``: tar order inside
+shards). That is the global sequence. Like ``DistributedSampler`` it is padded by
 wrapping around from its start to ``R * ceil(n / R)`` items, or cut to ``R * floor(n / R)`` with
 ``drop_last``, so every one of the ``R`` ranks delivers exactly the same number of samples. Rank ``r``
 takes the ``r``-th contiguous span of that sequence and its ``W`` DataLoader workers cut the span
 into ``W`` contiguous pieces whose lengths differ by at most one (Megatron-Energon's global split
 of samples over all workers): a piece may start or end inside a shard, so ``R * W`` may exceed the
 number of shards (with webdataset's shard-per-worker split that case leaves workers empty or hangs,
-webdataset issue #188). Shuffle samples within a worker with webdataset's ``.shuffle(n)``.
+webdataset issue #188).
+
+**Reads in that order stay local.** A worker takes its next block of up to 256 items (never across a
+window, so it touches at most ``sample_window`` shards, each opened for one ``read_ranges`` call),
+sorts them by (shard, offset) so that neighbours coalesce, reads them, and yields them in the
+planned order. A stream shard (``pipe:``, http) is read from its start for every block that needs it,
+so for streams a block is a whole window's share of the worker's span (held in memory).
 
 **Epoch and config reach every worker.** DataLoader workers iterate a copy of the dataset made when
 they start, and with ``persistent_workers=True`` that copy lives for the whole run. The epoch, the
@@ -49,7 +58,10 @@ the number of items the loader handed out, because the loader takes one item fro
 turn (worker order; a worker that is exhausted is skipped). After loading, workers are rotated so the
 next item comes from the right worker and the rest of the stream is identical. Exactness holds at
 item boundaries with the default partial last batches; a ``.shuffle(n)`` stage loses the samples in
-its buffer at the save point. As with :class:`~rsprune_data.PrunedSampler` the training loop owns the
+its buffer at the save point, so a state saved behind one is refused on loading; ``.batched(n)``
+here yields a batch as soon as it is full (webdataset's reads one sample ahead, which a state would
+count as delivered). A state loaded into a fresh dataset on which ``set_epoch`` was never called
+(``StatefulDataLoader`` loads it inside each worker) continues its own epoch. As with :class:`~rsprune_data.PrunedSampler` the training loop owns the
 epoch: a state from inside an epoch sets that epoch and passes of it continue from the saved
 position (a state loaded in the main process stays in force for that epoch, since the main process
 cannot see when its workers used it) until ``set_epoch`` moves to another epoch or ``set_config`` is
