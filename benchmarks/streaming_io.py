@@ -23,7 +23,8 @@ workers) and ``PrunedWebDataset`` through the same loader are measured warm, aga
 **Sample-level order** (``--sample-windows``, ``--order-only`` measures only this): the same
 ``PrunedWebDataset`` with shuffled shards, delivering a new sample-level order (``sample_window=w``:
 samples of ``w`` consecutive shards permuted, read in sorted blocks) against today's shard order
-(``sample_window=0``: tar order inside shards), warm and cold, best of ``--repeat`` with the spread
+(``sample_window=0``: tar order inside shards), warm and cold (cold: ``posix_fadvise(DONTNEED)`` on
+every shard before each run), best of ``--repeat`` with the spread
 (min-max) of both sides and the ratio of the bests.
 
 The shards are ``rsprune_data.pack.pack_folder`` output of ``--src`` (real JPEG tiles), written once
@@ -165,8 +166,9 @@ def measure_order(index: PruneIndex, shards: list[str], keys: list[str], ratio: 
     cfg = PruneConfig(prune_ratio=ratio, entropy_filter="none")
     want = {keys[i] for i in index.select(cfg).tolist()}
     row: dict[str, Any] = {"prune_ratio": ratio, "selected": len(want)}
+    del dropped  # never drop the whole machine's cache here: evict just the shards (fadvise)
     for cache, before in (("warm", partial(warm, shards)),
-                          ("cold", partial(evict, shards, drop_caches=dropped))):
+                          ("cold", partial(evict, shards, drop_caches=False))):
         base = best_run(partial(run_order, index, cfg, 0), repeat, before, want)
         row[f"shard_order_{cache}"] = base
         print(f"  {cache:4} shard order (sample_window=0): best {base['seconds']:.3f} s "

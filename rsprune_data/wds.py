@@ -171,6 +171,8 @@ class _Source:
         self._keys: Sequence[str] | None = None
         self._pending: dict[str, Any] | None = None  # a state loaded inside a DataLoader worker
         self._pass: _Pass | None = None
+        self._warned = False  # "iterated again without set_epoch", once per process
+        self._finished_gen: int | None = None  # control generation of the last complete pass
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -249,6 +251,15 @@ class _Source:
         self.guard()
         world = self.world()
         ctl = self._control.read()
+        if self._finished_gen == ctl["gen"] and not self._warned:
+            # A trainer that never calls set_epoch (Lightning does not, for an IterableDataset):
+            # the same selection and order every epoch, a schedule stuck at its first epoch.
+            self._warned = True
+            warnings.warn(
+                f"PrunedWebDataset is iterated again at epoch {ctl['epoch']} without set_epoch(): "
+                "this pass repeats the last one's order and config. Call ds.set_epoch(epoch) "
+                "before every epoch, or use rsprune_data.integrations (PrunedLoader, "
+                "prepare_loader, PrunedDataModule), which do", RuntimeWarning, stacklevel=3)
         epoch = int(ctl["epoch"])
         resume, self._pending = (self._pending or ctl["resume"]), None
         if (resume is not None and int(resume["epoch"]) != epoch and not ctl["epoch_set"]
@@ -309,6 +320,7 @@ class _Source:
                 p.consumed += 1  # before yielding: a state taken right after next() includes it
                 yield sample
         p.finished = True
+        self._finished_gen = p.gen
 
     def _read_block(self, block: NDArray[np.int64]) -> list[Sample]:
         """The samples at ``block`` (global positions, any order, repeats allowed), in that order."""

@@ -243,3 +243,31 @@ def test_lightning_ddp_stream_resumes_from_checkpoint(shards: str, tmp_path: Pat
     run([sys.executable, str(EXAMPLES / "train_lightning.py"), *args, "--stop-after", "9"], tmp_path)
     run([sys.executable, str(EXAMPLES / "train_lightning.py"), *args, "--resume"], tmp_path)
     check_delivered(shards, tmp_path / "log")
+
+
+NATURAL = '''
+import sys
+sys.path.insert(0, {examples!r})
+from accelerate import Accelerator
+from train_accelerate import build_loader, main
+import argparse
+args = argparse.Namespace(shards=[{shards!r}], index_dir=None, loader={loader!r}, ratios=[0.5],
+                          strategy="entropy", batch_size=4, workers=0, seed=0, image_size=16)
+accelerator = Accelerator(cpu=True)
+loader = accelerator.prepare(build_loader(args))   # the README of accelerate: prepare everything
+for batch in loader:
+    pass
+'''
+
+
+@pytest.mark.parametrize("loader", ["sampler", "stream"])
+def test_accelerate_prepare_of_a_pruned_loader_fails_loudly(shards: str, tmp_path: Path,
+                                                            loader: str) -> None:
+    script = tmp_path / "natural.py"
+    script.write_text(NATURAL.format(examples=str(EXAMPLES), shards=shards, loader=loader))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*ACCELERATE, str(script)], capture_output=True, text=True, timeout=900,
+                          check=False, cwd=tmp_path, env=env)
+    assert proc.returncode != 0
+    wrapper = "BatchSamplerShard" if loader == "sampler" else "DataLoaderDispatcher"
+    assert f"{wrapper} splits it again" in proc.stderr and "prepare_loader" in proc.stderr

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import socket
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -642,3 +643,14 @@ def test_state_behind_a_shuffle_buffer_is_refused(shards: list[str]) -> None:
     assert state["buffered"] == 8
     with pytest.raises(StateDictError, match=r"\.shuffle\(8\).*sample-level order"):
         PrunedWebDataset(shards, CFG, seed=4).load_state_dict(state)
+
+
+def test_a_second_pass_without_set_epoch_warns_once(shards: list[str]) -> None:
+    ds = PrunedWebDataset(shards, CFG, seed=4)
+    first = [s["__key__"] for s in ds]
+    with pytest.warns(RuntimeWarning, match="without set_epoch"):
+        assert [s["__key__"] for s in ds] == first
+    ds.set_epoch(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sorted(s["__key__"] for s in ds) == sorted(first)
