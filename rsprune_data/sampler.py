@@ -56,6 +56,7 @@ batch_size)``.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -153,6 +154,7 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
         self._pass_started_in_epoch = False
         # (epoch, consumed, epoch complete) from load_state_dict, for the next pass of that epoch
         self._resume: tuple[int, int, bool] | None = None
+        self._warned = False  # "epoch cut short", once
 
     # ------------------------------------------------------------------ config and epoch
     @property
@@ -202,6 +204,17 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
         """Start epoch ``epoch``: evaluates the schedule and applies any pending config change."""
         check_int("epoch", epoch, 0)
         self._guard()
+        if (self._running and epoch != self._epoch and self._consumed < self._pass_len
+                and not self._warned):
+            # Lightning with use_distributed_sampler=False keeps the first epoch's len() and stops
+            # each later epoch there; the sampler only sees the next set_epoch arrive early.
+            self._warned = True
+            warnings.warn(
+                f"set_epoch({epoch}) while epoch {self._epoch} has handed out only "
+                f"{self._consumed} of its {self._pass_len} items: if the trainer cut the epoch "
+                "short (Lightning caches the first epoch's len()), the rest was never trained on; "
+                "use rsprune_data.integrations.lightning.PrunedDataModule", RuntimeWarning,
+                stacklevel=2)
         self._epoch = int(epoch)
         self._running = False
         self._pass_started_in_epoch = False

@@ -119,6 +119,14 @@ def test_a_pass_that_loses_batches_raises(shards: str) -> None:
         list(loader)
 
 
+def test_an_epoch_cut_short_warns(shards: str) -> None:
+    sampler = PrunedSampler(PruneIndex.load(shards), config(0.5))
+    it = iter(sampler)
+    _ = [next(it) for _ in range(5)]  # what a trainer with a cached, too short len() does
+    with pytest.warns(RuntimeWarning, match=r"only 5 of its \d+ items.*PrunedDataModule"):
+        sampler.set_epoch(1)
+
+
 def test_pruned_loader_needs_a_pruned_loader() -> None:
     with pytest.raises(ConfigError, match="PrunedSampler"):
         PrunedLoader(DataLoader(list(range(4))))
