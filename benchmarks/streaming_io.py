@@ -144,44 +144,45 @@ def run_order(index: PruneIndex, cfg: PruneConfig, window: int) -> list[str]:
     return [s["__key__"] for s in ds]
 
 
-def best_run(fn: Callable[[], list[str]], repeat: int, before: Callable[[], None],
-             want: set[str]) -> dict[str, Any]:
-    """Best of ``repeat`` runs, with the spread (min and max seconds)."""
-    runs = []
-    for _ in range(repeat):
-        before()
-        r = timed(fn)
-        if set(r.pop("keys")) != want:
-            raise SystemExit(f"{fn} delivered other samples than the selection")
-        runs.append(r)
-    best = min(runs, key=lambda r: r["seconds"])
-    return {**best, "samples_per_s": len(want) / best["seconds"],
-            "spread": [min(r["seconds"] for r in runs), max(r["seconds"] for r in runs)]}
-
-
 def measure_order(index: PruneIndex, shards: list[str], keys: list[str], ratio: float,
                   windows: list[int], repeat: int, dropped: bool) -> dict[str, Any]:
-    """Sample-level order (``sample_window=w``) against shard order (``0``), warm and cold."""
+    """Sample-level order (``sample_window=w``) against shard order (``0``), warm and cold.
+
+    The sides alternate within every repetition (shard order, then each window), so a load spike
+    on the shared machine hits both; each side reports its best run and its spread.
+    """
+    del dropped  # never drop the whole machine's cache here: evict just the shards (fadvise)
     total = sum(os.path.getsize(s) for s in shards)
     cfg = PruneConfig(prune_ratio=ratio, entropy_filter="none")
     want = {keys[i] for i in index.select(cfg).tolist()}
     row: dict[str, Any] = {"prune_ratio": ratio, "selected": len(want)}
-    del dropped  # never drop the whole machine's cache here: evict just the shards (fadvise)
+    sides = [0, *windows]
     for cache, before in (("warm", partial(warm, shards)),
                           ("cold", partial(evict, shards, drop_caches=False))):
-        base = best_run(partial(run_order, index, cfg, 0), repeat, before, want)
-        row[f"shard_order_{cache}"] = base
-        print(f"  {cache:4} shard order (sample_window=0): best {base['seconds']:.3f} s "
-              f"[{base['spread'][0]:.3f}-{base['spread'][1]:.3f}], {base['samples_per_s']:.0f} "
-              f"samples/s, read {base['rchar'] / total:.3f}x of shards")
-        for w in windows:
-            r = best_run(partial(run_order, index, cfg, w), repeat, before, want)
-            r["vs_shard_order"] = base["seconds"] / r["seconds"]
-            row[f"sample_order_w{w}_{cache}"] = r
-            print(f"  {cache:4} sample order (sample_window={w}): best {r['seconds']:.3f} s "
-                  f"[{r['spread'][0]:.3f}-{r['spread'][1]:.3f}], {r['samples_per_s']:.0f} "
-                  f"samples/s, read {r['rchar'] / total:.3f}x of shards: "
-                  f"{r['vs_shard_order']:.2f}x the shard order's speed")
+        runs: dict[int, list[dict[str, Any]]] = {w: [] for w in sides}
+        for _ in range(repeat):
+            for w in sides:
+                before()
+                r = timed(partial(run_order, index, cfg, w))
+                if set(r.pop("keys")) != want:
+                    raise SystemExit(f"sample_window={w} delivered other samples than the selection")
+                runs[w].append(r)
+        for w in sides:
+            secs = [r["seconds"] for r in runs[w]]
+            best = min(runs[w], key=lambda r: r["seconds"])
+            out = {**best, "samples_per_s": len(want) / best["seconds"],
+                   "spread": [min(secs), max(secs)]}
+            name = "shard order (sample_window=0)" if w == 0 else f"sample order (sample_window={w})"
+            line = (f"  {cache:4} {name}: best {out['seconds']:.3f} s [{min(secs):.3f}-"
+                    f"{max(secs):.3f}], {out['samples_per_s']:.0f} samples/s, read "
+                    f"{out['rchar'] / total:.3f}x of shards")
+            if w:
+                out["vs_shard_order"] = row[f"shard_order_{cache}"]["seconds"] / best["seconds"]
+                line += f": {out['vs_shard_order']:.2f}x the shard order's speed"
+                row[f"sample_order_w{w}_{cache}"] = out
+            else:
+                row[f"shard_order_{cache}"] = out
+            print(line)
     return row
 
 
