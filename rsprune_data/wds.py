@@ -114,6 +114,7 @@ _CACHE_SIZE = 4
 DEFAULT_SAMPLE_WINDOW = 8
 #: Items a worker reads together, sorted by (shard, offset), before yielding them in planned order.
 _READ_BLOCK = 256
+_DONE_SLOTS = 256  # workers tracked for the "iterated again without set_epoch" warning
 _SIGPIPE_STATUS = (-13, 141)  # a child killed by SIGPIPE, as Popen and as a shell report it
 
 Sample = dict[str, Any]
@@ -172,7 +173,11 @@ class _Source:
         self._pending: dict[str, Any] | None = None  # a state loaded inside a DataLoader worker
         self._pass: _Pass | None = None
         self._warned = False  # "iterated again without set_epoch", once per process
-        self._finished_gen: int | None = None  # control generation of the last complete pass
+        # Per worker slot, the control generation of its last complete pass, in shared memory so
+        # that the next epoch's fresh workers (persistent_workers=False) see it too.
+        import torch
+
+        self._done_gen = torch.full((_DONE_SLOTS,), -1, dtype=torch.int64).share_memory_()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -251,7 +256,8 @@ class _Source:
         self.guard()
         world = self.world()
         ctl = self._control.read()
-        if self._finished_gen == ctl["gen"] and not self._warned:
+        slot = world.worker % _DONE_SLOTS
+        if int(self._done_gen[slot]) == int(ctl["gen"]) and not self._warned:
             # A trainer that never calls set_epoch (Lightning does not, for an IterableDataset):
             # the same selection and order every epoch, a schedule stuck at its first epoch.
             self._warned = True
@@ -320,7 +326,7 @@ class _Source:
                 p.consumed += 1  # before yielding: a state taken right after next() includes it
                 yield sample
         p.finished = True
-        self._finished_gen = p.gen
+        self._done_gen[p.world.worker % _DONE_SLOTS] = p.gen
 
     def _read_block(self, block: NDArray[np.int64]) -> list[Sample]:
         """The samples at ``block`` (global positions, any order, repeats allowed), in that order."""

@@ -654,3 +654,31 @@ def test_a_second_pass_without_set_epoch_warns_once(shards: list[str]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert sorted(s["__key__"] for s in ds) == sorted(first)
+
+
+REPEAT_WITHOUT_SET_EPOCH = """
+import json, sys
+from torch.utils.data import DataLoader
+from rsprune_data import PruneConfig, PrunedWebDataset
+ds = PrunedWebDataset(json.loads(sys.argv[1]), PruneConfig(prune_ratio=0.5, entropy_filter="none"))
+loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=len)  # new workers every pass
+for epoch in range(2):  # what Lightning does to an IterableDataset: never set_epoch
+    print(epoch, sum(loader), file=sys.stderr, flush=True)
+ds.set_epoch(1)
+print("set", sum(loader), file=sys.stderr, flush=True)
+"""
+
+
+def test_repeated_epoch_warns_with_fresh_workers(shards: list[str]) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", REPEAT_WITHOUT_SET_EPOCH, json.dumps(shards)],
+                          capture_output=True, text=True, timeout=300, check=True)
+    lines = proc.stderr.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("0 "))
+    second = next(i for i, line in enumerate(lines) if line.startswith("1 "))
+    after = next(i for i, line in enumerate(lines) if line.startswith("set "))
+    warned = [i for i, line in enumerate(lines) if "iterated again at epoch 0 without" in line]
+    assert warned and all(first < i < second for i in warned)  # raised in the second epoch's workers
+    assert not any(i > after for i in warned) and len(lines) - after == 1
