@@ -7,7 +7,8 @@
 * :mod:`rsprune_data.integrations.accelerate` (extra ``accelerate``): :func:`prepare_loader`.
 * :mod:`rsprune_data.integrations.lightning` (extra ``lightning``): ``PrunedDataModule``.
 
-The framework modules are imported only when used: ``import rsprune_data.integrations`` is cheap.
+The framework modules are imported only when used: ``import rsprune_data.integrations`` imports
+neither accelerate nor Lightning.
 """
 
 from __future__ import annotations
