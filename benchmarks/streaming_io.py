@@ -155,7 +155,9 @@ def measure_order(index: PruneIndex, shards: list[str], keys: list[str], ratio: 
     total = sum(os.path.getsize(s) for s in shards)
     cfg = PruneConfig(prune_ratio=ratio, entropy_filter="none")
     want = {keys[i] for i in index.select(cfg).tolist()}
-    row: dict[str, Any] = {"prune_ratio": ratio, "selected": len(want)}
+    row: dict[str, Any] = {"prune_ratio": ratio, "selected": len(want),
+                           "cold_method": "sync + posix_fadvise(DONTNEED) per shard before each run",
+                           "order": "sides alternate within each repetition; best and spread"}
     sides = [0, *windows]
     for cache, before in (("warm", partial(warm, shards)),
                           ("cold", partial(evict, shards, drop_caches=False))):
@@ -289,7 +291,8 @@ def main() -> None:
     results = []
     order = []
     for ratio in args.ratios:
-        print(f"\nprune_ratio {ratio}: sample-level order against shard order (shuffled shards)")
+        print(f"\nprune_ratio {ratio}: sample-level order against shard order (shuffled shards; "
+              "cold = posix_fadvise(DONTNEED) per shard)")
         order.append(measure_order(index, shards, keys, ratio, args.sample_windows, args.repeat,
                                    dropped))
         if args.order_only:
