@@ -2,7 +2,7 @@
 
     python benchmarks/streaming_io.py [--src /work/shared/data/harvey] [--cache /tmp/rsprune_bench]
         [--shard-size 1000] [--ratios 0.5 0.7 0.85 0.9] [--repeat 3] [--gaps 0 4096 65536]
-        [--out results/streaming_io.json]
+        [--sample-windows 8] [--order-only] [--out results/streaming_io.json]
 
 Both sides deliver exactly the same samples (checked) as raw webdataset dicts, in one process,
 nothing decoded:
@@ -23,6 +23,13 @@ workers) and ``PrunedWebDataset`` through the same loader are measured warm, aga
 Checksum verification (on by default in both loaders): ``ours`` at the default ``max_gap`` and the
 in-process map-style dataset are also run with ``verify=False`` (warm cache), and the cost of
 verifying is printed as ``verify / no-verify`` time (best of ``--repeat`` for both).
+
+**Sample-level order** (``--sample-windows``, ``--order-only`` measures only this): the same
+``PrunedWebDataset`` with shuffled shards, delivering a new sample-level order (``sample_window=w``:
+samples of ``w`` consecutive shards permuted, read in sorted blocks) against today's shard order
+(``sample_window=0``: tar order inside shards), warm and cold (cold: ``posix_fadvise(DONTNEED)`` on
+every shard before each run), best of ``--repeat`` with the spread
+(min-max) of both sides and the ratio of the bests.
 
 The shards are ``rsprune_data.pack.pack_folder`` output of ``--src`` (real JPEG tiles), written once
 to ``--cache``. The index files hold real byte ranges and keys (``tario.scan_tar``) but synthetic
@@ -131,7 +138,8 @@ def timed(fn: Callable[[], list[str]]) -> dict[str, Any]:
 def run_ours(index: PruneIndex, cfg: PruneConfig, max_gap: int, verify: bool = True) -> list[str]:
     from rsprune_data import PrunedWebDataset
 
-    ds = PrunedWebDataset(index, cfg, shuffle_shards=False, max_gap=max_gap, verify=verify)
+    ds = PrunedWebDataset(index, cfg, shuffle_shards=False, max_gap=max_gap, verify=verify,
+                          sample_window=0)
     return [s["__key__"] for s in ds]
 
 
@@ -141,6 +149,58 @@ def run_map(index: PruneIndex, cfg: PruneConfig, verify: bool) -> list[str]:
 
     ds = PrunedShardDataset(index, verify=verify)
     return [ds[i]["__key__"] for i in index.select(cfg).tolist()]
+
+
+def run_order(index: PruneIndex, cfg: PruneConfig, window: int) -> list[str]:
+    from rsprune_data import PrunedWebDataset
+
+    ds = PrunedWebDataset(index, cfg, shuffle_shards=True, sample_window=window, seed=1)
+    ds.set_epoch(1)
+    return [s["__key__"] for s in ds]
+
+
+def measure_order(index: PruneIndex, shards: list[str], keys: list[str], ratio: float,
+                  windows: list[int], repeat: int, dropped: bool) -> dict[str, Any]:
+    """Sample-level order (``sample_window=w``) against shard order (``0``), warm and cold.
+
+    The sides alternate within every repetition (shard order, then each window), so a load spike
+    on the shared machine hits both; each side reports its best run and its spread.
+    """
+    del dropped  # never drop the whole machine's cache here: evict just the shards (fadvise)
+    total = sum(os.path.getsize(s) for s in shards)
+    cfg = PruneConfig(prune_ratio=ratio, entropy_filter="none")
+    want = {keys[i] for i in index.select(cfg).tolist()}
+    row: dict[str, Any] = {"prune_ratio": ratio, "selected": len(want),
+                           "cold_method": "sync + posix_fadvise(DONTNEED) per shard before each run",
+                           "order": "sides alternate within each repetition; best and spread"}
+    sides = [0, *windows]
+    for cache, before in (("warm", partial(warm, shards)),
+                          ("cold", partial(evict, shards, drop_caches=False))):
+        runs: dict[int, list[dict[str, Any]]] = {w: [] for w in sides}
+        for _ in range(repeat):
+            for w in sides:
+                before()
+                r = timed(partial(run_order, index, cfg, w))
+                if set(r.pop("keys")) != want:
+                    raise SystemExit(f"sample_window={w} delivered other samples than the selection")
+                runs[w].append(r)
+        for w in sides:
+            secs = [r["seconds"] for r in runs[w]]
+            best = min(runs[w], key=lambda r: r["seconds"])
+            out = {**best, "samples_per_s": len(want) / best["seconds"],
+                   "spread": [min(secs), max(secs)]}
+            name = "shard order (sample_window=0)" if w == 0 else f"sample order (sample_window={w})"
+            line = (f"  {cache:4} {name}: best {out['seconds']:.3f} s [{min(secs):.3f}-"
+                    f"{max(secs):.3f}], {out['samples_per_s']:.0f} samples/s, read "
+                    f"{out['rchar'] / total:.3f}x of shards")
+            if w:
+                out["vs_shard_order"] = row[f"shard_order_{cache}"]["seconds"] / best["seconds"]
+                line += f": {out['vs_shard_order']:.2f}x the shard order's speed"
+                row[f"sample_order_w{w}_{cache}"] = out
+            else:
+                row[f"shard_order_{cache}"] = out
+            print(line)
+    return row
 
 
 def run_stream(shards: list[str], keep: set[str]) -> list[str]:
@@ -170,7 +230,7 @@ def run_ours_loader(index: PruneIndex, cfg: PruneConfig, workers: int) -> list[s
 
     from rsprune_data import PrunedWebDataset
 
-    ds = PrunedWebDataset(index, cfg, shuffle_shards=False)
+    ds = PrunedWebDataset(index, cfg, shuffle_shards=False, sample_window=0)
     loader: DataLoader[Any] = DataLoader(ds, batch_size=64, num_workers=workers, collate_fn=_keys)
     return [k for batch in loader for k in batch]
 
@@ -246,6 +306,10 @@ def main() -> None:
     ap.add_argument("--gaps", type=int, nargs="+", default=[0, 4096, 65536],
                     help="max_gap values for PrunedWebDataset (its default is always added)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--sample-windows", type=int, nargs="+", default=[8],
+                    help="sample_window values compared with shard order (0)")
+    ap.add_argument("--order-only", action="store_true",
+                    help="measure only the sample-level order against shard order")
     ap.add_argument("--out", type=Path, default=Path("results/streaming_io.json"))
     args = ap.parse_args()
 
@@ -264,7 +328,14 @@ def main() -> None:
           f"{load_s:.3f} s; /proc/sys/vm/drop_caches "
           f"{'allowed' if dropped else 'not allowed here'}; cold cache = {cold}")
     results = []
+    order = []
     for ratio in args.ratios:
+        print(f"\nprune_ratio {ratio}: sample-level order against shard order (shuffled shards; "
+              "cold = posix_fadvise(DONTNEED) per shard)")
+        order.append(measure_order(index, shards, keys, ratio, args.sample_windows, args.repeat,
+                                   dropped))
+        if args.order_only:
+            continue
         results.append(measure_ratio(index, shards, keys, ratio, gaps, args.repeat, args.workers,
                                      dropped))
         _print_row(results[-1], gaps, DEFAULT_MAX_GAP, total_bytes, args.workers)
@@ -274,9 +345,13 @@ def main() -> None:
               "shards": len(shards), "samples": len(index), "shard_bytes": total_bytes,
               "index_load_seconds": load_s, "drop_caches_allowed": dropped,
               "cold_method": cold + " before each run",
-              "default_max_gap": DEFAULT_MAX_GAP, "workers": args.workers, "results": results}
+              "default_max_gap": DEFAULT_MAX_GAP, "workers": args.workers, "results": results,
+              "sample_order": order}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
+    if not results:
+        print(f"wrote {args.out}")
+        return
     plot(report, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 

@@ -14,6 +14,7 @@ from .config import PruneConfig
 from .errors import (
     ConfigError,
     CorruptImageError,
+    DeliveryError,
     DependencyNotFoundError,
     EncoderLoadError,
     IndexCorruptError,
@@ -54,6 +55,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ConfigError",
     "CorruptImageError",
+    "DeliveryError",
     "DependencyNotFoundError",
     "EncoderLoadError",
     "IndexCorruptError",

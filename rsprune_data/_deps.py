@@ -15,6 +15,8 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "skimage": ("bench", "scikit-image"),
     "scipy": ("bench", "scipy"),
     "pyarrow": ("parquet", "pyarrow"),
+    "accelerate": ("accelerate", "accelerate"),
+    "lightning": ("lightning", "lightning"),
 }
 
 

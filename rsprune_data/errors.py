@@ -69,3 +69,7 @@ class EncoderLoadError(RsPruneError, OSError):
 class StateDictError(RsPruneError, ValueError):
     """A sampler/dataset state is malformed (the message names the field) or was taken on a
     different index, configuration, rank or world size."""
+
+
+class DeliveryError(RsPruneError, RuntimeError):
+    """A pass delivered another number of batches than its plan (a wrapper changed the stream)."""

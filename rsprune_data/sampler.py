@@ -42,6 +42,11 @@ epoch and makes the next pass continue it from ``consumed``; a later :meth:`set_
 epoch abandons that position. A state taken at the end of an epoch leaves the sampler's epoch
 alone: a pass of that same epoch yields nothing, a pass of any other epoch is a full one.
 
+**Trainers.** A sampler that splits by rank (``num_replicas > 1``) refuses to be split again by
+accelerate's ``BatchSamplerShard``/``DataLoaderDispatcher``, and any sampler refuses Lightning's
+``DistributedSamplerWrapper`` (:mod:`rsprune_data.wrappers`); use
+:mod:`rsprune_data.integrations` instead.
+
 With torchdata's ``StatefulDataLoader`` resume is exact with any ``num_workers``: the loader saves
 the sampler's state at the moment each batch's indices were drawn, so the prefetched batches are
 not counted. With a plain ``DataLoader`` and workers the sampler runs ``prefetch_factor *
@@ -51,6 +56,7 @@ batch_size)``.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, Protocol
@@ -63,8 +69,10 @@ from ._validate import check_int, check_number
 from .config import PruneConfig, Schedule, as_config
 from .errors import StateDictError
 from .partition import epoch_order, per_rank, rank_share
+from .resume import check_config, check_same, state_header
 from .state_check import check_sampler_state
 from .world import distributed_rank
+from .wrappers import LIGHTNING_SPLITTERS, refuse_wrapper
 
 __all__ = ["ConfigSource", "PrunedSampler", "Schedule", "SelectableIndex"]
 
@@ -147,6 +155,7 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
         self._pass_started_in_epoch = False
         # (epoch, consumed, epoch complete) from load_state_dict, for the next pass of that epoch
         self._resume: tuple[int, int, bool] | None = None
+        self._warned = False  # "epoch cut short", once
 
     # ------------------------------------------------------------------ config and epoch
     @property
@@ -188,9 +197,25 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
             self._source, self._next_source = self._next_source, None
         self._config = self._resolve(self._source, self._epoch)
 
+    def _guard(self) -> None:
+        refuse_wrapper(f"PrunedSampler(num_replicas={self.num_replicas})", self.num_replicas,
+                       always=LIGHTNING_SPLITTERS)
+
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch``: evaluates the schedule and applies any pending config change."""
         check_int("epoch", epoch, 0)
+        self._guard()
+        if (self._running and epoch != self._epoch and self._consumed < self._pass_len
+                and not self._warned):
+            # Lightning with use_distributed_sampler=False keeps the first epoch's len() and stops
+            # each later epoch there; the sampler only sees the next set_epoch arrive early.
+            self._warned = True
+            warnings.warn(
+                f"set_epoch({epoch}) while epoch {self._epoch} has handed out only "
+                f"{self._consumed} of its {self._pass_len} items: if the trainer cut the epoch "
+                "short (Lightning caches the first epoch's len()), the rest was never trained on; "
+                "use rsprune_data.integrations.lightning.PrunedDataModule", RuntimeWarning,
+                stacklevel=2)
         self._epoch = int(epoch)
         self._running = False
         self._pass_started_in_epoch = False
@@ -222,9 +247,11 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
         return per_rank(int(self._select(config).shape[0]), self.num_replicas, self.drop_last)
 
     def __len__(self) -> int:
+        self._guard()
         return self._pass_len if self._running else self._num_samples(self._config)
 
     def __iter__(self) -> Iterator[int]:
+        self._guard()
         if self._next_source is not None:  # a change made during the previous pass
             self._apply_pending()
         config = self._config
@@ -274,18 +301,14 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
         if consumed is not None:
             done = check_int("consumed", consumed, 0, length)
         return {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "epoch": self._epoch,
+            **state_header(STATE_FORMAT, STATE_VERSION, self._epoch, config, self.index.fingerprint),
             "consumed": done,
             "num_samples": length,
-            "config": config.to_dict(),
             "seed": self.seed,
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
             "num_replicas": self.num_replicas,
             "rank": self.rank,
-            "index_fingerprint": str(self.index.fingerprint),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -296,40 +319,24 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
                 :func:`rsprune_data.state_check.check_sampler_state`), or was taken on another index, seed,
                 shuffle, drop_last or world size, or (with items of its epoch left) config.
         """
-        sd = check_sampler_state(state_dict, STATE_FORMAT, STATE_VERSION)
-        self._check_same(sd, "index_fingerprint", str(self.index.fingerprint),
-                         "the index (shards, their contents or centroids) changed: load the same "
-                         "shards and index files that the state was saved with")
-        for name in ("seed", "shuffle", "drop_last", "num_replicas"):
-            self._check_same(sd, name, getattr(self, name),
-                             f"construct the sampler with {name}={sd[name]!r}")
-        epoch, consumed, length = sd["epoch"], sd["consumed"], sd["num_samples"]
+        sd = check_sampler_state(state_dict, STATE_FORMAT, STATE_VERSION)  # field by field
+        check_same(sd, {"index_fingerprint": str(self.index.fingerprint), "seed": self.seed,
+                        "shuffle": self.shuffle, "drop_last": self.drop_last,
+                        "num_replicas": self.num_replicas}, "PrunedSampler")
+        epoch, consumed, length = int(sd["epoch"]), int(sd["consumed"]), int(sd["num_samples"])
         if consumed < length:  # items of that epoch remain: they must come from the same config
             mine = self._resolve(self._source if self._next_source is None else self._next_source,
                                  epoch)
-            theirs = PruneConfig.from_dict(sd["config"])
-            if mine != theirs:
-                raise StateDictError(
-                    f"the state was saved with config {theirs.to_dict()} in epoch {epoch}, but this "
-                    f"sampler would use {mine.to_dict()}: construct it with that config (or call "
-                    "set_config(PruneConfig.from_dict(state['config']))) before loading"
-                )
-            if self._num_samples(theirs) != length:
+            check_config(sd, mine, "PrunedSampler")
+            if self._num_samples(mine) != length:
                 raise StateDictError(
                     f"the state's epoch has {length} items on this rank but the same config "
-                    f"selects {self._num_samples(theirs)} here: the index changed")
+                    f"selects {self._num_samples(mine)} here: the index changed")
             self._epoch = epoch
             self._apply_pending()
         self._running = False
         self._pass_started_in_epoch = False
         self._resume = (epoch, consumed, consumed >= length)
-
-    @staticmethod
-    def _check_same(sd: dict[str, Any], name: str, mine: Any, fix: str) -> None:
-        if sd[name] != mine:
-            raise StateDictError(
-                f"PrunedSampler state has {name}={sd[name]!r} but this sampler has {mine!r}: {fix}"
-            )
 
     def __repr__(self) -> str:
         return (f"PrunedSampler(n={len(self)}, epoch={self._epoch}, rank={self.rank}/"

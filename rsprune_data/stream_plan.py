@@ -1,7 +1,12 @@
 """The plan of one streaming epoch: which selected samples each rank and worker delivers (numpy only).
 
-Shards are permuted by ``rng([seed, epoch])`` (``shuffle_shards``); the global sequence is the
-selected samples of the first shard in tar order, then of the second, ... Like
+**Order.** Shards are permuted by ``rng([seed, epoch])`` (``shuffle_shards``) and laid out one after
+the other, each shard's selected samples in tar order. With ``sample_window = w > 0`` that layout is
+cut into windows of ``w`` consecutive shards (of the epoch's shard order) and the samples of window
+``k`` are permuted by ``rng([seed, epoch, 1, k])``: a new sample-level order every epoch, the same on
+every rank and for every worker count (it is fixed before the split), while a stretch of the
+sequence only ever touches the ``w`` shards of its window. ``sample_window = 0`` keeps tar order
+inside shards. The global sequence is that order. Like
 ``DistributedSampler`` it is padded by wrapping around from its start to ``R * ceil(n / R)`` items,
 or cut to ``R * floor(n / R)`` with ``drop_last``, so every one of the ``R`` ranks delivers exactly
 the same number of samples. Rank ``r`` takes the ``r``-th contiguous span of that sequence and its
@@ -44,6 +49,33 @@ class EpochPlan:
     ends: NDArray[np.int64]
     world_size: int
     per_rank: int
+    seed: int = 0
+    epoch: int = 0
+    sample_window: int = 0
+
+    @property
+    def window_bounds(self) -> NDArray[np.int64]:
+        """Item boundaries of the windows in the unpadded sequence: ``[0, ..., n]``.
+
+        With ``sample_window = 0`` every shard is its own window (tar order is kept).
+        """
+        step = max(1, self.sample_window)
+        inner = self.ends[step - 1 :: step]
+        return np.unique(np.concatenate([[0], inner, self.ends[-1:]]).astype(np.int64))
+
+    def _sequence_slot(self, j: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Unshuffled slot (shard-by-shard tar order) of sequence items ``j`` (each ``< n``)."""
+        if self.sample_window <= 0 or j.shape[0] == 0:
+            return j
+        bounds = self.window_bounds
+        win = np.searchsorted(bounds, j, side="right") - 1
+        out = np.empty_like(j)
+        for k in np.unique(win).tolist():
+            lo, hi = int(bounds[k]), int(bounds[k + 1])
+            perm = np.random.default_rng([self.seed, self.epoch, 1, k]).permutation(hi - lo)
+            mask = win == k
+            out[mask] = lo + perm[j[mask] - lo]
+        return out
 
     def rank_span(self, rank: int) -> tuple[int, int]:
         """``[start, stop)`` of rank ``rank`` in the padded global sequence."""
@@ -60,16 +92,33 @@ class EpochPlan:
         n = int(self.selected.shape[0])
         if stop <= start or n == 0:
             return np.zeros(0, dtype=np.int64)
-        j = np.arange(start, stop, dtype=np.int64) % n
+        j = self._sequence_slot(np.arange(start, stop, dtype=np.int64) % n)
         slot = np.searchsorted(self.ends, j, side="right")
         begins = self.ends - np.diff(self.ends, prepend=0)
         out: NDArray[np.int64] = self.selected[self.first[slot] + (j - begins[slot])]
         return out
 
+    def blocks(self, start: int, stop: int, block: int) -> list[tuple[int, int]]:
+        """Cut items ``[start, stop)`` into ``[a, b)`` read blocks: at most ``block`` items, and
+        never across a window (so a block touches at most ``sample_window`` shards); ``block = 0``
+        means whole windows. Offsets are relative to ``start``.
+        """
+        n = int(self.selected.shape[0])
+        if stop <= start or n == 0:
+            return []
+        j = np.arange(start, stop, dtype=np.int64) % n
+        win = np.searchsorted(self.window_bounds, j, side="right")
+        cuts = [0, *(np.flatnonzero(win[1:] != win[:-1]) + 1).tolist(), stop - start]
+        out: list[tuple[int, int]] = []
+        for a, b in itertools.pairwise(cuts):
+            step = b - a if block <= 0 else block
+            out.extend((x, min(x + step, b)) for x in range(a, b, step))
+        return out
+
 
 def epoch_plan(selected: NDArray[np.int64], shard_starts: NDArray[np.int64], *, seed: int,
                epoch: int, shuffle_shards: bool, world_size: int,
-               drop_last: bool) -> EpochPlan:
+               drop_last: bool, sample_window: int = 0) -> EpochPlan:
     """The :class:`EpochPlan` of one epoch (see the module docstring for the order and split).
 
     Args:
@@ -79,6 +128,8 @@ def epoch_plan(selected: NDArray[np.int64], shard_starts: NDArray[np.int64], *, 
         shuffle_shards: permute shards; else the order given.
         world_size: number of ranks.
         drop_last: cut the sequence to ``world_size * floor(n / world_size)`` instead of padding.
+        sample_window: permute the samples of every ``sample_window`` consecutive shards of the
+            epoch's shard order by ``rng([seed, epoch, 1, window])``; 0 keeps tar order.
 
     Example:
         >>> plan = epoch_plan(np.array([0, 2, 3, 5]), np.array([0, 3, 6]), seed=0, epoch=0,
@@ -94,7 +145,8 @@ def epoch_plan(selected: NDArray[np.int64], shard_starts: NDArray[np.int64], *, 
     hi = np.searchsorted(selected, starts[1:])
     ends = np.cumsum((hi - lo)[order]).astype(np.int64)
     return EpochPlan(selected, lo[order].astype(np.int64), ends, world_size,
-                     per_rank(int(selected.shape[0]), world_size, drop_last))
+                     per_rank(int(selected.shape[0]), world_size, drop_last), int(seed), int(epoch),
+                     int(sample_window))
 
 
 def worker_batches(per_rank_samples: int, num_workers: int, batch_size: int) -> list[int]:

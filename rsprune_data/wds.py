@@ -21,15 +21,24 @@ with ``verify=True`` (the default) every sample's bytes against its per-sample c
 (:func:`rsprune_data.integrity.check_sample`, at the point where the sample is cut out).
 
 **Order and split (one epoch, pure numpy: :func:`epoch_plan`).** Shards are permuted by
-``rng([seed, epoch])`` (``shuffle_shards``); the global sequence is the selected samples of the
-first shard in tar order, then of the second, ... Like ``DistributedSampler`` it is padded by
+``rng([seed, epoch])`` (``shuffle_shards``) and laid out one after the other; the samples of every
+``sample_window`` consecutive shards of that order (default 8) are then permuted together by
+``rng([seed, epoch, 1, window])``, so every epoch has a new sample-level order, the same on every
+rank and for every worker count, even with a single shard (``sample_window=0``: tar order inside
+shards). That is the global sequence. Like ``DistributedSampler`` it is padded by
 wrapping around from its start to ``R * ceil(n / R)`` items, or cut to ``R * floor(n / R)`` with
 ``drop_last``, so every one of the ``R`` ranks delivers exactly the same number of samples. Rank ``r``
 takes the ``r``-th contiguous span of that sequence and its ``W`` DataLoader workers cut the span
 into ``W`` contiguous pieces whose lengths differ by at most one (Megatron-Energon's global split
 of samples over all workers): a piece may start or end inside a shard, so ``R * W`` may exceed the
 number of shards (with webdataset's shard-per-worker split that case leaves workers empty or hangs,
-webdataset issue #188). Shuffle samples within a worker with webdataset's ``.shuffle(n)``.
+webdataset issue #188).
+
+**Reads in that order stay local.** A worker takes its next block of up to 256 items (never across a
+window, so it touches at most ``sample_window`` shards, each opened for one ``read_ranges`` call),
+sorts them by (shard, offset) so that neighbours coalesce, reads them, and yields them in the
+planned order. A stream shard (``pipe:``, http) is read from its start for every block that needs it,
+so for streams a block is a whole window's share of the worker's span (held in memory).
 
 **Epoch and config reach every worker.** DataLoader workers iterate a copy of the dataset made when
 they start, and with ``persistent_workers=True`` that copy lives for the whole run. The epoch, the
@@ -51,7 +60,10 @@ the number of items the loader handed out, because the loader takes one item fro
 turn (worker order; a worker that is exhausted is skipped). After loading, workers are rotated so the
 next item comes from the right worker and the rest of the stream is identical. Exactness holds at
 item boundaries with the default partial last batches; a ``.shuffle(n)`` stage loses the samples in
-its buffer at the save point. As with :class:`~rsprune_data.PrunedSampler` the training loop owns the
+its buffer at the save point, so a state saved behind one is refused on loading; ``.batched(n)``
+here yields a batch as soon as it is full (webdataset's reads one sample ahead, which a state would
+count as delivered). A state loaded into a fresh dataset on which ``set_epoch`` was never called
+(``StatefulDataLoader`` loads it inside each worker) continues its own epoch. As with :class:`~rsprune_data.PrunedSampler` the training loop owns the
 epoch: a state from inside an epoch sets that epoch and passes of it continue from the saved
 position (a state loaded in the main process stays in force for that epoch, since the main process
 cannot see when its workers used it) until ``set_epoch`` moves to another epoch or ``set_config`` is
@@ -74,6 +86,7 @@ from urllib.parse import urlparse
 import numpy as np
 from numpy.typing import NDArray
 from webdataset.compat import FluidInterface
+from webdataset.filters import default_collation_fn, pipelinefilter
 from webdataset.pipeline import DataPipeline
 
 from ._control import _Control
@@ -83,12 +96,14 @@ from .errors import ConfigError, StaleIndexError, StateDictError
 from .index import PruneIndex, is_remote
 from .integrity import check_sample
 from .partition import per_rank
-from .state_check import check_wds_state
+from .resume import check_config, check_format, check_same, state_header
+from .state_check import check_wds_state, state_int
 from .stream_plan import EpochPlan, epoch_plan, shard_runs, worker_batches
 from .tario import iter_tar_samples_raw, parse_sample, read_ranges
 from .world import World, distributed_rank, get_world
+from .wrappers import refuse_wrapper
 
-__all__ = ["DEFAULT_MAX_GAP", "EpochPlan", "PrunedWebDataset", "epoch_plan", "worker_batches"]
+__all__ = ["DEFAULT_MAX_GAP", "DEFAULT_SAMPLE_WINDOW", "EpochPlan", "PrunedWebDataset", "epoch_plan", "worker_batches"]
 
 #: Default ``max_gap`` of :class:`PrunedWebDataset`: merge samples that touch or are less than a
 #: page apart. Bridging wider gaps buys nothing on a local disk and reads far more bytes when tiles
@@ -97,8 +112,13 @@ __all__ = ["DEFAULT_MAX_GAP", "EpochPlan", "PrunedWebDataset", "epoch_plan", "wo
 #: 64 KiB). On network filesystems, where a round trip costs more, pass a larger ``max_gap``.
 DEFAULT_MAX_GAP = 4096
 STATE_FORMAT = "rsprune-wds"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: sample_window
 _CACHE_SIZE = 4
+#: Default ``sample_window`` of :class:`PrunedWebDataset`: shards whose samples are permuted together.
+DEFAULT_SAMPLE_WINDOW = 8
+#: Items a worker reads together, sorted by (shard, offset), before yielding them in planned order.
+_READ_BLOCK = 256
+_DONE_SLOTS = 256  # workers tracked for the "iterated again without set_epoch" warning
 _SIGPIPE_STATUS = (-13, 141)  # a child killed by SIGPIPE, as Popen and as a shell report it
 
 Sample = dict[str, Any]
@@ -115,7 +135,8 @@ class _Pass:
     rotation: int  # this worker serves span (worker + rotation) % num_workers
     consumed: int  # samples of the span delivered, including those skipped by a resume
     num_samples: int  # length of the span
-    positions: NDArray[np.int64]  # what is left to deliver
+    positions: NDArray[np.int64]  # what is left to deliver, in the planned order
+    blocks: list[tuple[int, int]]  # read blocks of ``positions`` (EpochPlan.blocks)
     finished: bool = False
 
 
@@ -133,18 +154,23 @@ class _Source:
 
     def __init__(self, index: PruneIndex, load_args: tuple[Any, ...] | None, config: Any, *,
                  seed: int, shuffle_shards: bool, drop_last: bool, rank: int | None,
-                 world_size: int | None, max_gap: int, verify: bool = True) -> None:
+                 world_size: int | None, max_gap: int, sample_window: int,
+                 verify: bool = True) -> None:
         self._index: PruneIndex | None = index
         self.verify = verify
         self._load_args = load_args  # (shards, index_dir, check_stale) to reload after pickling
         self.seed, self.shuffle_shards, self.drop_last = seed, shuffle_shards, drop_last
         self.max_gap = max_gap
+        self.sample_window = sample_window
+        # A stream (pipe:, http) is read from its start for each block that needs it, so streams
+        # read whole windows; local shards read blocks of _READ_BLOCK items (module docstring).
+        self._block = 0 if any(is_remote(u) for u in index.shards) else _READ_BLOCK
         self._explicit = (rank, world_size)
         self.rank, self.world_size = distributed_rank(rank, world_size)
         self._schedule: Schedule | None = None
         self._schedule_id = 0
-        self._control = _Control({"gen": 0, "epoch": 0, "config": None, "schedule": None,
-                                  "resume": None})
+        self._control = _Control({"gen": 0, "epoch": 0, "epoch_set": False, "config": None,
+                                  "schedule": None, "resume": None})
         self.set_config(config)
         self._selections: OrderedDict[PruneConfig, NDArray[np.int64]] = OrderedDict()
         self._plan_key: tuple[Any, ...] | None = None
@@ -152,6 +178,12 @@ class _Source:
         self._keys: Sequence[str] | None = None
         self._pending: dict[str, Any] | None = None  # a state loaded inside a DataLoader worker
         self._pass: _Pass | None = None
+        self._warned = False  # "iterated again without set_epoch", once per process
+        # Per worker slot, the control generation of its last complete pass, in shared memory so
+        # that the next epoch's fresh workers (persistent_workers=False) see it too.
+        import torch
+
+        self._done_gen = torch.full((_DONE_SLOTS,), -1, dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -215,7 +247,7 @@ class _Source:
             self._plan = epoch_plan(self.selected(config), self.index.shard_starts,
                                     seed=self.seed, epoch=epoch,
                                     shuffle_shards=self.shuffle_shards, world_size=world_size,
-                                    drop_last=self.drop_last)
+                                    drop_last=self.drop_last, sample_window=self.sample_window)
             self._plan_key = key
         return self._plan
 
@@ -223,11 +255,30 @@ class _Source:
     def __call__(self) -> Iterator[Sample]:
         return self._deliver(self._begin())
 
+    def guard(self) -> None:
+        refuse_wrapper(f"PrunedWebDataset(world_size={self.world_size})", self.world_size)
+
     def _begin(self) -> _Pass:
+        self.guard()
         world = self.world()
         ctl = self._control.read()
+        slot = world.worker % _DONE_SLOTS
+        if int(self._done_gen[slot]) == int(ctl["gen"]) and not self._warned:
+            # A trainer that never calls set_epoch (Lightning does not, for an IterableDataset):
+            # the same selection and order every epoch, a schedule stuck at its first epoch.
+            self._warned = True
+            warnings.warn(
+                f"PrunedWebDataset is iterated again at epoch {ctl['epoch']} without set_epoch(): "
+                "this pass repeats the last one's order and config. Call ds.set_epoch(epoch) "
+                "before every epoch, or use rsprune_data.integrations (PrunedLoader, "
+                "prepare_loader, PrunedDataModule), which do", RuntimeWarning, stacklevel=3)
         epoch = int(ctl["epoch"])
         resume, self._pending = (self._pending or ctl["resume"]), None
+        if (resume is not None and int(resume["epoch"]) != epoch and not ctl["epoch_set"]
+                and not _complete(resume)):
+            # A fresh dataset handed a mid-epoch state (StatefulDataLoader loads it inside each
+            # worker) and no set_epoch() call: the state's epoch is the one to continue.
+            epoch = int(resume["epoch"])
         if resume is not None and int(resume["epoch"]) != epoch:
             if not _complete(resume):
                 warnings.warn(
@@ -245,7 +296,7 @@ class _Source:
                                        world.num_workers)
         skip = min(skip, stop - start)
         p = _Pass(epoch, int(ctl["gen"]), config, world, rotation, skip, stop - start,
-                  plan.positions(start + skip, stop))
+                  plan.positions(start + skip, stop), plan.blocks(start + skip, stop, self._block))
         self._pass = p
         return p
 
@@ -274,20 +325,32 @@ class _Source:
         return int(state["rotation"]), int(state["consumed"])
 
     def _deliver(self, p: _Pass) -> Iterator[Sample]:
+        # positions (planned order) -> blocks -> sorted by (shard, offset) -> runs per shard ->
+        # coalesced reads -> samples back in the planned order.
+        for a, b in p.blocks:
+            for sample in self._read_block(p.positions[a:b]):
+                p.consumed += 1  # before yielding: a state taken right after next() includes it
+                yield sample
+        p.finished = True
+        self._done_gen[p.world.worker % _DONE_SLOTS] = p.gen
+
+    def _read_block(self, block: NDArray[np.int64]) -> list[Sample]:
+        """The samples at ``block`` (global positions, any order, repeats allowed), in that order."""
         index = self.index
-        shard_ids = index.shard_ids
-        for shard, a, b in shard_runs(p.positions, shard_ids):
+        order = np.argsort(block, kind="stable")
+        ranked = block[order]
+        out: list[Sample | None] = [None] * int(block.shape[0])
+        for shard, a, b in shard_runs(ranked, index.shard_ids):
             url = index.shards[shard]
-            part = p.positions[a:b]
+            part = ranked[a:b]
             if is_remote(url):
                 samples = self._read_stream(url, part, int(index.shard_starts[shard]))
             else:
                 samples = self._read_local(url, part)
-            for g, sample in zip(part.tolist(), samples, strict=True):
+            for slot, g, sample in zip(order[a:b].tolist(), part.tolist(), samples, strict=True):
                 self._check_key(g, sample["__key__"], url)
-                p.consumed += 1  # before yielding: a state taken right after next() includes it
-                yield sample
-        p.finished = True
+                out[slot] = sample
+        return out  # type: ignore[return-value]
 
     def _read_local(self, url: str, part: NDArray[np.int64]) -> Iterator[Sample]:
         # webdataset's StreamingOpen: a local url's path (urlparse) is also __local_path__.
@@ -346,11 +409,10 @@ class _Source:
 
     # -- state
     def _common(self, epoch: int, config: PruneConfig, world_size: int) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch,
-                "config": config.to_dict(), "seed": self.seed,
-                "shuffle_shards": self.shuffle_shards, "drop_last": self.drop_last,
-                "world_size": world_size, "rank": self.rank,
-                "index_fingerprint": str(self.index.fingerprint)}
+        return {**state_header(STATE_FORMAT, STATE_VERSION, epoch, config, self.index.fingerprint),
+                "seed": self.seed, "shuffle_shards": self.shuffle_shards,
+                "sample_window": self.sample_window, "drop_last": self.drop_last,
+                "world_size": world_size, "rank": self.rank}
 
     def state(self) -> dict[str, Any]:
         if self._pending is not None:
@@ -395,24 +457,26 @@ class _Source:
             self._control.update(resume=sd, epoch=int(sd["epoch"]))
 
     def _check_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        required = {"seed", "shuffle_shards", "sample_window", "drop_last", "world_size",
+                    "num_workers"}
+        required |= ({"delivered", "batch_size", "items"} if "delivered" in state else
+                     {"worker", "rotation", "consumed", "num_samples", "finished"})
+        check_format(state, fmt=STATE_FORMAT, version=STATE_VERSION, required=required,
+                     what="PrunedWebDataset")
         sd = check_wds_state(state, STATE_FORMAT, STATE_VERSION)  # every field: type and range
-        mine = {"index_fingerprint": str(self.index.fingerprint), "seed": self.seed,
-                "shuffle_shards": self.shuffle_shards, "drop_last": self.drop_last,
-                "world_size": self.world_size}
-        for name, value in mine.items():
-            if sd[name] != value:
-                fix = ("load the same shards and index files the state was saved with"
-                       if name == "index_fingerprint" else f"construct it with {name}={sd[name]!r}")
-                raise StateDictError(f"PrunedWebDataset state has {name}={sd[name]!r} but this "
-                                     f"dataset has {value!r}: {fix}")
+        sd["sample_window"] = state_int(sd, "sample_window", "PrunedWebDataset", 0)
+        if sd.get("buffered"):
+            raise StateDictError(
+                f"this PrunedWebDataset state was saved behind a .shuffle({sd['buffered']}) stage, "
+                "whose buffer held samples counted as delivered that the model never saw: resume "
+                "would lose them. Drop .shuffle(n): PrunedWebDataset already delivers a new "
+                "sample-level order every epoch (sample_window), and resume is exact without it")
+        check_same(sd, {"index_fingerprint": str(self.index.fingerprint), "seed": self.seed,
+                        "shuffle_shards": self.shuffle_shards, "sample_window": self.sample_window,
+                        "drop_last": self.drop_last, "world_size": self.world_size},
+                   "PrunedWebDataset")
         if not _complete(sd):
-            theirs = PruneConfig.from_dict(sd["config"])
-            ours = self.config_for(int(sd["epoch"]))
-            if theirs != ours:
-                raise StateDictError(
-                    f"the state was saved with config {theirs.to_dict()} in epoch {sd['epoch']}, "
-                    f"but this dataset would use {ours.to_dict()}: construct it with that config "
-                    "(or call set_config(PruneConfig.from_dict(state['config']))) before loading")
+            check_config(sd, self.config_for(int(sd["epoch"])), "PrunedWebDataset")
         return sd
 
 
@@ -423,6 +487,21 @@ def _close(stream: Any, *, early: bool) -> None:
     except OSError:
         if not (early and getattr(stream, "status", None) in _SIGPIPE_STATUS):
             raise
+
+
+def _batched_exact_stage(data: Iterator[Any], batchsize: int, collation_fn: Any,
+                         partial: bool) -> Iterator[Any]:
+    batch: list[Any] = []
+    for sample in data:
+        batch.append(sample)
+        if len(batch) == batchsize:  # yield before pulling the next sample (no look-ahead)
+            yield batch if collation_fn is None else collation_fn(batch)
+            batch = []
+    if batch and partial:
+        yield batch if collation_fn is None else collation_fn(batch)
+
+
+_batched_exact = pipelinefilter(_batched_exact_stage)
 
 
 # --- the dataset ---------------------------------------------------------------------------------
@@ -455,6 +534,9 @@ class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # u
             checked.
         max_gap: byte gap up to which neighbouring samples of a local shard are read by one call
             (default :data:`DEFAULT_MAX_GAP`, 4 KiB).
+        sample_window: permute the samples of every ``sample_window`` consecutive shards of the
+            epoch's shard order (a new sample-level order per epoch; module docstring); 0 keeps
+            tar order inside shards. Default :data:`DEFAULT_SAMPLE_WINDOW`.
 
     Example:
         >>> ds = PrunedWebDataset("shards/shard-{000000..000021}.tar", 0.85)  # doctest: +SKIP
@@ -475,10 +557,14 @@ class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # u
         check_stale: bool = True,
         max_gap: int = DEFAULT_MAX_GAP,
         verify: bool = True,
+        sample_window: int = DEFAULT_SAMPLE_WINDOW,
     ) -> None:
         super().__init__()
         check_int("seed", seed, 0)
         check_int("max_gap", max_gap, 0)
+        check_int("sample_window", sample_window, 0)
+        self.batch_size: int | None = None  # set by .batched(n), read by the integrations
+        self._buffered = 0  # size of a .shuffle(n) buffer downstream (resume refuses it)
         if isinstance(shards, PruneIndex):
             index, load_args = shards, None
         else:
@@ -489,7 +575,7 @@ class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # u
         self._source = _Source(index, load_args, config, seed=int(seed),
                                shuffle_shards=bool(shuffle_shards), drop_last=bool(drop_last),
                                rank=rank, world_size=world_size, max_gap=max_gap,
-                               verify=bool(verify))
+                               sample_window=int(sample_window), verify=bool(verify))
         # DataPipeline.invoke (webdataset/pipeline.py) calls a plain callable first stage with no
         # argument and iterates what it returns; every later stage gets the previous iterator.
         self.append(self._source)
@@ -533,13 +619,40 @@ class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # u
         """
         return sum(worker_batches(self.num_samples, num_workers, batch_size))
 
+    # -- stages whose look-ahead would break resume
+    def batched(self, batchsize: int, collation_fn: Any = default_collation_fn,
+                partial: bool = True) -> PrunedWebDataset:
+        """Batches of ``batchsize`` samples, like ``wds.WebDataset.batched``, without look-ahead.
+
+        webdataset's ``batched`` pulls sample ``n + 1`` before it yields a batch of ``n``, so a
+        resume state taken after a batch would count a sample the model never saw. This stage
+        yields as soon as a batch is full: the state after ``k`` batches is exactly ``k * n``.
+        """
+        check_int("batchsize", batchsize, 1)
+        out: PrunedWebDataset = self.compose(_batched_exact(batchsize, collation_fn, partial))
+        out.batch_size = int(batchsize)
+        return out
+
+    def shuffle(self, size: int, **kw: Any) -> PrunedWebDataset:
+        """webdataset's buffer shuffle; a resume state saved behind it is refused on loading.
+
+        Its buffer holds samples that the source counts as delivered, so resuming would lose
+        them. Rarely needed: the source already delivers a new sample-level order every epoch.
+        """
+        out: PrunedWebDataset = super().shuffle(size, **kw)
+        if size > 1:
+            out._buffered = int(size)
+        return out
+
     def set_epoch(self, epoch: int) -> None:
         """Use epoch ``epoch`` from the next pass on, in this process and in every worker."""
         check_int("epoch", epoch, 0)
         self._source.refresh_world()
+        self._source.guard()
         resume = self._source._control.read()["resume"]
         keep = resume is not None and int(resume["epoch"]) == int(epoch)
-        self._source._control.update(epoch=int(epoch), resume=resume if keep else None)
+        self._source._control.update(epoch=int(epoch), epoch_set=True,
+                                     resume=resume if keep else None)
 
     def set_config(self, config: PruneConfig | float | Schedule) -> None:
         """Use ``config`` (a PruneConfig, ratio or schedule) from the next pass on, everywhere.
@@ -568,9 +681,11 @@ class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # u
             batch_size: samples per item (``DataLoader(batch_size=...)`` or ``.batched(...)``).
             num_workers: the loader's ``num_workers``.
         """
-        if delivered is None:
-            return self._source.state()
-        return self._source.rank_state(delivered, batch_size, num_workers)
+        state = (self._source.state() if delivered is None else
+                 self._source.rank_state(delivered, batch_size, num_workers))
+        if self._buffered:
+            state["buffered"] = self._buffered
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue from a :meth:`state_dict`; raises :class:`StateDictError` on a mismatch."""

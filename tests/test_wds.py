@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import json
 import os
 import random
 import socket
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -512,3 +514,173 @@ def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
         else:
             assert set(flat) == set(sel) and len(flat) == -(-len(sel) // 2) * 2, name
     assert torch.distributed.is_available()
+
+
+# --- sample-level order per epoch (issue 9) -------------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(counts=st.lists(st.integers(0, 9), min_size=1, max_size=7), data=st.data(),
+       ranks=st.integers(1, 3), workers=st.integers(1, 4), window=st.integers(1, 3),
+       block=st.integers(0, 5), seed=st.integers(0, 3), epoch=st.integers(0, 3))
+def test_sample_window_order_is_a_split_of_one_permutation(
+        counts: list[int], data: Any, ranks: int, workers: int, window: int, block: int,
+        seed: int, epoch: int) -> None:
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    mask = data.draw(st.lists(st.booleans(), min_size=int(starts[-1]), max_size=int(starts[-1])))
+    selected = np.flatnonzero(mask).astype(np.int64)
+    plan = epoch_plan(selected, starts, seed=seed, epoch=epoch, shuffle_shards=True,
+                      world_size=ranks, drop_last=False, sample_window=window)
+    flat = epoch_plan(selected, starts, seed=seed, epoch=epoch, shuffle_shards=True,
+                      world_size=ranks, drop_last=False)
+    n = len(selected)
+    seq = plan.positions(0, n)
+    assert sorted(seq.tolist()) == selected.tolist()  # a permutation of the selection
+    shard_of = np.searchsorted(starts, seq, side="right") - 1
+    flat_shards = np.searchsorted(starts, flat.positions(0, n), side="right") - 1
+    for a, b in itertools.pairwise(plan.window_bounds.tolist()):  # windows: same shards as tar order
+        assert sorted(shard_of[a:b].tolist()) == sorted(flat_shards[a:b].tolist())
+        assert len(set(shard_of[a:b].tolist())) <= window
+    for r in range(ranks):  # the worker count only cuts the same rank sequence
+        whole = plan.positions(*plan.rank_span(r)).tolist()
+        parts = [plan.positions(*plan.worker_span(r, w, workers)).tolist() for w in range(workers)]
+        assert [x for part in parts for x in part] == whole
+        lo, hi = plan.rank_span(r)
+        cuts = plan.blocks(lo, hi, block)
+        assert [x for a, b in cuts for x in range(a, b)] == list(range(hi - lo))
+        for a, b in cuts:
+            assert block == 0 or b - a <= block
+            assert len(set(np.searchsorted(plan.window_bounds, np.arange(lo + a, lo + b) % n,
+                                           side="right").tolist())) == 1  # never across a window
+
+
+def test_new_sample_order_every_epoch_with_one_shard(tmp_path: Path) -> None:
+    one = write_shards(tmp_path, [40])
+    ds = PrunedWebDataset(one, PruneConfig(prune_ratio=0.0, entropy_filter="none"), seed=1)
+    orders = []
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        orders.append([s["__key__"] for s in ds])
+    assert sorted(orders[0]) == sorted(orders[1]) == sorted(orders[2])
+    assert len({tuple(o) for o in orders}) == 3  # shard order alone could not change it
+    again = PrunedWebDataset(one, PruneConfig(prune_ratio=0.0, entropy_filter="none"), seed=1)
+    again.set_epoch(1)
+    assert [s["__key__"] for s in again] == orders[1]  # seeded by (seed, epoch)
+    flat = PrunedWebDataset(one, PruneConfig(prune_ratio=0.0, entropy_filter="none"),
+                            sample_window=0)
+    assert [s["__key__"] for s in flat] == sorted(orders[0])  # tar order when turned off
+
+
+def test_sample_order_reads_sorted_coalesced_blocks(shards: list[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import rsprune_data.wds as wmod
+
+    calls: list[list[tuple[int, int]]] = []
+    real = wmod.read_ranges
+
+    def spy(path: str, ranges: list[tuple[int, int]], **kw: Any) -> Any:
+        calls.append(ranges)
+        return real(path, ranges, **kw)
+
+    monkeypatch.setattr(wmod, "read_ranges", spy)
+    ds = PrunedWebDataset(shards, CFG, seed=2, sample_window=3)
+    got = [s["__key__"] for s in ds]
+    assert sorted(got) == sorted(selected_keys(ds))
+    for ranges in calls:  # each call reads one shard's part of a block in file order
+        assert [o for o, _ in ranges] == sorted(o for o, _ in ranges)
+    assert len(calls) <= len(shards) * 2  # about one call per shard and window, not per sample
+
+
+# --- StatefulDataLoader through .batched(n), .shuffle(n), epoch restore (issue 9) ----------------
+
+
+def test_batched_yields_without_look_ahead(shards: list[str]) -> None:
+    ds = PrunedWebDataset(shards, CFG, seed=6, shuffle_shards=False)
+    it = iter(ds.map(sample_key).batched(3, collation_fn=None))
+    first = next(it)
+    assert len(first) == 3
+    assert ds.state_dict()["consumed"] == 3  # webdataset's batched would have pulled a 4th
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_stateful_dataloader_batched(shards: list[str], num_workers: int) -> None:
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def make() -> Any:
+        pipeline = PrunedWebDataset(shards, CFG, seed=6).map(sample_key).batched(2, collation_fn=None)
+        return StatefulDataLoader(pipeline, batch_size=None, num_workers=num_workers)
+
+    report = run_resume_conformance(make, set_epoch=lambda dl, e: dl.dataset.set_epoch(e),
+                                    key=tuple, stop_points=("start", "middle", "last", "edge",
+                                                            "end", 1))
+    assert len(report.checked) == 12
+
+
+def test_stateful_dataloader_state_restores_its_epoch(shards: list[str]) -> None:
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def make() -> Any:
+        pipeline = PrunedWebDataset(shards, CFG, seed=4).map(sample_key).batched(2, collation_fn=None)
+        return StatefulDataLoader(pipeline, batch_size=None, num_workers=2)
+
+    ref = make()
+    ref.dataset.set_epoch(1)
+    want = [tuple(b) for b in ref]
+    run = make()
+    run.dataset.set_epoch(1)
+    it = iter(run)
+    head = [tuple(next(it)) for _ in range(3)]
+    state = run.state_dict()
+    fresh = make()  # no set_epoch: the loaded state's epoch (1) is the one continued
+    fresh.load_state_dict(state)
+    assert head + [tuple(b) for b in fresh] == want
+
+
+def test_state_behind_a_shuffle_buffer_is_refused(shards: list[str]) -> None:
+    ds = PrunedWebDataset(shards, CFG, seed=4)
+    pipeline = ds.shuffle(8).map(sample_key)
+    it = iter(pipeline)
+    next(it)
+    state = pipeline.state_dict()
+    assert state["buffered"] == 8
+    with pytest.raises(StateDictError, match=r"\.shuffle\(8\).*sample-level order"):
+        PrunedWebDataset(shards, CFG, seed=4).load_state_dict(state)
+
+
+def test_a_second_pass_without_set_epoch_warns_once(shards: list[str]) -> None:
+    ds = PrunedWebDataset(shards, CFG, seed=4)
+    first = [s["__key__"] for s in ds]
+    with pytest.warns(RuntimeWarning, match="without set_epoch"):
+        assert [s["__key__"] for s in ds] == first
+    ds.set_epoch(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sorted(s["__key__"] for s in ds) == sorted(first)
+
+
+REPEAT_WITHOUT_SET_EPOCH = """
+import json, sys
+from torch.utils.data import DataLoader
+from rsprune_data import PruneConfig, PrunedWebDataset
+ds = PrunedWebDataset(json.loads(sys.argv[1]), PruneConfig(prune_ratio=0.5, entropy_filter="none"))
+loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=len)  # new workers every pass
+for epoch in range(2):  # what Lightning does to an IterableDataset: never set_epoch
+    print(epoch, sum(loader), file=sys.stderr, flush=True)
+ds.set_epoch(1)
+print("set", sum(loader), file=sys.stderr, flush=True)
+"""
+
+
+def test_repeated_epoch_warns_with_fresh_workers(shards: list[str]) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", REPEAT_WITHOUT_SET_EPOCH, json.dumps(shards)],
+                          capture_output=True, text=True, timeout=300, check=True)
+    lines = proc.stderr.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("0 "))
+    second = next(i for i, line in enumerate(lines) if line.startswith("1 "))
+    after = next(i for i, line in enumerate(lines) if line.startswith("set "))
+    warned = [i for i, line in enumerate(lines) if "iterated again at epoch 0 without" in line]
+    assert warned and all(first < i < second for i in warned)  # raised in the second epoch's workers
+    assert not any(i > after for i in warned) and len(lines) - after == 1
