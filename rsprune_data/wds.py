@@ -11,12 +11,17 @@ A webdataset pipeline whose first stage yields the selected samples as the same 
         ds.set_epoch(epoch)                  # before iter(loader); reaches persistent workers
         for images, labels in loader: ...
 
-**Reading.** Local shards (paths, ``file://``) are read by byte range from the index
-(:func:`rsprune_data.tario.read_ranges`, neighbours within ``max_gap`` merged into one ``pread``); a
-shard without a selected sample in a worker's span is never opened. Streams (``pipe:``, ``http://``
-and anything else :func:`webdataset.gopen.gopen` opens) are read in one pass and unselected samples
-are dropped by their position in the tar without being decoded; a stream is closed as soon as its
-last selected sample has been read. Every delivered ``__key__`` is checked against the index.
+**Reading** (:mod:`rsprune_data.reading`). Local shards (paths, ``file://``) are read by byte
+range from the index: neighbours within ``max_gap`` merged into one ``pread``, kernel readahead
+replaced by ``WILLNEED`` of exactly the planned runs, samples cut out of each run's buffer. URLs
+(``https://``, ``s3://``, ``gs://``, ``hf://``, any fsspec protocol; options in
+``storage_options``) are read by byte range too, with ``concurrency`` ranges in flight and retries
+(:class:`~rsprune_data.reading.RetryPolicy`); a range that keeps failing raises
+:class:`~rsprune_data.reading.RemoteReadError` naming the URL, never a silent gap. ``pipe:``
+streams are read in one pass and unselected samples are dropped by their position in the tar
+without being decoded; a stream is closed as soon as its last selected sample has been read. A
+shard without a selected sample in a worker's span is never opened. Every delivered ``__key__``
+is checked against the index.
 
 **Order and split (one epoch, pure numpy: :func:`epoch_plan`).** Shards are permuted by
 ``rng([seed, epoch])`` (``shuffle_shards``); the global sequence is the selected samples of the
@@ -65,9 +70,8 @@ import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 from numpy.typing import NDArray
@@ -77,11 +81,11 @@ from webdataset.pipeline import DataPipeline
 from ._control import _Control
 from ._validate import check_int
 from .config import PruneConfig, Schedule, as_config
-from .errors import ConfigError, StaleIndexError, StateDictError
-from .index import PruneIndex, is_remote
+from .errors import ConfigError, StateDictError
+from .index import KeyList, PruneIndex
 from .partition import per_rank
+from .reading import DEFAULT_LOCAL_MAX_GAP, ReadOptions, local_path, read_samples, shard_kind
 from .stream_plan import EpochPlan, epoch_plan, shard_runs, worker_batches
-from .tario import iter_tar_samples, parse_sample, read_ranges
 from .world import World, distributed_rank, get_world
 
 __all__ = ["DEFAULT_MAX_GAP", "EpochPlan", "PrunedWebDataset", "epoch_plan", "worker_batches"]
@@ -91,11 +95,10 @@ __all__ = ["DEFAULT_MAX_GAP", "EpochPlan", "PrunedWebDataset", "epoch_plan", "wo
 #: are small (``benchmarks/streaming_io.py``, Harvey tiles of ~6.5 KB, 85% pruned, warm cache:
 #: 0.150x of the shard bytes and 29.5x the plain stream at 0-4 KiB; 0.589x and 24.9x at tario's
 #: 64 KiB). On network filesystems, where a round trip costs more, pass a larger ``max_gap``.
-DEFAULT_MAX_GAP = 4096
+DEFAULT_MAX_GAP = DEFAULT_LOCAL_MAX_GAP
 STATE_FORMAT = "rsprune-wds"
 STATE_VERSION = 1
 _CACHE_SIZE = 4
-_SIGPIPE_STATUS = (-13, 141)  # a child killed by SIGPIPE, as Popen and as a shell report it
 
 Sample = dict[str, Any]
 
@@ -129,11 +132,11 @@ class _Source:
 
     def __init__(self, index: PruneIndex, load_args: tuple[Any, ...] | None, config: Any, *,
                  seed: int, shuffle_shards: bool, drop_last: bool, rank: int | None,
-                 world_size: int | None, max_gap: int) -> None:
+                 world_size: int | None, read: ReadOptions) -> None:
         self._index: PruneIndex | None = index
         self._load_args = load_args  # (shards, index_dir, check_stale) to reload after pickling
         self.seed, self.shuffle_shards, self.drop_last = seed, shuffle_shards, drop_last
-        self.max_gap = max_gap
+        self.read = read
         self._explicit = (rank, world_size)
         self.rank, self.world_size = distributed_rank(rank, world_size)
         self._schedule: Schedule | None = None
@@ -144,7 +147,7 @@ class _Source:
         self._selections: OrderedDict[PruneConfig, NDArray[np.int64]] = OrderedDict()
         self._plan_key: tuple[Any, ...] | None = None
         self._plan: EpochPlan | None = None
-        self._keys: Sequence[str] | None = None
+        self._keys: KeyList | tuple[()] | None = None
         self._pending: dict[str, Any] | None = None  # a state loaded inside a DataLoader worker
         self._pass: _Pass | None = None
 
@@ -274,55 +277,40 @@ class _Source:
         for shard, a, b in shard_runs(p.positions, shard_ids):
             url = index.shards[shard]
             part = p.positions[a:b]
-            if is_remote(url):
-                samples = self._read_stream(url, part - int(index.shard_starts[shard]))
-            else:
+            if shard_kind(url) == "local":
                 samples = self._read_local(url, part)
-            for g, sample in zip(part.tolist(), samples, strict=True):
-                self._check_key(g, sample["__key__"], url)
+            else:
+                samples = self._read_remote(url, part, shard)
+            for sample in samples:  # keys checked against the index by reading.check_sample
                 p.consumed += 1  # before yielding: a state taken right after next() includes it
                 yield sample
         p.finished = True
 
-    def _read_local(self, url: str, part: NDArray[np.int64]) -> Iterator[Sample]:
-        # webdataset's StreamingOpen: a local url's path (urlparse) is also __local_path__.
-        path = urlparse(url).path if url.startswith("file:") else url
-        offsets = self.index.offsets[part].tolist()
-        ranges = list(zip(offsets, self.index.lengths[part].tolist(), strict=True))
-        for off, buf in zip(offsets, read_ranges(path, ranges, max_gap=self.max_gap), strict=True):
-            key, members = parse_sample(buf, off, shard=url)
-            yield {"__key__": key, "__url__": url, **members, "__local_path__": path}
-
-    @staticmethod
-    def _read_stream(url: str, wanted: NDArray[np.int64]) -> Iterator[Sample]:
-        from webdataset.gopen import gopen
-
-        todo = wanted.tolist()
-        stream = gopen(url)
-        j = 0
-        try:
-            for i, (sample, members) in enumerate(iter_tar_samples(stream, name=url)):
-                if i != todo[j]:
-                    continue  # dropped by position: never decoded
-                yield {"__key__": sample.key, "__url__": url, **members}
-                j += 1
-                if j == len(todo):
-                    break
-        finally:
-            _close(stream, early=j == len(todo))
-        if j < len(todo):
-            raise StaleIndexError(f"stream {url} ended after fewer samples than its index lists: "
-                                  "the shard changed since indexing; run `rsprune-data index` again")
-
-    def _check_key(self, g: int, key: str, url: str) -> None:
+    def _expected_keys(self, part: NDArray[np.int64]) -> list[str | None]:
         if self._keys is None:
             keys = self.index.keys
             self._keys = keys if len(keys) == len(self.index) else ()
-        if self._keys and self._keys[g] != key:
-            raise StaleIndexError(
-                f"shard {url}: sample {g - int(self.index.shard_starts[self.index.shard_ids[g]])} "
-                f"has key {key!r} but the index says {self._keys[g]!r}: the shard changed since "
-                "indexing; run `rsprune-data index` again")
+        if isinstance(self._keys, KeyList):
+            return list(self._keys.take(part))
+        return [None] * int(part.shape[0])
+
+    def _read_local(self, url: str, part: NDArray[np.int64]) -> Iterator[Sample]:
+        # webdataset's StreamingOpen: a local url's path (urlparse) is also __local_path__.
+        path = local_path(url)
+        index = self.index
+        for key, members in read_samples(url, (), index.offsets[part].tolist(),
+                                         index.lengths[part].tolist(), self._expected_keys(part),
+                                         self.read):
+            yield {"__key__": key, "__url__": url, **members, "__local_path__": path}
+
+    def _read_remote(self, url: str, part: NDArray[np.int64], shard: int) -> Iterator[Sample]:
+        # fsspec URLs by byte range; `pipe:` streams in one pass, selecting by sample number
+        index = self.index
+        numbers = (part - int(index.shard_starts[shard])).tolist()
+        for key, members in read_samples(url, numbers, index.offsets[part].tolist(),
+                                         index.lengths[part].tolist(), self._expected_keys(part),
+                                         self.read):
+            yield {"__key__": key, "__url__": url, **members}
 
     # -- state
     def _common(self, epoch: int, config: PruneConfig, world_size: int) -> dict[str, Any]:
@@ -410,15 +398,6 @@ class _Source:
         return sd
 
 
-def _close(stream: Any, *, early: bool) -> None:
-    """Close a gopen stream; a ``pipe:`` child killed by SIGPIPE because we stopped early is fine."""
-    try:
-        stream.close()
-    except OSError:
-        if not (early and getattr(stream, "status", None) in _SIGPIPE_STATUS):
-            raise
-
-
 # --- the dataset ---------------------------------------------------------------------------------
 
 
@@ -446,6 +425,9 @@ class PrunedWebDataset(DataPipeline, FluidInterface):
         check_stale: refuse indexes of local shards that changed since indexing.
         max_gap: byte gap up to which neighbouring samples of a local shard are read by one call
             (default :data:`DEFAULT_MAX_GAP`, 4 KiB).
+        storage_options: fsspec options for URL shards (credentials, ``client_kwargs``, ...).
+        read: every other reading knob (:class:`~rsprune_data.reading.ReadOptions`: remote gap,
+            concurrency, retries, readahead); ``max_gap`` and ``storage_options`` override it.
 
     Example:
         >>> ds = PrunedWebDataset("shards/shard-{000000..000021}.tar", 0.85)  # doctest: +SKIP
@@ -464,11 +446,17 @@ class PrunedWebDataset(DataPipeline, FluidInterface):
         world_size: int | None = None,
         drop_last: bool = False,
         check_stale: bool = True,
-        max_gap: int = DEFAULT_MAX_GAP,
+        max_gap: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+        read: ReadOptions | None = None,
     ) -> None:
         super().__init__()
         check_int("seed", seed, 0)
-        check_int("max_gap", max_gap, 0)
+        options = read or ReadOptions()
+        if max_gap is not None:
+            options = replace(options, max_gap=check_int("max_gap", max_gap, 0))
+        if storage_options is not None:
+            options = replace(options, storage_options=storage_options)
         if isinstance(shards, PruneIndex):
             index, load_args = shards, None
         else:
@@ -478,7 +466,7 @@ class PrunedWebDataset(DataPipeline, FluidInterface):
             load_args = (names, index_dir, check_stale)
         self._source = _Source(index, load_args, config, seed=int(seed),
                                shuffle_shards=bool(shuffle_shards), drop_last=bool(drop_last),
-                               rank=rank, world_size=world_size, max_gap=max_gap)
+                               rank=rank, world_size=world_size, read=options)
         # DataPipeline.invoke (webdataset/pipeline.py) calls a plain callable first stage with no
         # argument and iterates what it returns; every later stage gets the previous iterator.
         self.append(self._source)
