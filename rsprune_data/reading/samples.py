@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 
 from ..errors import StaleIndexError
-from ..tario import _header_size, parse_sample
+from ..tario import parse_sample
 from .runs import Runs
 
 __all__ = ["check_sample", "cut_run", "cut_runs"]
@@ -48,32 +48,48 @@ def check_sample(shard: str, offset: int, key: str, expected: str | None,
 
 
 def _walk_sample(buf: bytes, p: int, end: int, shard: str, at: int) -> Sample:
-    """Members of the sample in ``buf[p:end]``; ``at`` is ``p``'s offset in the shard."""
+    """Members of the sample in ``buf[p:end]``; ``at`` is ``p``'s offset in the shard.
+
+    The fast path reads only what it needs from each header (type, name, size) and checks the
+    structure instead of header checksums: every member is a plain file whose name carries one
+    key, the members tile ``[p, end)`` exactly, and the caller compares the key with the index
+    (:func:`check_sample`). Anything unusual goes to :func:`rsprune_data.tario.parse_sample`,
+    which checks checksums and names the damage.
+    """
     key: str | None = None
     members: dict[str, bytes] = {}
     q = p
-    while q < end:
-        hdr = buf[q : q + 512]
-        size = _header_size(hdr) if len(hdr) == 512 else -1
-        if size < 0 or hdr[156] not in _PLAIN or hdr[345] or hdr[0] == 95:  # 95: '_' (__meta__)
-            return _slow(buf, p, end, shard, at)
-        nul = hdr.find(b"\0", 0, 100)
-        name = hdr[: 100 if nul < 0 else nul]
-        slash = name.rfind(b"/") + 1
-        dot = name.find(b".", slash)
-        if dot <= slash or name[-1:] == b"/":
-            return _slow(buf, p, end, shard, at)
-        k = name[:dot].decode("utf-8", "surrogateescape")
-        ext = name[dot + 1 :].decode("utf-8", "surrogateescape").lower()
-        if key is None:
-            key = k
-        elif k != key or ext in members:
-            return _slow(buf, p, end, shard, at)  # raises the precise error
-        data = q + 512
-        q = data + ((size + 511) & ~511)
-        if data + size > end:
-            return _slow(buf, p, end, shard, at)
-        members[ext] = buf[data : data + size]
+    try:
+        while q < end:
+            kind = buf[q + 156]
+            if kind == 120:  # 'x': pax header; tarfile writes one per member for a float mtime
+                size = int(buf[q + 124 : q + 135], 8)
+                pax = buf[q + 512 : q + 512 + size]
+                if b" path=" in pax or b" size=" in pax or b" GNU.sparse." in pax:
+                    return _slow(buf, p, end, shard, at)
+                q += 512 + ((size + 511) & ~511)
+                kind = buf[q + 156]
+            if kind not in _PLAIN or buf[q + 345] or buf[q] == 95:  # 95: '_' (__meta__)
+                return _slow(buf, p, end, shard, at)
+            size = int(buf[q + 124 : q + 135], 8)
+            nul = buf.find(b"\0", q, q + 100)
+            name = buf[q : q + 100 if nul < 0 else nul]
+            slash = name.rfind(b"/") + 1
+            dot = name.find(b".", slash)
+            if dot <= slash or name[-1] == 47:  # 47: '/', an old-style directory
+                return _slow(buf, p, end, shard, at)
+            if key is None:
+                key = name[:dot].decode("utf-8", "surrogateescape")
+            elif name[:dot].decode("utf-8", "surrogateescape") != key:
+                return _slow(buf, p, end, shard, at)  # raises the precise error
+            ext = name[dot + 1 :].decode("utf-8", "surrogateescape").lower()
+            data = q + 512
+            q = data + ((size + 511) & ~511)
+            if ext in members or data + size > end:
+                return _slow(buf, p, end, shard, at)
+            members[ext] = buf[data : data + size]
+    except (ValueError, IndexError):  # a non-octal size, a header past the buffer
+        return _slow(buf, p, end, shard, at)
     if key is None or q != end:
         return _slow(buf, p, end, shard, at)
     return key, members
