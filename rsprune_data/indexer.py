@@ -38,8 +38,9 @@ from torch.utils.data import IterableDataset
 
 from . import index as idx
 from ._validate import check_int
-from .errors import CorruptImageError, IndexMismatchError, ShardError
+from .errors import ConfigError, CorruptImageError, IndexMismatchError, ShardError
 from .images import analyze, pick_image_member
+from .reading import local_path, remote_metadata, shard_kind
 from .tario import iter_tar_samples
 from .world import distributed_rank
 
@@ -92,6 +93,7 @@ class _Job:
     preprocess: Any  # encoder.preprocess (an ImageTransform) or None for entropy only
     rgb_bands: tuple[int, int, int]
     fast_gray: bool = False
+    storage_options: dict[str, Any] | None = None  # fsspec options for URL shards
 
 
 def _analyze_one(job: _Job, sample: dict[str, bytes]) -> tuple[float, float, Any]:
@@ -122,7 +124,7 @@ def _chunks(job: _Job, shard_no: int) -> Iterator[dict[str, Any]]:
         return chunk
 
     try:
-        for ts, sample in iter_tar_samples(job.shards[shard_no]):
+        for ts, sample in _iter_shard(job, job.shards[shard_no]):
             try:
                 ent, nod, image = _analyze_one(job, sample)
                 reason = ""
@@ -137,6 +139,18 @@ def _chunks(job: _Job, shard_no: int) -> Iterator[dict[str, Any]]:
         yield flush(True, str(exc))
         return
     yield flush(True)
+
+
+def _iter_shard(job: _Job, shard: str) -> Iterator[tuple[Any, dict[str, bytes]]]:
+    """A local shard from its file; a URL in one sequential pass through fsspec (large blocks)."""
+    if shard_kind(shard) != "remote":
+        yield from iter_tar_samples(local_path(shard))
+        return
+    from .reading.remote import open_url
+
+    fs, path = open_url(shard, job.storage_options)
+    with fs.open(path, "rb", block_size=8 << 20) as f:
+        yield from iter_tar_samples(f, name=shard)
 
 
 class _ShardStream(IterableDataset[dict[str, Any]]):
@@ -159,7 +173,8 @@ def _identity(x: Any) -> Any:
 
 
 def index_is_current(shard: str, index_path: Path, *, encoder: str, centroids_digest: str,
-                     entropy_mode: str = "exact") -> bool:
+                     entropy_mode: str = "exact",
+                     storage_options: dict[str, Any] | None = None) -> bool:
     """True when ``index_path`` is a complete index of ``shard`` as it is now, for these centroids."""
     if not index_path.exists():
         return False
@@ -173,6 +188,9 @@ def index_is_current(shard: str, index_path: Path, *, encoder: str, centroids_di
         return False
     if meta.get("entropy_mode", "exact") != entropy_mode:
         return False
+    if shard_kind(shard) == "remote":  # one HEAD/stat: same size and store checksum
+        now = remote_metadata(shard, storage_options)
+        return all(now[k] == meta.get(k) for k in ("shard_size", "shard_fingerprint"))
     return not idx.shard_is_stale(shard, meta)
 
 
@@ -184,7 +202,8 @@ class _Pending:
 
 
 def _finish(shard: str, out: Path, pending: _Pending, *, encoder_id: str,
-            centroids: Centroids | None, entropy_mode: str) -> Counter[str]:
+            centroids: Centroids | None, entropy_mode: str,
+            storage_options: dict[str, Any] | None = None) -> Counter[str]:
     rows = pending.rows
     n = len(rows)
     reasons = Counter(r[5] for r in rows if r[5])
@@ -209,7 +228,8 @@ def _finish(shard: str, out: Path, pending: _Pending, *, encoder_id: str,
         **idx.encode_keys(keys),
     }
     meta = {
-        **idx.shard_metadata(shard),
+        **(remote_metadata(shard, storage_options) if shard_kind(shard) == "remote"
+           else idx.shard_metadata(local_path(shard))),
         "encoder": encoder_id,
         "centroids_digest": centroids.digest if centroids is not None else "",
         "num_clusters": str(centroids.centroids.shape[0] if centroids is not None else 0),
@@ -235,11 +255,15 @@ def index_shards(
     force: bool = False,
     fast_gray: bool = False,
     progress: bool = True,
+    storage_options: dict[str, Any] | None = None,
 ) -> IndexReport:
     """Index this rank's share of ``shards`` (see the module docstring).
 
     Args:
-        shards: local tar shards, in the order that defines global positions.
+        shards: tar shards (local paths or fsspec URLs: ``https://``, ``s3://``, ...), in the
+            order that defines global positions. URL shards are read in one sequential pass and
+            need ``index_dir``; their fingerprint is the store's checksum (ETag) where it offers
+            one (:func:`rsprune_data.reading.remote_metadata`).
         centroids: reference centroids; ``None`` writes entropy-only indexes (no Stage II).
         encoder: the encoder the centroids were built with (required with ``centroids``).
         index_dir: where to write indexes (default: beside each shard).
@@ -253,6 +277,7 @@ def index_shards(
             faster but not equal to PIL's luma (see :mod:`rsprune_data.images`); recorded in the
             index metadata as ``entropy_mode``. Ignored with centroids (the RGB decode is needed).
         progress: show a tqdm bar over samples.
+        storage_options: fsspec options for URL shards (credentials, endpoint, ...).
 
     Returns:
         An :class:`IndexReport`; corrupt images are counted there, failed shards listed by name.
@@ -274,6 +299,10 @@ def index_shards(
     workers = check_int("workers", workers, 0)
     batch_size = check_int("batch_size", batch_size, 1)
     names = [os.fspath(s) for s in shards]
+    streams = [s for s in names if shard_kind(s) == "stream"]
+    if streams:
+        raise ConfigError(f"cannot index the stream {streams[0]!r}: pass the URL it reads "
+                          "(https://, s3://, ... with --storage-options) or a local path")
     idx.check_distinct_index_paths(names, [idx.index_path_for(s, index_dir) for s in names])
     encoder_id = encoder.name if (encoder is not None and centroids is not None) else ""
     digest = centroids.digest if centroids is not None else ""
@@ -284,7 +313,7 @@ def index_shards(
     for shard in shard_share(names, rank, world_size):
         out = idx.index_path_for(shard, index_dir)
         if not force and index_is_current(shard, out, encoder=encoder_id, centroids_digest=digest,
-                                          entropy_mode=mode):
+                                          entropy_mode=mode, storage_options=storage_options):
             report.skipped.append(shard)
         else:
             todo.append((shard, out))
@@ -296,7 +325,8 @@ def index_shards(
     preprocess = encoder.preprocess if centroids is not None and encoder is not None else None
     # entropy-only chunks carry no images: large chunks keep the per-chunk IPC off the hot path
     chunk = batch_size if preprocess is not None else max(batch_size, ENTROPY_CHUNK)
-    job = _Job(tuple(s for s, _ in todo), chunk, preprocess, rgb_bands, fast_gray)
+    job = _Job(tuple(s for s, _ in todo), chunk, preprocess, rgb_bands, fast_gray,
+               storage_options)
     nw = min(workers, len(todo))
     loader = DataLoader(_ShardStream(job), batch_size=None, num_workers=nw, collate_fn=_identity,
                         prefetch_factor=4 if nw else None)
@@ -320,7 +350,7 @@ def index_shards(
             report.failed[shard] = chunk["error"]
         else:
             report.invalid += _finish(shard, out, p, encoder_id=encoder_id, centroids=centroids,
-                                      entropy_mode=mode)
+                                      entropy_mode=mode, storage_options=storage_options)
             report.indexed.append(shard)
             report.samples += len(p.rows)
         bar.set_description(f"index {len(report.indexed) + len(report.failed)}/{len(todo)} shards")

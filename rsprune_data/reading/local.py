@@ -16,7 +16,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from ..errors import ConfigError, ShardError
+from ..errors import ConfigError, ShardError, ShardNotFoundError
 from .runs import Runs
 
 __all__ = ["READAHEAD_MODES", "LocalFile", "pread_exact"]
@@ -77,7 +77,7 @@ class LocalFile:
             why = (f"cannot open shard {path}: {exc.strerror or exc}; it must be where it was "
                    "when it was indexed")
             if isinstance(exc, FileNotFoundError):  # callers may catch the builtin
-                raise FileNotFoundError(exc.errno, why, path) from exc
+                raise ShardNotFoundError(exc.errno, why, path) from exc
             raise ShardError(why) from exc
         if self.planned:
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)

@@ -65,9 +65,25 @@ class RetryPolicy:
         return float(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
 
 
+_loop_pid = [os.getpid()]
+
+
+def _after_fork() -> None:
+    """fsspec's async loop runs in a thread of the process that started it; a forked DataLoader
+    worker inherits the loop object without the thread, and every call would hang on it.
+    ``fsspec.asyn.reset_lock`` makes the child start its own (fsspec does not do it on fork)."""
+    if _loop_pid[0] != os.getpid():
+        import fsspec.asyn
+
+        fsspec.asyn.reset_lock()
+        _loop_pid[0] = os.getpid()
+
+
 def open_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
-    """``(filesystem, path)`` for ``url`` (fsspec's ``url_to_fs``)."""
+    """``(filesystem, path)`` for ``url`` (fsspec's ``url_to_fs``), safe in forked workers."""
     from fsspec.core import url_to_fs
+
+    _after_fork()
 
     try:
         fs, path = url_to_fs(url, **dict(storage_options or {}))
