@@ -205,3 +205,19 @@ def test_s3_through_moto(local: list[str], index_dir: str, tmp_path: Path) -> No
         assert report.ok
         assert json.loads(idx.read_metadata(tmp_path / (Path(local[0]).name
                                                         + idx.INDEX_SUFFIX))["reasons"]) == []
+
+
+def test_cli_index_on_urls(local: list[str], nginx: Nginx, tmp_path: Path,
+                           capsys: pytest.CaptureFixture[str]) -> None:
+    from rsprune_data.cli import main
+
+    out = tmp_path / "cli-idx"
+    assert main(["index", *urls(nginx.url, local), "--index-dir", str(out), "--workers", "0",
+                 "-q", "--storage-options", '{"block_size": 65536}']) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(Path(s).name + idx.INDEX_SUFFIX
+                                                           for s in local)
+    assert main(["index", urls(nginx.url, local)[0], "--index-dir", str(out),
+                 "--storage-options", "[1]"]) == 2
+    assert "--storage-options must be a JSON object" in capsys.readouterr().err
+    assert main(["index", f"pipe:curl -s {urls(nginx.url, local)[0]}", "--index-dir",
+                 str(out)]) == 2
