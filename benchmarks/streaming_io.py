@@ -18,7 +18,11 @@ the block device), with ``stream / ours`` ratios. "cold" empties the page cache 
 ``sync`` then ``echo 3 > /proc/sys/vm/drop_caches`` where that is allowed (root), else
 ``posix_fadvise(POSIX_FADV_DONTNEED)`` on every shard (unprivileged); the JSON records which.
 The sampler path (map-style ``PrunedShardDataset`` + ``PrunedSampler``, ``DataLoader`` with 2
-workers) and ``PrunedWebDataset`` through the same loader are measured warm, against the stream.
+workers, and with 0 workers where batches go through ``__getitems__``) and ``PrunedWebDataset``
+through the same loader are measured warm, against the stream. ``--peers`` adds MosaicML
+streaming (an MDS rewrite of the subset) and litdata (an ``optimize`` of the subset), one rewrite
+per ratio (timed), then best-of-``--repeat`` iteration of raw samples in one process; a peer that
+is not installed is reported as skipped.
 
 Checksum verification (on by default in both loaders): ``ours`` at the default ``max_gap`` and the
 in-process map-style dataset are also run with ``verify=False`` (warm cache), and the cost of
@@ -292,7 +296,98 @@ def measure_ratio(index: PruneIndex, shards: list[str], keys: list[str], ratio: 
         row[f"verify_{name}"] = {"verify_best": min(on), "verify_worst": max(on),
                                  "no_verify_best": min(off), "no_verify_worst": max(off),
                                  "cost_ratio": min(on) / min(off)}
+    row["map_style_warm"] = median_run(partial(run_map_style, index, cfg), repeat, warm_all, want)
+    row["map_style_warm"]["vs_stream"] = (row["stream_warm"]["seconds"]
+                                          / row["map_style_warm"]["seconds"])
     return row
+
+
+# --- peers: the same subset served by libraries that rewrite it first (optional `bench` extra) ---
+
+
+def _subset(shards: list[str], want: set[str]) -> list[dict[str, Any]]:
+    import webdataset as wds
+
+    return [s for s in wds.WebDataset(shards, shardshuffle=False) if s["__key__"] in want]
+
+
+def _mds_peer(samples: list[dict[str, Any]], out: Path) -> tuple[float, Callable[[], list[str]]]:
+    from streaming import MDSWriter, StreamingDataset
+
+    t0 = time.perf_counter()
+    cols = {"key": "str", "jpeg": "bytes", "cls": "bytes"}
+    with MDSWriter(out=str(out), columns=cols, size_limit="64mb") as w:
+        for s in samples:
+            w.write({"key": s["__key__"], "jpeg": s.get("jpeg", b""), "cls": s.get("cls.txt", b"")})
+    rewrite = time.perf_counter() - t0
+
+    def run() -> list[str]:
+        ds = StreamingDataset(local=str(out), shuffle=False, batch_size=1)
+        return [s["key"] for s in ds]
+
+    return rewrite, run
+
+
+def _litdata_item(s: dict[str, Any]) -> dict[str, Any]:
+    return {"key": s["__key__"], "jpeg": s.get("jpeg", b""), "cls": s.get("cls.txt", b"")}
+
+
+def _litdata_peer(samples: list[dict[str, Any]], out: Path) -> tuple[float, Callable[[], list[str]]]:
+    import litdata
+
+    t0 = time.perf_counter()
+    litdata.optimize(fn=_litdata_item, inputs=samples, output_dir=str(out), chunk_bytes="64MB",
+                     num_workers=1, mode="overwrite")
+    rewrite = time.perf_counter() - t0
+
+    def run() -> list[str]:
+        ds = litdata.StreamingDataset(str(out))
+        return [s["key"] for s in ds]
+
+    return rewrite, run
+
+
+def measure_peers(shards: list[str], want: set[str], repeat: int, workdir: Path,
+                  ratio: float) -> dict[str, Any]:
+    """Each installed peer over a per-ratio rewrite of the subset: rewrite seconds, then best-of
+    ``repeat`` iteration of raw samples in one process (page cache warm). Missing peers are
+    reported as skipped with the reason."""
+    import shutil
+
+    samples = _subset(shards, want)
+    out: dict[str, Any] = {}
+    for name, make in (("mosaicml-streaming", _mds_peer), ("litdata", _litdata_peer)):
+        folder = workdir / f"{name}-{ratio}"
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            rewrite, run = make(samples, folder)
+            times = []
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                keys = run()
+                times.append(time.perf_counter() - t0)
+            if set(keys) != want or len(keys) != len(want):
+                raise RuntimeError("delivered other samples than the selection")
+            out[name] = {"rewrite_seconds": rewrite, "seconds": min(times),
+                         "spread": max(times) - min(times), "samples_per_s": len(want) / min(times)}
+        except Exception as exc:  # optional peers: any failure is reported, never fatal
+            out[name] = {"skipped": f"{type(exc).__name__}: {exc}"[:300]}
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    out["megatron-energon"] = {"skipped": "not wired: needs `energon prepare` metadata per subset"}
+    return out
+
+
+def run_map_style(index: PruneIndex, cfg: PruneConfig) -> list[str]:
+    """PrunedShardDataset + PrunedSampler in this process: batches go through __getitems__."""
+    from torch.utils.data import DataLoader
+
+    from rsprune_data import PrunedShardDataset
+
+    loader: DataLoader[Any] = DataLoader(
+        PrunedShardDataset(index), sampler=PrunedSampler(index, cfg, shuffle=False),
+        batch_size=256, num_workers=0, collate_fn=_keys)
+    return [k for batch in loader for k in batch]
 
 
 def main() -> None:
@@ -310,6 +405,8 @@ def main() -> None:
                     help="sample_window values compared with shard order (0)")
     ap.add_argument("--order-only", action="store_true",
                     help="measure only the sample-level order against shard order")
+    ap.add_argument("--peers", action="store_true",
+                    help="also measure MosaicML streaming and litdata over per-ratio rewrites")
     ap.add_argument("--out", type=Path, default=Path("results/streaming_io.json"))
     args = ap.parse_args()
 
@@ -338,6 +435,10 @@ def main() -> None:
             continue
         results.append(measure_ratio(index, shards, keys, ratio, gaps, args.repeat, args.workers,
                                      dropped))
+        if args.peers:
+            want = {keys[i] for i in index.select(PruneConfig(prune_ratio=ratio,
+                                                              entropy_filter="none")).tolist()}
+            results[-1]["peers"] = measure_peers(shards, want, args.repeat, args.cache, ratio)
         _print_row(results[-1], gaps, DEFAULT_MAX_GAP, total_bytes, args.workers)
     report = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -371,10 +472,11 @@ def _print_row(row: dict[str, Any], gaps: list[int], default_gap: int, total: in
             print(f"  {cache:4} ours max_gap={gap:<6d}{o['seconds']:7.3f} s {n / o['seconds']:9.0f} "
                   f"samples/s  read {o['bytes_fraction']:5.3f}x (device "
                   f"{o['read_bytes'] / total:5.3f}x)  {o['speedup']:6.1f}x faster{mark}")
-    for name in ("sampler_loader_warm", "ours_loader_warm"):
+    for name in ("sampler_loader_warm", "ours_loader_warm", "map_style_warm"):
         r = row[name]
         s = row["stream_warm"]["seconds"]
-        print(f"  warm {name} ({workers} workers): {r['seconds']:7.3f} s "
+        who = "0 workers, __getitems__" if name == "map_style_warm" else f"{workers} workers"
+        print(f"  warm {name} ({who}): {r['seconds']:7.3f} s "
               f"{n / r['seconds']:9.0f} samples/s, {s / r['seconds']:6.1f}x the stream")
     for name in ("stream_ours", "map_style"):
         v = row[f"verify_{name}"]
@@ -382,6 +484,14 @@ def _print_row(row: dict[str, Any], gaps: list[int], default_gap: int, total: in
               f"(worst {v['verify_worst']:.3f}), verify=False {v['no_verify_best']:.3f} s (worst "
               f"{v['no_verify_worst']:.3f}): cost {100 * (v['cost_ratio'] - 1):+.1f}% "
               f"(ratio {v['cost_ratio']:.3f})")
+    ours = row[f"ours_warm_gap{default_gap}"]["seconds"]
+    for name, r in row.get("peers", {}).items():
+        if "skipped" in r:
+            print(f"  warm peer {name}: skipped ({r['skipped']})")
+        else:
+            print(f"  warm peer {name}: {r['seconds']:7.3f} s (±{r['spread']:.3f}) "
+                  f"{n / r['seconds']:9.0f} samples/s after a {r['rewrite_seconds']:.1f} s rewrite; "
+                  f"PrunedWebDataset / peer time {ours / r['seconds']:.2f}")
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

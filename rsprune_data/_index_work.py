@@ -19,6 +19,7 @@ process boundary (a codec's exception class may not unpickle in the parent).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from . import index as idx
 from .errors import CorruptImageError, ShardError
 from .images import DEFAULT_DECODE_BUDGET, analyze, pick_image_member
 from .integrity import checksum
+from .reading import local_path, remote_metadata, shard_kind
 from .tario import iter_tar_samples_raw
 
 NO_IMAGE = "no_image"
@@ -65,6 +67,7 @@ class Job:
     image_key: str | None = None
     meta_fields: tuple[str, ...] = ()
     cloud: bool = False
+    storage_options: dict[str, Any] | None = None  # fsspec options for URL shards
 
 
 def describe(exc: BaseException) -> str:
@@ -144,6 +147,24 @@ def _changed(shard: str, before: dict[str, str], ino: int) -> str | None:
     return None
 
 
+def _changed_remote(shard: str, before: dict[str, str],
+                    options: dict[str, Any] | None) -> str | None:
+    """Why the remote ``shard`` no longer has the size and store checksum taken before reading."""
+    now = remote_metadata(shard, options)
+    if any(now[k] != before[k] for k in ("shard_size", "shard_fingerprint")):
+        return (f"remote shard {shard} was replaced or changed while being indexed (size or "
+                "checksum): run `rsprune-data index` again once it is stable")
+    return None
+
+
+def _open_remote(job: Job, shard: str) -> Any:
+    """A URL shard opened for one sequential pass through fsspec (large blocks)."""
+    from .reading.remote import open_url
+
+    fs, path = open_url(shard, job.storage_options)
+    return fs.open(path, "rb", block_size=8 << 20)
+
+
 def shard_chunks(job: Job, shard_no: int) -> Iterator[dict[str, Any]]:
     """Chunks of one shard (module docstring); the last has ``done=True``. Never raises."""
     shard = job.shards[shard_no]
@@ -162,26 +183,32 @@ def shard_chunks(job: Job, shard_no: int) -> Iterator[dict[str, Any]]:
         return chunk
 
     try:
-        ino = os.stat(shard).st_ino
-        before = idx.shard_metadata(shard)  # before reading: a later change must not be trusted
-        for ts, sample, raw in iter_tar_samples_raw(shard):
-            reason = ""
-            try:
-                ent, nod, cloud, image = _analyze_one(job, sample)
-                if image is not None:
-                    images.append(image)
-            except CorruptImageError as exc:
-                ent, nod, cloud, reason = 0.0, 0.0, math.nan, exc.reason
-                examples.setdefault(reason, f"{ts.key}: {exc}")
-            except Exception as exc:  # a transform's or a codec's surprise: one sample, not the shard
-                ent, nod, cloud, reason = 0.0, 0.0, math.nan, UNEXPECTED
-                examples.setdefault(reason, f"{ts.key}: {describe(exc)}")
-            extras = ((cloud,) if job.cloud else ()) + meta_values(sample, job.meta_fields)
-            rows.append(SampleRow(ts.key, ts.offset, ts.length, ent, nod, reason, checksum(raw),
-                                  extras))
-            if len(rows) >= job.batch_size:
-                yield flush(False)
-        changed = _changed(shard, before, ino)
+        remote = shard_kind(shard) == "remote"
+        path = shard if remote else local_path(shard)
+        # before reading: a later change must not be trusted
+        before = remote_metadata(shard, job.storage_options) if remote else idx.shard_metadata(path)
+        ino = 0 if remote else os.stat(path).st_ino
+        with contextlib.ExitStack() as stack:
+            source = stack.enter_context(_open_remote(job, shard)) if remote else path
+            for ts, sample, raw in iter_tar_samples_raw(source, name=shard):
+                reason = ""
+                try:
+                    ent, nod, cloud, image = _analyze_one(job, sample)
+                    if image is not None:
+                        images.append(image)
+                except CorruptImageError as exc:
+                    ent, nod, cloud, reason = 0.0, 0.0, math.nan, exc.reason
+                    examples.setdefault(reason, f"{ts.key}: {exc}")
+                except Exception as exc:  # a transform's or a codec's surprise: one sample, not the shard
+                    ent, nod, cloud, reason = 0.0, 0.0, math.nan, UNEXPECTED
+                    examples.setdefault(reason, f"{ts.key}: {describe(exc)}")
+                extras = ((cloud,) if job.cloud else ()) + meta_values(sample, job.meta_fields)
+                rows.append(SampleRow(ts.key, ts.offset, ts.length, ent, nod, reason, checksum(raw),
+                                      extras))
+                if len(rows) >= job.batch_size:
+                    yield flush(False)
+        changed = (_changed_remote(shard, before, job.storage_options) if remote
+                   else _changed(path, before, ino))
     except Exception as exc:  # MemoryError, OSError, ShardError, ...: this shard only
         yield flush(True, describe(exc))
         return

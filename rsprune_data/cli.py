@@ -138,6 +138,7 @@ def _cmd_index(a: argparse.Namespace) -> int:
 
         basis = PcaBasis.load(a.pca_basis)
     report = index_shards(a.shards, centroids=cents, encoder=enc, index_dir=a.index_dir,
+                          storage_options=_storage_options(a.storage_options),
                           workers=a.workers, batch_size=a.batch_size, rank=a.rank,
                           world_size=a.world_size, force=a.force, fast_gray=a.fast_gray,
                           rgb_bands=rgb_bands, overwrite=a.overwrite,
@@ -175,6 +176,20 @@ def _cmd_pca_basis(a: argparse.Namespace) -> int:
     basis.save(a.output)
     print(f"wrote {a.output}: {basis.dims} of {emb.shape[1]} dims, encoder {index.encoder}")
     return EXIT_OK
+def _storage_options(text: str | None) -> dict[str, object] | None:
+    """``--storage-options JSON`` -> a dict (fsspec options for URL shards)."""
+    from .errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--storage-options must be a JSON object, got {text!r} ({exc}): for "
+                          """example '{"anon": true}'""") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--storage-options must be a JSON object, got {text!r}")
+    return value
 
 
 def _cmd_select(a: argparse.Namespace) -> int:
@@ -302,7 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="write one .rsidx.safetensors index per shard")
     p.add_argument("shards", nargs="+")
     p.add_argument("--centroids", help="centroids file; without it, entropy-only indexes")
-    p.add_argument("--index-dir", help="write indexes here instead of beside the shards")
+    p.add_argument("--index-dir", help="write indexes here instead of beside the shards "
+                   "(required for URL shards)")
+    p.add_argument("--storage-options", metavar="JSON",
+                   help="fsspec options for URL shards (https://, s3://, gs://, hf://), e.g. "
+                        """'{"anon": true}' or '{"client_kwargs": {"endpoint_url": "..."}}'""")
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--world-size", type=int, default=None)
     p.add_argument("--force", action="store_true", help="index again even when current")

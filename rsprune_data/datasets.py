@@ -1,9 +1,11 @@
 """Map-style datasets whose item ``i`` is global position ``i`` of an index, for :class:`PrunedSampler`.
 
-* :class:`PrunedShardDataset`: random access into local WebDataset tar shards through the byte
-  ranges stored in the index (one ``os.pread`` per item, no tar walk); each item's bytes are
-  checked against the index's per-sample checksum (``verify=False`` skips it) and its key against
-  the index's key.
+* :class:`PrunedShardDataset`: random access into WebDataset tar shards (local files or fsspec
+  URLs) through the byte ranges stored in the index. A batch (``__getitems__``, which the
+  DataLoader calls with all indices of a batch) is read with coalesced ranges per shard
+  (:mod:`rsprune_data.reading`), one ``pread`` or range request per run of nearby samples; each
+  item's bytes are checked against the index's per-sample checksum (``verify=False`` skips it) and
+  its key against the index's key.
 * :class:`PrunedImageFolder`: the image files of a folder in the order ``rsprune-data pack`` writes
   them, so position ``i`` of an index built from the packed shards is file ``i`` of the folder.
 
@@ -31,11 +33,9 @@ import numpy as np
 import torch.utils.data
 from numpy.typing import NDArray
 
-from ._fsio import pread_exact
 from ._validate import is_int
-from .errors import ConfigError, CorruptImageError, ShardError, StaleIndexError
-from .integrity import check_key, check_sample
-from .tario import parse_sample
+from .errors import ConfigError, CorruptImageError, StaleIndexError
+from .reading import LocalFile, ReadOptions, RemoteFile, local_path, read_samples, shard_kind
 
 if TYPE_CHECKING:
     from .index import KeyList, PruneIndex
@@ -84,12 +84,14 @@ def _check_position(i: Any, n: int) -> int:
 
 
 class PrunedShardDataset(torch.utils.data.Dataset[Any]):
-    """Random access to the samples of local tar shards, item ``i`` = global position ``i``.
+    """Random access to the samples of tar shards, item ``i`` = global position ``i``.
 
-    Each item is read with one ``os.pread`` of its byte range and parsed with
-    :func:`rsprune_data.tario.parse_sample`. A worker opens each shard once, lazily, and reopens it
-    after a fork. When the index was loaded from files, pickling (for ``spawn``/``forkserver``
-    workers) sends only the shard and index paths; each worker re-reads the byte ranges.
+    An item is read with one ``pread`` (local) or range request (URL) of its byte range; a batch
+    of items (``__getitems__``) with one read per run of nearby samples of a shard, and the
+    samples are cut out of the run buffers (:mod:`rsprune_data.reading`). A worker opens each shard
+    once, lazily, and reopens it after a fork. When the index was loaded from files, pickling (for
+    ``spawn``/``forkserver`` workers) sends only the shard and index paths; each worker re-reads
+    the byte ranges.
 
     Args:
         source: a :class:`rsprune_data.PruneIndex`, or shard paths (or a brace pattern) to load one.
@@ -100,9 +102,12 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         verify: check every item's bytes against the per-sample checksum of its index
             (:mod:`rsprune_data.integrity`; shards indexed without checksums are checked by key
             only). ``False`` saves one hash per item. Keys are always checked.
+        storage_options: fsspec options for URL shards.
+        read: reading knobs (:class:`~rsprune_data.reading.ReadOptions`); ``storage_options``
+            overrides its own.
 
     Raises:
-        ConfigError: a remote shard (only local files support random access), or a bad ``decode``.
+        ConfigError: a ``pipe:`` shard (streams have no random access), or a bad ``decode``.
 
     Example:
         >>> ds = PrunedShardDataset(["shard-000000.tar"])  # doctest: +SKIP
@@ -119,20 +124,27 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         transform: Callable[[Any], Any] | None = None,
         check_stale: bool = True,
         verify: bool = True,
+        storage_options: dict[str, Any] | None = None,
+        read: ReadOptions | None = None,
     ) -> None:
-        from .index import PruneIndex, is_remote
+        from dataclasses import replace
+
+        from .index import PruneIndex
 
         index = source if isinstance(source, PruneIndex) else PruneIndex.load(
             source, index_dir, check_stale=check_stale)
-        remote = [s for s in index.shards if is_remote(s)]
-        if remote:
+        streams = [s for s in index.shards if shard_kind(s) == "stream"]
+        if streams:
             raise ConfigError(
-                f"PrunedShardDataset needs local shard files for random access, got {remote[0]!r}: "
-                "copy the shards to a local or mounted disk, or stream them with PrunedWebDataset"
+                f"PrunedShardDataset needs random access, got the stream {streams[0]!r}: pass the "
+                "shard's URL (any fsspec protocol) or path, or stream it with PrunedWebDataset"
             )
         self.decode = _check_decode(decode)
         self.transform = transform
-        self.shards = [s[len("file://"):] if s.startswith("file://") else s for s in index.shards]
+        self.read = read or ReadOptions()
+        if storage_options is not None:
+            self.read = replace(self.read, storage_options=storage_options)
+        self.shards = [local_path(s) if shard_kind(s) == "local" else s for s in index.shards]
         self.fingerprint: str = index.fingerprint
         self._starts = np.asarray(index.shard_starts, dtype=np.int64)
         self._index_paths = [Path(p) for p in index.index_paths]
@@ -147,31 +159,48 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         if not index.index_paths and len(index.keys) == len(index):
             self._keys = index.keys
         self._n = int(self._starts[-1])
-        self._fds: dict[int, int] = {}
+        self._files: dict[int, LocalFile | RemoteFile] = {}
         self._pid = os.getpid()
 
     def __len__(self) -> int:
         return self._n
 
     def __getitem__(self, i: int | np.integer[Any]) -> Any:
-        j = _check_position(i, self._n)
-        shard_no = int(np.searchsorted(self._starts, j, side="right")) - 1
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: Sequence[int | np.integer[Any]]) -> list[Any]:
+        """The items at ``indices`` (in that order), read with coalesced ranges per shard.
+
+        ``DataLoader`` calls this with every index of a batch when the dataset defines it.
+        """
+        pos = np.fromiter((_check_position(i, self._n) for i in indices), dtype=np.int64,
+                          count=len(indices))
+        order = np.argsort(pos, kind="stable")
+        sorted_pos = pos[order]
         offsets, lengths = self._ranges()
-        offset, length = int(offsets[j]), int(lengths[j])
-        buf = self._pread(shard_no, offset, length)
-        shard = self.shards[shard_no]
         if self._checksums is None:
             self._reload_integrity()
         keys = self._keys
-        if self.verify and self._checksummed[shard_no]:
-            sums = self._checksums if self._checksums is not None else np.zeros(0, np.uint64)
-            check_sample(buf, int(sums[j]), shard=shard, offset=offset,
-                         key=keys[j] if keys is not None else f"#{j - self._starts[shard_no]}")
-        key, members = parse_sample(buf, offset, shard=shard)
-        if keys is not None:
-            check_key(key, keys[j], shard=shard, offset=offset)
-        sample: dict[str, Any] = {"__key__": key, "__url__": self.shards[shard_no], **members}
-        return _finish(sample, self.decode, self.transform)
+        sums = self._checksums
+        # shard s holds sorted_pos[cut[s]:cut[s + 1]]; tar order = position order within a shard
+        cut = np.searchsorted(sorted_pos, self._starts)
+        out: list[Any] = [None] * len(pos)
+        for s in np.flatnonzero(np.diff(cut)).tolist():
+            a, b = int(cut[s]), int(cut[s + 1])
+            part = sorted_pos[a:b]
+            shard = self.shards[s]
+            want = [keys[j] for j in part.tolist()] if keys is not None else [None] * (b - a)
+            expect: list[int | None] | None = None
+            if self.verify and bool(self._checksummed[s]) and sums is not None \
+                    and len(sums) == self._n:
+                expect = [int(x) for x in sums[part].tolist()]
+            got = read_samples(shard, (part - self._starts[s]).tolist(), offsets[part].tolist(),
+                               lengths[part].tolist(), want, self.read, opened=self._file(s),
+                               sums=expect)
+            for slot, (key, members) in zip(order[a:b].tolist(), got, strict=True):
+                sample: dict[str, Any] = {"__key__": key, "__url__": shard, **members}
+                out[slot] = _finish(sample, self.decode, self.transform)
+        return out
 
     # -- byte ranges, re-read from the index files in a worker that got a light pickle
     def _ranges(self) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
@@ -214,39 +243,25 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
             lens.append(np.asarray(n, np.int64))
         return np.concatenate(offs), np.concatenate(lens)
 
-    # -- file handles: one per shard per process
-    def _fd(self, shard_no: int) -> int:
+    # -- open shards: one per shard per process
+    def _file(self, shard_no: int) -> LocalFile | RemoteFile:
         if self._pid != os.getpid():  # forked: the inherited descriptors belong to the parent
-            self._fds, self._pid = {}, os.getpid()
-        fd = self._fds.get(shard_no)
-        if fd is None:
-            path = self.shards[shard_no]
-            try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-            except OSError as exc:
-                raise ShardError(
-                    f"cannot open shard {path}: {exc.strerror or exc}; it must be where it was when "
-                    "the index was loaded"
-                ) from exc
-            self._fds[shard_no] = fd
-        return fd
-
-    def _pread(self, shard_no: int, offset: int, length: int) -> bytes:
-        buf = pread_exact(self._fd(shard_no), length, offset)
-        if len(buf) < length:
-            raise ShardError(
-                f"shard {self.shards[shard_no]} ends at byte {offset + len(buf)}, inside the sample "
-                f"at byte {offset} (+{length}): the shard changed since indexing; run "
-                "`rsprune-data index` again"
-            )
-        return buf
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.get(shard_no)
+        if f is None:
+            shard = self.shards[shard_no]
+            f = (LocalFile(shard, readahead=self.read.readahead, prefetch=self.read.prefetch)
+                 if shard_kind(shard) == "local" else self.read.remote_file(shard))
+            self._files[shard_no] = f
+        return f
 
     def close(self) -> None:
         """Close the shard files this process opened (they reopen on the next access)."""
         if self._pid == os.getpid():
-            for fd in self._fds.values():
-                os.close(fd)
-        self._fds = {}
+            for f in self._files.values():
+                if isinstance(f, LocalFile):
+                    f.close()
+        self._files = {}
 
     def __del__(self) -> None:
         with contextlib.suppress(OSError, AttributeError):
@@ -254,7 +269,7 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_fds"] = {}
+        state["_files"] = {}
         if self._index_paths:  # loaded from files: the worker re-reads the ranges itself
             state["_offsets"] = state["_lengths"] = state["_checksums"] = state["_keys"] = None
         return state

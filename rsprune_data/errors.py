@@ -31,6 +31,10 @@ class ShardError(RsPruneError, OSError):
     """A tar shard is truncated, garbage or unreadable."""
 
 
+class ShardNotFoundError(ShardError, FileNotFoundError):
+    """A shard file does not exist where its index says it is."""
+
+
 class IndexNotFoundError(RsPruneError, FileNotFoundError):
     """No index file exists for a shard."""
 

@@ -431,6 +431,18 @@ class KeyList(Sequence[str]):
         return self._data[self._offsets[i] : self._offsets[i + 1]].tobytes().decode(
             "utf-8", "surrogateescape")
 
+    def take(self, positions: NDArray[np.int64]) -> list[str]:
+        """The keys at ``positions``, decoded in one pass (cheap for nearby positions, such as
+        the selected samples of one shard)."""
+        pos = np.asarray(positions, dtype=np.int64)
+        if pos.shape[0] == 0:
+            return []
+        a, b = self._offsets[pos], self._offsets[pos + 1]
+        lo = int(a.min())
+        raw = self._data[lo : int(b.max())].tobytes()
+        return [raw[x:y].decode("utf-8", "surrogateescape")
+                for x, y in zip((a - lo).tolist(), (b - lo).tolist(), strict=True)]
+
     def __iter__(self) -> Iterator[str]:
         raw, off = self._data.tobytes(), self._offsets.tolist()
         return (raw[a:b].decode("utf-8", "surrogateescape") for a, b in pairwise(off))

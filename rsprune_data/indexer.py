@@ -56,6 +56,7 @@ from ._supervisor import Died, supervised
 from ._validate import check_int, check_rgb_bands
 from .errors import ConfigError, IndexMismatchError, OverwriteError, StaleIndexError
 from .images import CLOUD_VERSION, DEFAULT_DECODE_BUDGET
+from .reading import remote_metadata, shard_kind
 from .world import distributed_rank
 
 if TYPE_CHECKING:
@@ -187,7 +188,7 @@ def _check_overwrite(todo: list[tuple[str, Path]], ours: dict[str, str]) -> None
 
 def index_is_current(shard: str, index_path: Path, *, encoder: str, centroids_digest: str,
                      entropy_mode: str = "exact", columns: Sequence[str] | None = None,
-                     image_key: str = "") -> bool:
+                     image_key: str = "", storage_options: dict[str, Any] | None = None) -> bool:
     """True when ``index_path`` is a complete index of ``shard`` as it is now, for these centroids
     (and, when ``columns`` is given, with exactly these optional columns and image key)."""
     if not index_path.exists():
@@ -209,6 +210,9 @@ def index_is_current(shard: str, index_path: Path, *, encoder: str, centroids_di
             return False
         if sorted(have) != sorted(columns) or meta.get("image_key", "") != image_key:
             return False
+    if shard_kind(shard) == "remote":  # one HEAD/stat: same size and store checksum
+        now = remote_metadata(shard, storage_options)
+        return all(now[k] == meta.get(k) for k in ("shard_size", "shard_fingerprint"))
     return not idx.shard_is_stale(shard, meta)
 
 
@@ -237,7 +241,8 @@ def _finish(shard: str, out: Path, pending: _Pending, before: dict[str, str], *,
             store: tuple[str, PcaBasis | None] | None = None) -> Counter[str]:
     rows = pending.rows
     n = len(rows)
-    why = idx.shard_is_stale(shard, before)
+    # a URL shard was checked by the worker right after its pass (one HEAD); a local one again here
+    why = None if shard_kind(shard) == "remote" else idx.shard_is_stale(shard, before)
     if why:  # changed after the worker's own check, before the index is written
         raise StaleIndexError(f"{why} while being indexed: run `rsprune-data index` again")
     reasons = Counter(r.reason for r in rows if r.reason)
@@ -333,11 +338,15 @@ def index_shards(
     store_embeddings: str | None = None,
     pca_basis: PcaBasis | None = None,
     progress: bool = True,
+    storage_options: dict[str, Any] | None = None,
 ) -> IndexReport:
     """Index this rank's share of ``shards`` (see the module docstring).
 
     Args:
-        shards: local tar shards, in the order that defines global positions.
+        shards: tar shards (local paths or fsspec URLs: ``https://``, ``s3://``, ...), in the
+            order that defines global positions. URL shards are read in one sequential pass and
+            need ``index_dir``; their fingerprint is the store's checksum (ETag) where it offers
+            one (:func:`rsprune_data.reading.remote_metadata`).
         centroids: reference centroids; ``None`` writes entropy-only indexes (no Stage II).
         encoder: the encoder the centroids were built with (required with ``centroids``).
         index_dir: where to write indexes (default: beside each shard).
@@ -367,6 +376,7 @@ def index_shards(
             another form is indexed again.
         pca_basis: the basis of the ``"pca"`` form (:func:`rsprune_data.embeddings.fit_pca`).
         progress: show a tqdm bar over samples.
+        storage_options: fsspec options for URL shards (credentials, endpoint, ...).
 
     Returns:
         An :class:`IndexReport`; corrupt images are counted there, failed shards listed by name
@@ -415,6 +425,10 @@ def index_shards(
         raise ConfigError(f"`image_key` must be a member name such as 'img_content' or "
                           f"'rgb.npy', got {image_key!r}")
     names = [os.fspath(s) for s in shards]
+    streams = [s for s in names if shard_kind(s) == "stream"]
+    if streams:
+        raise ConfigError(f"cannot index the stream {streams[0]!r}: pass the URL it reads "
+                          "(https://, s3://, ... with --storage-options) or a local path")
     idx.check_distinct_index_paths(names, [idx.index_path_for(s, index_dir) for s in names])
     encoder_id = encoder.name if (encoder is not None and centroids is not None) else ""
     digest = centroids.digest if centroids is not None else ""
@@ -431,7 +445,8 @@ def index_shards(
         out = idx.index_path_for(shard, index_dir)
         if not force and index_is_current(shard, out, encoder=encoder_id, centroids_digest=digest,
                                           entropy_mode=mode, columns=wanted,
-                                          image_key=image_key or "") \
+                                          image_key=image_key or "",
+                                          storage_options=storage_options) \
                 and (store is None or _sidecar_current(shard, out, encoder_id, store)):
             report.skipped.append(shard)
         else:
@@ -455,7 +470,7 @@ def index_shards(
     # entropy-only chunks carry no images: large chunks keep the per-chunk IPC off the hot path
     chunk_size = batch_size if preprocess is not None else max(batch_size, ENTROPY_CHUNK)
     job = Job(tuple(s for s, _ in ready), chunk_size, preprocess, rgb_bands, fast_gray,
-              decode_budget, image_key, fields_, cloud)
+              decode_budget, image_key, fields_, cloud, storage_options)
     pending: dict[int, _Pending] = {}
     broken: set[int] = set()  # shards whose main-process work failed; their later chunks are dropped
     bar = tqdm(total=None, unit="img", desc=f"index 0/{len(ready)} shards", disable=not progress)

@@ -11,14 +11,20 @@ A webdataset pipeline whose first stage yields the selected samples as the same 
         ds.set_epoch(epoch)                  # before iter(loader); reaches persistent workers
         for images, labels in loader: ...
 
-**Reading.** Local shards (paths, ``file://``) are read by byte range from the index
-(:func:`rsprune_data.tario.read_ranges`, neighbours within ``max_gap`` merged into one ``pread``); a
-shard without a selected sample in a worker's span is never opened. Streams (``pipe:``, ``http://``
-and anything else :func:`webdataset.gopen.gopen` opens) are read in one pass and unselected samples
-are dropped by their position in the tar without being decoded; a stream is closed as soon as its
-last selected sample has been read. Every delivered ``__key__`` is checked against the index, and
+**Reading** (:mod:`rsprune_data.reading`). Local shards (paths, ``file://``) are read by byte
+range from the index: neighbours within ``max_gap`` merged into one ``pread``, kernel readahead
+replaced by ``WILLNEED`` of exactly the planned runs, samples cut out of each run's buffer. URLs
+(``https://``, ``s3://``, ``gs://``, ``hf://``, any fsspec protocol; options in
+``storage_options``) are read by byte range too, with ``concurrency`` ranges in flight and retries
+(:class:`~rsprune_data.reading.RetryPolicy`); a range that keeps failing raises
+:class:`~rsprune_data.reading.RemoteReadError` naming the URL, never a silent gap. ``pipe:``
+streams are read in one pass and unselected samples are dropped by their position in the tar
+without being decoded; a stream is closed as soon as its last selected sample has been read. A
+shard without a selected sample in a worker's span is never opened. Every delivered ``__key__``
+is checked against the index, and
 with ``verify=True`` (the default) every sample's bytes against its per-sample checksum
-(:func:`rsprune_data.integrity.check_sample`, at the point where the sample is cut out).
+(:func:`rsprune_data.integrity.check_sample`, in :func:`rsprune_data.reading.check_sample`, where
+the sample is cut out).
 
 **Order and split (one epoch, pure numpy: :func:`epoch_plan`).** Shards are permuted by
 ``rng([seed, epoch])`` (``shuffle_shards``) and laid out one after the other; the samples of every
@@ -79,9 +85,8 @@ import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 from numpy.typing import NDArray
@@ -92,14 +97,13 @@ from webdataset.pipeline import DataPipeline
 from ._control import _Control
 from ._validate import check_int
 from .config import PruneConfig, Schedule, as_config
-from .errors import ConfigError, StaleIndexError, StateDictError
-from .index import PruneIndex, is_remote
-from .integrity import check_sample
+from .errors import ConfigError, StateDictError
+from .index import KeyList, PruneIndex
 from .partition import per_rank
+from .reading import DEFAULT_LOCAL_MAX_GAP, ReadOptions, local_path, read_samples, shard_kind
 from .resume import check_config, check_format, check_same, state_header
 from .state_check import check_wds_state, state_int
 from .stream_plan import EpochPlan, epoch_plan, shard_runs, worker_batches
-from .tario import iter_tar_samples_raw, parse_sample, read_ranges
 from .world import World, distributed_rank, get_world
 from .wrappers import refuse_wrapper
 
@@ -110,7 +114,7 @@ __all__ = ["DEFAULT_MAX_GAP", "DEFAULT_SAMPLE_WINDOW", "EpochPlan", "PrunedWebDa
 #: are small (``benchmarks/streaming_io.py``, Harvey tiles of ~6.5 KB, 85% pruned, warm cache:
 #: 0.150x of the shard bytes and 29.5x the plain stream at 0-4 KiB; 0.589x and 24.9x at tario's
 #: 64 KiB). On network filesystems, where a round trip costs more, pass a larger ``max_gap``.
-DEFAULT_MAX_GAP = 4096
+DEFAULT_MAX_GAP = DEFAULT_LOCAL_MAX_GAP
 STATE_FORMAT = "rsprune-wds"
 STATE_VERSION = 2  # 2: sample_window
 _CACHE_SIZE = 4
@@ -119,7 +123,6 @@ DEFAULT_SAMPLE_WINDOW = 8
 #: Items a worker reads together, sorted by (shard, offset), before yielding them in planned order.
 _READ_BLOCK = 256
 _DONE_SLOTS = 256  # workers tracked for the "iterated again without set_epoch" warning
-_SIGPIPE_STATUS = (-13, 141)  # a child killed by SIGPIPE, as Popen and as a shell report it
 
 Sample = dict[str, Any]
 
@@ -154,17 +157,17 @@ class _Source:
 
     def __init__(self, index: PruneIndex, load_args: tuple[Any, ...] | None, config: Any, *,
                  seed: int, shuffle_shards: bool, drop_last: bool, rank: int | None,
-                 world_size: int | None, max_gap: int, sample_window: int,
+                 world_size: int | None, read: ReadOptions, sample_window: int,
                  verify: bool = True) -> None:
         self._index: PruneIndex | None = index
         self.verify = verify
         self._load_args = load_args  # (shards, index_dir, check_stale) to reload after pickling
         self.seed, self.shuffle_shards, self.drop_last = seed, shuffle_shards, drop_last
-        self.max_gap = max_gap
+        self.read = read
         self.sample_window = sample_window
-        # A stream (pipe:, http) is read from its start for each block that needs it, so streams
-        # read whole windows; local shards read blocks of _READ_BLOCK items (module docstring).
-        self._block = 0 if any(is_remote(u) for u in index.shards) else _READ_BLOCK
+        # A `pipe:` stream is read from its start for each block that needs it, so streams read
+        # whole windows; seekable shards (local, fsspec URLs) read blocks of _READ_BLOCK items.
+        self._block = 0 if any(shard_kind(u) == "stream" for u in index.shards) else _READ_BLOCK
         self._explicit = (rank, world_size)
         self.rank, self.world_size = distributed_rank(rank, world_size)
         self._schedule: Schedule | None = None
@@ -175,7 +178,7 @@ class _Source:
         self._selections: OrderedDict[PruneConfig, NDArray[np.int64]] = OrderedDict()
         self._plan_key: tuple[Any, ...] | None = None
         self._plan: EpochPlan | None = None
-        self._keys: Sequence[str] | None = None
+        self._keys: KeyList | tuple[()] | None = None
         self._pending: dict[str, Any] | None = None  # a state loaded inside a DataLoader worker
         self._pass: _Pass | None = None
         self._warned = False  # "iterated again without set_epoch", once per process
@@ -343,69 +346,46 @@ class _Source:
         for shard, a, b in shard_runs(ranked, index.shard_ids):
             url = index.shards[shard]
             part = ranked[a:b]
-            if is_remote(url):
-                samples = self._read_stream(url, part, int(index.shard_starts[shard]))
+            if shard_kind(url) == "local":
+                samples = self._read_local(url, part, shard)
             else:
-                samples = self._read_local(url, part)
-            for slot, g, sample in zip(order[a:b].tolist(), part.tolist(), samples, strict=True):
-                self._check_key(g, sample["__key__"], url)
-                out[slot] = sample
+                samples = self._read_remote(url, part, shard)
+            for slot, sample in zip(order[a:b].tolist(), samples, strict=True):
+                out[slot] = sample  # key (and checksum) checked where it was cut out
         return out  # type: ignore[return-value]
 
-    def _read_local(self, url: str, part: NDArray[np.int64]) -> Iterator[Sample]:
-        # webdataset's StreamingOpen: a local url's path (urlparse) is also __local_path__.
-        path = urlparse(url).path if url.startswith("file:") else url
-        offsets = self.index.offsets[part].tolist()
-        ranges = list(zip(offsets, self.index.lengths[part].tolist(), strict=True))
-        blobs = read_ranges(path, ranges, max_gap=self.max_gap)
-        for g, off, buf in zip(part.tolist(), offsets, blobs, strict=True):
-            self._verify(g, buf, url, off)
-            key, members = parse_sample(buf, off, shard=url)
-            yield {"__key__": key, "__url__": url, **members, "__local_path__": path}
-
-    def _verify(self, g: int, buf: bytes, url: str, offset: int) -> None:
-        """Checksum of the bytes of global position ``g`` (where the index has checksums)."""
-        index = self.index
-        if self.verify and index.checksummed[index.shard_ids[g]]:
-            keys = self._index_keys()
-            key = keys[g] if keys else f"#{g}"
-            check_sample(buf, int(index.checksums[g]), shard=url, key=key, offset=offset)
-
-    def _read_stream(self, url: str, part: NDArray[np.int64], first: int) -> Iterator[Sample]:
-        from webdataset.gopen import gopen
-
-        todo = (part - first).tolist()
-        positions = part.tolist()
-        stream = gopen(url)
-        j = 0
-        try:
-            for i, (sample, members, raw) in enumerate(iter_tar_samples_raw(stream, name=url)):
-                if i != todo[j]:
-                    continue  # dropped by position: never decoded
-                self._verify(positions[j], raw, url, sample.offset)
-                yield {"__key__": sample.key, "__url__": url, **members}
-                j += 1
-                if j == len(todo):
-                    break
-        finally:
-            _close(stream, early=j == len(todo))
-        if j < len(todo):
-            raise StaleIndexError(f"stream {url} ended after fewer samples than its index lists: "
-                                  "the shard changed since indexing; run `rsprune-data index` again")
-
-    def _index_keys(self) -> Sequence[str]:
+    def _expected_keys(self, part: NDArray[np.int64]) -> list[str | None]:
         if self._keys is None:
             keys = self.index.keys
             self._keys = keys if len(keys) == len(self.index) else ()
-        return self._keys
+        if isinstance(self._keys, KeyList):
+            return list(self._keys.take(part))
+        return [None] * int(part.shape[0])
 
-    def _check_key(self, g: int, key: str, url: str) -> None:
-        self._index_keys()
-        if self._keys and self._keys[g] != key:
-            raise StaleIndexError(
-                f"shard {url}: sample {g - int(self.index.shard_starts[self.index.shard_ids[g]])} "
-                f"has key {key!r} but the index says {self._keys[g]!r}: the shard changed since "
-                "indexing; run `rsprune-data index` again")
+    def _sums(self, part: NDArray[np.int64], shard: int) -> list[int | None] | None:
+        """The index's checksums of ``part`` (one shard), or None when they are not verified."""
+        index = self.index
+        if not self.verify or not index.checksummed[shard]:
+            return None
+        return [int(s) for s in index.checksums[part].tolist()]
+
+    def _read_local(self, url: str, part: NDArray[np.int64], shard: int) -> Iterator[Sample]:
+        # webdataset's StreamingOpen: a local url's path (urlparse) is also __local_path__.
+        path = local_path(url)
+        index = self.index
+        for key, members in read_samples(url, (), index.offsets[part].tolist(),
+                                         index.lengths[part].tolist(), self._expected_keys(part),
+                                         self.read, sums=self._sums(part, shard)):
+            yield {"__key__": key, "__url__": url, **members, "__local_path__": path}
+
+    def _read_remote(self, url: str, part: NDArray[np.int64], shard: int) -> Iterator[Sample]:
+        # fsspec URLs by byte range; `pipe:` streams in one pass, selecting by sample number
+        index = self.index
+        numbers = (part - int(index.shard_starts[shard])).tolist()
+        for key, members in read_samples(url, numbers, index.offsets[part].tolist(),
+                                         index.lengths[part].tolist(), self._expected_keys(part),
+                                         self.read, sums=self._sums(part, shard)):
+            yield {"__key__": key, "__url__": url, **members}
 
     # -- state
     def _common(self, epoch: int, config: PruneConfig, world_size: int) -> dict[str, Any]:
@@ -480,15 +460,6 @@ class _Source:
         return sd
 
 
-def _close(stream: Any, *, early: bool) -> None:
-    """Close a gopen stream; a ``pipe:`` child killed by SIGPIPE because we stopped early is fine."""
-    try:
-        stream.close()
-    except OSError:
-        if not (early and getattr(stream, "status", None) in _SIGPIPE_STATUS):
-            raise
-
-
 def _batched_exact_stage(data: Iterator[Any], batchsize: int, collation_fn: Any,
                          partial: bool) -> Iterator[Any]:
     batch: list[Any] = []
@@ -537,6 +508,9 @@ class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # u
         sample_window: permute the samples of every ``sample_window`` consecutive shards of the
             epoch's shard order (a new sample-level order per epoch; module docstring); 0 keeps
             tar order inside shards. Default :data:`DEFAULT_SAMPLE_WINDOW`.
+        storage_options: fsspec options for URL shards (credentials, ``client_kwargs``, ...).
+        read: every other reading knob (:class:`~rsprune_data.reading.ReadOptions`: remote gap,
+            concurrency, retries, readahead); ``max_gap`` and ``storage_options`` override it.
 
     Example:
         >>> ds = PrunedWebDataset("shards/shard-{000000..000021}.tar", 0.85)  # doctest: +SKIP
@@ -555,16 +529,22 @@ class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # u
         world_size: int | None = None,
         drop_last: bool = False,
         check_stale: bool = True,
-        max_gap: int = DEFAULT_MAX_GAP,
+        max_gap: int | None = None,
         verify: bool = True,
         sample_window: int = DEFAULT_SAMPLE_WINDOW,
+        storage_options: dict[str, Any] | None = None,
+        read: ReadOptions | None = None,
     ) -> None:
         super().__init__()
         check_int("seed", seed, 0)
-        check_int("max_gap", max_gap, 0)
         check_int("sample_window", sample_window, 0)
         self.batch_size: int | None = None  # set by .batched(n), read by the integrations
         self._buffered = 0  # size of a .shuffle(n) buffer downstream (resume refuses it)
+        options = read or ReadOptions()
+        if max_gap is not None:
+            options = replace(options, max_gap=check_int("max_gap", max_gap, 0))
+        if storage_options is not None:
+            options = replace(options, storage_options=storage_options)
         if isinstance(shards, PruneIndex):
             index, load_args = shards, None
         else:
@@ -574,7 +554,7 @@ class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # u
             load_args = (names, index_dir, check_stale)
         self._source = _Source(index, load_args, config, seed=int(seed),
                                shuffle_shards=bool(shuffle_shards), drop_last=bool(drop_last),
-                               rank=rank, world_size=world_size, max_gap=max_gap,
+                               rank=rank, world_size=world_size, read=options,
                                sample_window=int(sample_window), verify=bool(verify))
         # DataPipeline.invoke (webdataset/pipeline.py) calls a plain callable first stage with no
         # argument and iterates what it returns; every later stage gets the previous iterator.

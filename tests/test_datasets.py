@@ -211,10 +211,10 @@ def test_truncated_shard_is_a_shard_error(tmp_path: Path) -> None:
         ds[5]
 
 
-def test_remote_shards_refused() -> None:
+def test_stream_shards_refused() -> None:
     index = PruneIndex.from_arrays([5.0], [0], [0.5], num_clusters=1,
-                                   shards=["https://example.com/shard-000000.tar"])
-    with pytest.raises(ConfigError, match="local shard"):
+                                   shards=["pipe:curl -s https://example.com/shard-000000.tar"])
+    with pytest.raises(ConfigError, match="random access"):
         PrunedShardDataset(index)
 
 

@@ -1,0 +1,154 @@
+"""The reading path shared by both loaders, as small stages (webdataset-style generators).
+
+::
+
+    positions of one shard piece, in tar order (the loaders' plan)
+      -> runs.coalesce(offsets, lengths)           Runs: [start, stop) per read, samples per run
+      -> local.LocalFile.read_runs  (pread, POSIX_FADV_RANDOM + WILLNEED of the planned runs)
+         remote.RemoteFile.read_runs (fsspec cat_ranges, bounded concurrency, retries)
+         stream.stream_samples       (``pipe:``: one pass, unwanted samples dropped undecoded)
+      -> samples.cut_runs           (key, {ext: bytes}) per sample, cut out of the run buffer;
+                                    samples.check_sample: key (and checksum) against the index row
+
+Stages take explicit inputs (a path or URL, ranges, lists) and never import the loaders or the
+index. :func:`read_samples` strings them together for one shard; :class:`ReadOptions` carries
+every knob, picklable, so DataLoader workers get the same settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .._validate import check_int
+from .local import READAHEAD_MODES, LocalFile, check_readahead
+from .remote import DEFAULT_CONCURRENCY, RemoteFile, RemoteReadError, RetryPolicy, remote_metadata
+from .runs import Runs, coalesce
+from .samples import Sample, check_sample, cut_runs
+from .stream import stream_samples
+
+__all__ = [
+    "DEFAULT_CONCURRENCY", "DEFAULT_LOCAL_MAX_GAP", "DEFAULT_MAX_BLOCK", "DEFAULT_REMOTE_MAX_GAP",
+    "READAHEAD_MODES", "LocalFile", "ReadOptions", "RemoteFile", "RemoteReadError", "RetryPolicy",
+    "Runs", "Sample", "check_sample", "coalesce", "cut_runs", "local_path", "read_samples",
+    "remote_metadata", "shard_kind", "stream_samples",
+]
+
+#: Local shards: merge samples that touch or are less than a page apart. Bridging wider gaps buys
+#: nothing on a local disk and reads far more bytes when tiles are small
+#: (``benchmarks/streaming_io.py``, Harvey tiles of ~6.5 KB at 85% pruning: 0.150x of the shard
+#: bytes at 0-4 KiB, 0.589x at 64 KiB).
+DEFAULT_LOCAL_MAX_GAP = 4096
+#: Remote shards: merge ranges less than a page apart, as for local files. Measured against nginx
+#: on loopback (``benchmarks/remote_io.py``, Harvey tiles, 85% pruned, 20 MB/s per connection):
+#: 4 KiB was the fastest of 0/4/16/64 KiB and transfers exactly the selected share (0.150x);
+#: with 10 ms added per request 64 KiB was 4.6x faster than 4 KiB but moved 0.59x of the shard
+#: bytes. With ``concurrency`` ranges in flight a round trip ``L`` costs ``L / concurrency``, so
+#: a gap ``g`` is worth bridging only when ``g / bandwidth`` is smaller than that: on a high-latency
+#: store raise ``concurrency`` first (no extra bytes), then ``remote_max_gap``.
+DEFAULT_REMOTE_MAX_GAP = 4096
+#: One run never spans more than this (unless a single sample is larger).
+DEFAULT_MAX_BLOCK = 16 * 1024 * 1024
+
+
+def shard_kind(shard: str) -> str:
+    """``"local"`` (a path or ``file://``), ``"stream"`` (``pipe:``) or ``"remote"`` (a URL)."""
+    if shard.startswith("pipe:"):
+        return "stream"
+    if shard.startswith("file:") or "://" not in shard:
+        return "local"
+    return "remote"
+
+
+def local_path(shard: str) -> str:
+    """The file path of a local shard (``file://x`` -> ``x``, as webdataset's ``__local_path__``)."""
+    from urllib.parse import urlparse
+
+    return urlparse(shard).path if shard.startswith("file:") else shard
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How shards are read (see the module docstring of each stage).
+
+    Attributes:
+        max_gap: local shards: byte gap bridged by one ``pread`` (default 4 KiB).
+        remote_max_gap: remote shards: byte gap bridged by one range request.
+        max_block: the longest run in bytes.
+        readahead: ``"planned"`` (no kernel readahead, ``WILLNEED`` for the planned runs) or
+            ``"kernel"``.
+        prefetch: local runs announced ahead of the one being read.
+        storage_options: fsspec options for remote shards (credentials, endpoint, ...).
+        concurrency: remote ranges in flight per process.
+        retry: retries of failed remote ranges.
+    """
+
+    max_gap: int = DEFAULT_LOCAL_MAX_GAP
+    remote_max_gap: int = DEFAULT_REMOTE_MAX_GAP
+    max_block: int = DEFAULT_MAX_BLOCK
+    readahead: str = "planned"
+    prefetch: int = 16
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    concurrency: int = DEFAULT_CONCURRENCY
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def __post_init__(self) -> None:
+        check_int("max_gap", self.max_gap, 0)
+        check_int("remote_max_gap", self.remote_max_gap, 0)
+        check_int("max_block", self.max_block, 0)
+        check_int("prefetch", self.prefetch, 0)
+        check_int("concurrency", self.concurrency, 1)
+        check_readahead(self.readahead)
+        object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
+
+    def __hash__(self) -> int:  # storage_options is a dict
+        return hash((self.max_gap, self.remote_max_gap, self.max_block, self.readahead))
+
+    def runs(self, offsets: Sequence[int], lengths: Sequence[int], remote: bool) -> Runs:
+        """The runs of ranges in file order."""
+        return coalesce(np.asarray(offsets, np.int64), np.asarray(lengths, np.int64),
+                        max_gap=self.remote_max_gap if remote else self.max_gap,
+                        max_block=self.max_block)
+
+    def remote_file(self, url: str) -> RemoteFile:
+        """A :class:`RemoteFile` for ``url`` with these options."""
+        return RemoteFile(url, self.storage_options, concurrency=self.concurrency,
+                          retry=self.retry)
+
+
+def read_samples(shard: str, numbers: Sequence[int], offsets: Sequence[int],
+                 lengths: Sequence[int], keys: Sequence[str | None], options: ReadOptions, *,
+                 opened: LocalFile | RemoteFile | None = None,
+                 sums: Sequence[int | None] | None = None) -> Iterator[Sample]:
+    """The samples of one shard, in the order given (tar order: ascending ``offsets``).
+
+    Args:
+        shard: a path, ``file://`` URL, fsspec URL or ``pipe:`` command.
+        numbers: each sample's number within the shard (``pipe:`` streams select by it).
+        offsets, lengths: each sample's byte range (the index's ``offset``/``length``).
+        keys: each sample's key in the index (``None`` where the index has none).
+        options: the :class:`ReadOptions`.
+        opened: a file already open for ``shard`` (kept open; otherwise one is opened and closed).
+        sums: each sample's checksum in the index (``None``: bytes not verified, keys still are).
+
+    Yields:
+        ``(key, {ext: bytes})``, checked against ``keys`` by :func:`check_sample`.
+    """
+    kind = shard_kind(shard)
+    if kind == "stream":
+        yield from stream_samples(shard, numbers, keys, offsets, sums)
+        return
+    runs = options.runs(offsets, lengths, kind == "remote")
+    if opened is not None:
+        yield from cut_runs(opened.read_runs(runs), runs, offsets, lengths, keys, shard, sums)
+        return
+    if kind == "remote":
+        yield from cut_runs(options.remote_file(shard).read_runs(runs), runs, offsets, lengths,
+                            keys, shard, sums)
+        return
+    with LocalFile(local_path(shard), readahead=options.readahead,
+                   prefetch=options.prefetch) as f:
+        yield from cut_runs(f.read_runs(runs), runs, offsets, lengths, keys, shard, sums)

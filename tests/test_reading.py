@@ -1,0 +1,198 @@
+"""The reading stages alone: runs, samples cut from run buffers, local reads with fadvise, options."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rsprune_data import ConfigError, StaleIndexError
+from rsprune_data.errors import ShardError, ShardNotFoundError
+from rsprune_data.reading import (
+    LocalFile,
+    ReadOptions,
+    RetryPolicy,
+    coalesce,
+    cut_runs,
+    read_samples,
+    shard_kind,
+)
+from rsprune_data.tario import iter_tar_samples, scan_tar
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 400)), max_size=40),
+       st.integers(0, 600), st.integers(1, 2000))
+def test_coalesce_covers_every_range_within_caps(spans: list[tuple[int, int]], gap: int,
+                                                 block: int) -> None:
+    spans.sort()
+    off = np.array([o for o, _ in spans], np.int64)
+    ln = np.array([n for _, n in spans], np.int64)
+    runs = coalesce(off, ln, max_gap=gap, max_block=block)
+    b = runs.bounds.tolist()
+    assert b[0] == 0 and b[-1] == len(spans) and all(x < y for x, y in itertools.pairwise(b))
+    for r in range(len(runs)):
+        s, e = int(runs.start[r]), int(runs.stop[r])
+        inside = spans[b[r]:b[r + 1]]
+        assert all(s <= o and o + n <= e for o, n in inside)  # every range inside its run
+        assert e == max(o + n for o, n in inside) and s == inside[0][0]  # nothing read around
+        assert e - s <= block or len(inside) == 1 or max(n for _, n in inside) > block or \
+            _needs(inside, block)
+    for r in range(len(runs) - 1):  # a run ends only at a gap wider than max_gap or the cap
+        nxt = spans[b[r + 1]][0]
+        assert nxt - int(runs.stop[r]) > gap or int(runs.stop[r + 1]) - int(runs.start[r]) > block \
+            or _needs(spans[b[r]:b[r + 2]], block)
+
+
+def _needs(spans: list[tuple[int, int]], block: int) -> bool:
+    return max(o + n for o, n in spans) - spans[0][0] > block
+
+
+def test_coalesce_examples_and_errors() -> None:
+    r = coalesce(np.array([0, 512, 512, 10_000]), np.array([512, 100, 512, 10]), max_gap=0,
+                 max_block=1 << 20)
+    assert r.start.tolist() == [0, 10_000] and r.stop.tolist() == [1024, 10_010]
+    assert r.bounds.tolist() == [0, 3, 4] and r.nbytes == 1034
+    capped = coalesce(np.array([0, 100, 200]), np.array([100, 100, 100]), max_gap=0, max_block=150)
+    assert capped.bounds.tolist() == [0, 1, 2, 3]
+    with pytest.raises(ConfigError, match="file order"):
+        coalesce(np.array([5, 0]), np.array([1, 1]), max_gap=0, max_block=10)
+    with pytest.raises(ConfigError, match="max_gap"):
+        coalesce(np.array([0]), np.array([1]), max_gap=-1, max_block=10)
+    assert len(coalesce(np.zeros(0, np.int64), np.zeros(0, np.int64), max_gap=0, max_block=1)) == 0
+
+
+def _odd_shard(path: Path) -> None:
+    """Plain members, GNU long names, upper-case extensions, pax paths and float mtimes."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+        add("a/k0.jpg", b"x" * 700)
+        add("a/k0.cls.txt", b"0")
+        add("b/" + "long" * 40 + ".jpg", b"y" * 513)  # GNU long name
+        add("b/" + "long" * 40 + ".txt", b"")
+        add("c/k2.JPG", b"z" * 512)  # upper-case extension
+        add("d/k3.png", b"p" * 1)
+    with tarfile.open(path.with_name("pax.tar"), "w", format=tarfile.PAX_FORMAT) as tf:
+        for name in ("e/ü" * 30 + ".jpg", "e/k4.jpg", "e/k4.cls"):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = 3, 1.5
+            tf.addfile(info, io.BytesIO(b"abc"))
+
+
+@pytest.mark.parametrize("name", ["gnu.tar", "pax.tar"])
+def test_cut_runs_equals_webdataset(tmp_path: Path, name: str) -> None:
+    _odd_shard(tmp_path / "gnu.tar")
+    path = tmp_path / name
+    ts = scan_tar(path)
+    want = [(s.key, d) for s, d in iter_tar_samples(path)]
+    plain = [(s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
+             for s in wds.WebDataset(str(path), shardshuffle=False)]
+    assert want == plain
+    offs, lens = [t.offset for t in ts], [t.length for t in ts]
+    for gap in (0, 10**6):
+        runs = coalesce(np.array(offs), np.array(lens), max_gap=gap, max_block=1 << 20)
+        with LocalFile(str(path)) as f:
+            got = list(cut_runs(f.read_runs(runs), runs, offs, lens, [t.key for t in ts],
+                                str(path)))
+        assert got == want
+
+
+def test_cut_refuses_a_stale_index(tmp_path: Path) -> None:
+    _odd_shard(tmp_path / "gnu.tar")
+    path = str(tmp_path / "gnu.tar")
+    ts = scan_tar(path)
+    o, n = [ts[1].offset], [ts[1].length]
+    with pytest.raises(StaleIndexError, match="the index says 'other'"):
+        list(read_samples(path, [1], o, n, ["other"], ReadOptions()))
+    with pytest.raises(ShardError, match="more than one sample"):  # a range over two samples
+        list(read_samples(path, [0], [ts[0].offset], [ts[0].length + ts[1].length], [None],
+                          ReadOptions()))
+    with pytest.raises(ShardError, match="changed since indexing"):  # past the end of the file
+        list(read_samples(path, [0], [os.path.getsize(path) - 512], [4096], [None],
+                          ReadOptions()))
+    with pytest.raises(ShardNotFoundError, match="cannot open shard"):
+        list(read_samples(str(tmp_path / "gone.tar"), [0], [0], [512], [None], ReadOptions()))
+
+
+def test_planned_readahead_advises_exactly_the_runs(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "f.bin"
+    path.write_bytes(os.urandom(1 << 16))
+    calls: list[tuple[int, int, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        calls.append((offset, length, advice))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    runs = coalesce(np.array([0, 5000, 40000]), np.array([100, 100, 8]), max_gap=0,
+                    max_block=1 << 20)
+    with LocalFile(str(path), prefetch=1) as f:
+        bufs = list(f.read_runs(runs))
+    data = path.read_bytes()
+    assert bufs == [data[0:100], data[5000:5100], data[40000:40008]]
+    assert calls[0] == (0, 0, os.POSIX_FADV_RANDOM)  # kernel readahead off for this descriptor
+    assert sorted(c[:2] for c in calls[1:]) == [(0, 100), (5000, 100), (40000, 8)]
+    assert all(c[2] == os.POSIX_FADV_WILLNEED for c in calls[1:])
+    calls.clear()
+    with LocalFile(str(path), readahead="kernel") as f:
+        assert list(f.read_runs(runs)) == bufs
+    assert calls == []
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match="readahead"):
+        ReadOptions(readahead="lots")
+    with pytest.raises(ConfigError, match="concurrency"):
+        ReadOptions(concurrency=0)
+    with pytest.raises(ConfigError, match="attempts"):
+        RetryPolicy(attempts=0)
+    assert [shard_kind(s) for s in ("a.tar", "file:///a.tar", "pipe:cat a", "s3://b/a.tar",
+                                    "https://h/a.tar")] == ["local", "local", "stream", "remote",
+                                                            "remote"]
+    import pickle
+
+    opts = ReadOptions(storage_options={"anon": True})
+    assert pickle.loads(pickle.dumps(opts)) == opts
+
+
+def test_map_style_batches_read_with_coalesced_runs(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_wds import write_shards
+    from torch.utils.data import DataLoader
+
+    import rsprune_data.reading.local as local
+    from rsprune_data import PrunedShardDataset, PruneIndex
+
+    shards = write_shards(tmp_path, [12, 9])
+    index = PruneIndex.load(shards)
+    ds = PrunedShardDataset(index)
+    order = [20, 3, 4, 5, 0, 13, 12, 4]
+    single = [ds[i] for i in order]
+    preads: list[tuple[int, int]] = []
+    real = local.pread_exact
+
+    def spy(fd: int, n: int, offset: int, name: str) -> bytes:
+        preads.append((offset, n))
+        return real(fd, n, offset, name)
+
+    monkeypatch.setattr(local, "pread_exact", spy)
+    batch = ds.__getitems__(order)
+    assert batch == single  # same samples, asked order, the repeated 4 twice
+    assert len(preads) == 4  # shard 0: {0}, {3, 4, 5} touching; shard 1: {12, 13}, {20}
+    loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=list)
+    keys = [s["__key__"] for b in loader for s in b]
+    assert keys == [ds[i]["__key__"] for i in range(len(ds))]
