@@ -580,19 +580,19 @@ def test_sample_order_reads_sorted_coalesced_blocks(shards: list[str],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     import rsprune_data.wds as wmod
 
-    calls: list[list[tuple[int, int]]] = []
-    real = wmod.read_ranges
+    calls: list[list[int]] = []
+    real = wmod.read_samples
 
-    def spy(path: str, ranges: list[tuple[int, int]], **kw: Any) -> Any:
-        calls.append(ranges)
-        return real(path, ranges, **kw)
+    def spy(shard: str, numbers: Any, offsets: list[int], *args: Any, **kw: Any) -> Any:
+        calls.append(list(offsets))
+        return real(shard, numbers, offsets, *args, **kw)
 
-    monkeypatch.setattr(wmod, "read_ranges", spy)
+    monkeypatch.setattr(wmod, "read_samples", spy)
     ds = PrunedWebDataset(shards, CFG, seed=2, sample_window=3)
     got = [s["__key__"] for s in ds]
     assert sorted(got) == sorted(selected_keys(ds))
-    for ranges in calls:  # each call reads one shard's part of a block in file order
-        assert [o for o, _ in ranges] == sorted(o for o, _ in ranges)
+    for offsets in calls:  # each call reads one shard's part of a block in file order
+        assert offsets == sorted(offsets)
     assert len(calls) <= len(shards) * 2  # about one call per shard and window, not per sample
 
 
