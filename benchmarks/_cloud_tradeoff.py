@@ -33,7 +33,7 @@ def _pool(src: Path, cache: Path, name: str, progress: bool) -> tuple[PruneIndex
         shards = [str(p) for p in pack_folder(src, out, shard_size=1000, prefix="pool",
                                                progress=progress, overwrite=True).shards]
     t0 = time.perf_counter()
-    rep = index_shards(shards, workers=2, progress=progress)
+    rep = index_shards(shards, workers=2, cloud_score=True, progress=progress)
     seconds = time.perf_counter() - t0 if rep.indexed else float("nan")
     return PruneIndex.load(shards), seconds
 

@@ -334,7 +334,7 @@ def index_shards(
     decode_budget: int | None = DEFAULT_DECODE_BUDGET,
     image_key: str | None = None,
     meta_fields: Sequence[str] = (),
-    cloud_score: bool = True,
+    cloud_score: bool | None = None,
     store_embeddings: str | None = None,
     pca_basis: PcaBasis | None = None,
     progress: bool = True,
@@ -368,8 +368,11 @@ def index_shards(
             default: the first member with an image or ``.npy`` extension.
         meta_fields: numeric fields of each sample's ``.json`` member to store as ``meta.<field>``
             columns (NaN where missing), for ``PruneConfig(where=...)``.
-        cloud_score: store the pixel cloud/haze score as ``score.cloud`` (not with ``fast_gray``:
-            it needs colour).
+        cloud_score: store the pixel cloud/haze score as ``score.cloud`` (never with
+            ``fast_gray``: it needs colour). Default ``None``: with centroids, where it costs a
+            few percent of the encoder's time; entropy-only indexes skip it unless ``True``
+            (there it costs about as much as the decode and entropy: see
+            ``benchmarks/indexer_throughput.py --cloud-only``).
         store_embeddings: also write each shard's embeddings sidecar in this form
             (``"float16"``, ``"int8"`` or ``"pca"``, see :mod:`rsprune_data.embeddings`); needs
             ``centroids``. A shard whose index is current but whose sidecar is missing or of
@@ -434,7 +437,7 @@ def index_shards(
     digest = centroids.digest if centroids is not None else ""
     fast_gray = fast_gray and centroids is None
     mode = "fast_gray" if fast_gray else "exact"
-    cloud = bool(cloud_score) and not fast_gray
+    cloud = (centroids is not None if cloud_score is None else bool(cloud_score)) and not fast_gray
     optional = ([(CLOUD_COLUMN, idx.column_info("pixels:cloud_score", CLOUD_VERSION))]
                 if cloud else [])
     optional += [(META_PREFIX + f, idx.column_info(f"json:{f}")) for f in fields_]

@@ -127,7 +127,7 @@ def resolve_stage1(index: IndexArrays, config: PruneConfig) -> Stage1:
             raise ConfigError(
                 f"max_cloud={config.max_cloud} needs the score.cloud column, but the index has "
                 f"only {sorted(_columns(index)) or 'no optional columns'}: re-run `rsprune-data "
-                "index --force` (RGB decode, not --fast-gray) or pass max_cloud=None")
+                "index --cloud-score --force` (not --fast-gray) or pass max_cloud=None")
         eligible = eligible & ~(cloud > config.max_cloud)  # NaN (no score) is kept
     rule: tuple[float | None, float | None, str] = (None, None, "none")
     if not uses_stage1 or config.strategy == "entropy":

@@ -107,9 +107,10 @@ def test_index_stores_meta_and_cloud_columns(tmp_path: Path) -> None:
         {"__key__": "b1", "npy": npy(rng.integers(0, 255, (16, 16), dtype=np.uint8))},
     ])
     rep = index_shards([a], workers=0, progress=False, image_key="img_content",
-                       meta_fields="cloud_cover,gsd")
+                       meta_fields="cloud_cover,gsd", cloud_score=True)
     assert rep.ok and rep.meta_missing == {"cloud_cover": 1, "gsd": 1}
-    rep = index_shards([b], workers=0, progress=False, meta_fields=["cloud_cover"])
+    rep = index_shards([b], workers=0, progress=False, meta_fields=["cloud_cover"],
+                       cloud_score=True)
     assert rep.ok and not rep.invalid
     arrays, meta = read_index(a + ".rsidx.safetensors")
     info = json.loads(meta["columns"])
@@ -127,10 +128,13 @@ def test_index_stores_meta_and_cloud_columns(tmp_path: Path) -> None:
     assert idx.valid.all()
     # current with the same options; another --meta list or image key indexes again
     assert index_shards([a], workers=0, progress=False, image_key="img_content",
-                        meta_fields=["cloud_cover", "gsd"]).skipped == [a]
+                        meta_fields=["cloud_cover", "gsd"], cloud_score=True).skipped == [a]
     assert index_shards([a], workers=0, progress=False, image_key="img_content",
-                        meta_fields=["gsd"]).indexed == [a]
+                        meta_fields=["gsd"], cloud_score=True).indexed == [a]
     assert sorted(PruneIndex.load([a]).columns) == ["meta.gsd", "score.cloud"]
+    assert index_shards([a], workers=0, progress=False, image_key="img_content",
+                        meta_fields=["gsd"]).indexed == [a]  # entropy-only default: no score
+    assert sorted(PruneIndex.load([a]).columns) == ["meta.gsd"]
     assert index_shards([a], workers=0, progress=False).indexed == [a]
     assert PruneIndex.load([a]).valid.sum() == 0  # no image member without the key
     for bad in ({"meta_fields": "a,,a"}, {"meta_fields": ["a b"]}, {"image_key": "__key__"}):
@@ -140,7 +144,7 @@ def test_index_stores_meta_and_cloud_columns(tmp_path: Path) -> None:
 
 def test_write_index_checks_optional_columns(tmp_path: Path) -> None:
     shard = _shard(tmp_path / "s.tar", [{"__key__": "k", "jpeg": jpegs(1)[0]}])
-    index_shards([shard], workers=0, progress=False, cloud_score=False)
+    index_shards([shard], workers=0, progress=False)
     arrays, meta = read_index(shard + ".rsidx.safetensors")
     assert "columns" not in meta and not PruneIndex.load([shard]).columns
     path = tmp_path / "x.rsidx.safetensors"
@@ -159,3 +163,25 @@ def test_write_index_checks_optional_columns(tmp_path: Path) -> None:
     bad = tmp_path / "z.rsidx.safetensors"
     with pytest.raises(IndexMismatchError, match="columns"):
         write_index(bad, arrays, {**meta, "columns": "[1, 2]"})
+
+
+def test_cli_cloud_score_and_max_cloud(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from rsprune_data.cli import main as cli_main
+
+    files = sorted((HARVEY / "bad_images").glob("*.jpeg"))[:10] + \
+        sorted((HARVEY / "damage").glob("*.jpeg"))[:10]
+    shard = _shard(tmp_path / "c.tar", [{"__key__": f"k{i}", "jpeg": f.read_bytes()}
+                                        for i, f in enumerate(files)])
+    args = ["select", shard, "--strategy", "entropy", "--prune-ratio", "0", "--max-cloud", "0.3",
+            "--json"]
+    assert cli_main(["index", shard, "--workers", "0", "-q"]) == 0
+    assert cli_main(args) == 2  # entropy-only default: no score, a clear error
+    assert "--cloud-score" in capsys.readouterr().err
+    assert cli_main(["index", shard, "--workers", "0", "-q", "--cloud-score"]) == 0
+    capsys.readouterr()
+    assert cli_main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    index = PruneIndex.load([shard])
+    cloud, ok = index.columns["score.cloud"], index.nodata <= 0.05
+    assert summary["cloud_dropped"] == int((ok & (cloud > 0.3)).sum()) > 0
+    assert summary["selected"] == int((ok & ~(cloud > 0.3)).sum())

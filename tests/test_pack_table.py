@@ -204,12 +204,12 @@ def test_tar_writer_headers_read_back_with_tarfile() -> None:
     import io
     import tarfile
 
-    from rsprune_data.pack_table import _TarOut
+    from rsprune_data.tarwrite import TarOut
 
     members = [("a" * 150 + "/" + "b" * 20 + ".jpg", b"x" * 10), ("\u00e9t\u00e9.txt", b"yy"),
                ("c" * 96 + ".jpg", b"z" * 600), ("k-1.json", b"{}"), ("x/y.png", b"1" * 512)]
     buf = io.BytesIO()
-    w = _TarOut(buf)
+    w = TarOut(buf)
     for name, data in members:
         w.add(name, data)
     w.close()
