@@ -160,10 +160,9 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         if self._checksums is None:
             self._reload_integrity()
         keys = self._keys
-        if self.verify and self._checksummed[shard_no]:
-            sums = self._checksums if self._checksums is not None else np.zeros(0, np.uint64)
-            check_sample(buf, int(sums[j]), shard=shard, offset=offset,
-                         key=keys[j] if keys is not None else f"#{j - self._starts[shard_no]}")
+        if self.verify and self._checksummed[shard_no] and self._checksums is not None:
+            check_sample(buf, int(self._checksums[j]), shard=shard, offset=offset,
+                         key=lambda: keys[j] if keys is not None else f"#{j}")
         key, members = parse_sample(buf, offset, shard=shard)
         if keys is not None:
             check_key(key, keys[j], shard=shard, offset=offset)

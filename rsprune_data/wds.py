@@ -66,7 +66,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -294,31 +294,39 @@ class _Source:
         offsets = self.index.offsets[part].tolist()
         ranges = list(zip(offsets, self.index.lengths[part].tolist(), strict=True))
         blobs = read_ranges(path, ranges, max_gap=self.max_gap)
-        for g, off, buf in zip(part.tolist(), offsets, blobs, strict=True):
-            self._verify(g, buf, url, off)
+        sums = self._checksums(part)
+        for i, (off, buf) in enumerate(zip(offsets, blobs, strict=True)):
+            if sums is not None:
+                check_sample(buf, sums[i], shard=url, key=self._key_of(int(part[i])), offset=off)
             key, members = parse_sample(buf, off, shard=url)
             yield {"__key__": key, "__url__": url, **members, "__local_path__": path}
 
-    def _verify(self, g: int, buf: bytes, url: str, offset: int) -> None:
-        """Checksum of the bytes of global position ``g`` (where the index has checksums)."""
+    def _checksums(self, part: NDArray[np.int64]) -> list[int] | None:
+        """The checksums of positions ``part`` (one shard) to verify, or None (verify off, or the
+        shard's index has none)."""
         index = self.index
-        if self.verify and index.checksummed[index.shard_ids[g]]:
-            keys = self._index_keys()
-            key = keys[g] if keys else f"#{g}"
-            check_sample(buf, int(index.checksums[g]), shard=url, key=key, offset=offset)
+        if not (self.verify and len(part) and index.checksummed[index.shard_ids[part[0]]]):
+            return None
+        return index.checksums[part].tolist()  # type: ignore[no-any-return]
+
+    def _key_of(self, g: int) -> Callable[[], str]:
+        """The index's key of position ``g``, looked up only for an error message."""
+        return lambda: (self._index_keys() or {g: f"#{g}"})[g]
 
     def _read_stream(self, url: str, part: NDArray[np.int64], first: int) -> Iterator[Sample]:
         from webdataset.gopen import gopen
 
         todo = (part - first).tolist()
-        positions = part.tolist()
+        sums = self._checksums(part)
         stream = gopen(url)
         j = 0
         try:
             for i, (sample, members, raw) in enumerate(iter_tar_samples_raw(stream, name=url)):
                 if i != todo[j]:
                     continue  # dropped by position: never decoded
-                self._verify(positions[j], raw, url, sample.offset)
+                if sums is not None:
+                    check_sample(raw, sums[j], shard=url, key=self._key_of(int(part[j])),
+                                 offset=sample.offset)
                 yield {"__key__": sample.key, "__url__": url, **members}
                 j += 1
                 if j == len(todo):
