@@ -2,7 +2,8 @@
 
     python benchmarks/streaming_io.py [--src /work/shared/data/harvey] [--cache /tmp/rsprune_bench]
         [--shard-size 1000] [--ratios 0.5 0.7 0.85 0.9] [--repeat 3] [--gaps 0 4096 65536]
-        [--sample-windows 8] [--order-only] [--out results/streaming_io.json]
+        [--sample-windows 8] [--order-only] [--peers] [--verify-only]
+        [--out results/streaming_io.json]
 
 Both sides deliver exactly the same samples (checked) as raw webdataset dicts, in one process,
 nothing decoded:
@@ -26,7 +27,8 @@ is not installed is reported as skipped.
 
 Checksum verification (on by default in both loaders): ``ours`` at the default ``max_gap`` and the
 in-process map-style dataset are also run with ``verify=False`` (warm cache), and the cost of
-verifying is printed as ``verify / no-verify`` time (best of ``--repeat`` for both).
+verifying is printed as ``verify / no-verify`` time (best of ``--repeat`` for both, interleaved).
+``--verify-only`` measures just that.
 
 **Sample-level order** (``--sample-windows``, ``--order-only`` measures only this): the same
 ``PrunedWebDataset`` with shuffled shards, delivering a new sample-level order (``sample_window=w``:
@@ -264,7 +266,8 @@ def median_run(fn: Callable[[], list[str]], repeat: int, before: Callable[[], No
 
 
 def measure_ratio(index: PruneIndex, shards: list[str], keys: list[str], ratio: float,
-                  gaps: list[int], repeat: int, workers: int, dropped: bool) -> dict[str, Any]:
+                  gaps: list[int], repeat: int, workers: int, dropped: bool,
+                  verify_only: bool = False) -> dict[str, Any]:
     """Every measurement of one prune ratio (same samples on every path, checked)."""
     total_bytes = sum(os.path.getsize(s) for s in shards)
     cfg = PruneConfig(prune_ratio=ratio, entropy_filter="none")
@@ -272,6 +275,8 @@ def measure_ratio(index: PruneIndex, shards: list[str], keys: list[str], ratio: 
     want = {keys[i] for i in sel.tolist()}
     row: dict[str, Any] = {"prune_ratio": ratio, "selected": len(sel)}
     warm_all = partial(warm, shards)
+    if verify_only:
+        return _measure_verify(row, index, cfg, repeat, want, warm_all)
     for cache, before in (("warm", warm_all), ("cold", partial(evict, shards, drop_caches=dropped))):
         stream = median_run(partial(run_stream, shards, want), repeat, before, want)
         row[f"stream_{cache}"] = stream
@@ -283,6 +288,11 @@ def measure_ratio(index: PruneIndex, shards: list[str], keys: list[str], ratio: 
     for name, fn in (("sampler_loader_warm", run_sampler), ("ours_loader_warm", run_ours_loader)):
         row[name] = median_run(partial(fn, index, cfg, workers), repeat, warm_all, want)
         row[name]["vs_stream"] = row["stream_warm"]["seconds"] / row[name]["seconds"]
+    return _measure_verify(row, index, cfg, repeat, want, warm_all)
+
+
+def _measure_verify(row: dict[str, Any], index: PruneIndex, cfg: PruneConfig, repeat: int,
+                    want: set[str], warm_all: Callable[[], None]) -> dict[str, Any]:
     from rsprune_data.wds import DEFAULT_MAX_GAP
 
     warm_all()
@@ -408,6 +418,8 @@ def main() -> None:
     ap.add_argument("--peers", action="store_true",
                     help="also measure MosaicML streaming and litdata over per-ratio rewrites")
     ap.add_argument("--out", type=Path, default=Path("results/streaming_io.json"))
+    ap.add_argument("--verify-only", action="store_true",
+                    help="only the cost of checksum verification (verify vs verify=False)")
     args = ap.parse_args()
 
     from rsprune_data.wds import DEFAULT_MAX_GAP
@@ -434,7 +446,7 @@ def main() -> None:
         if args.order_only:
             continue
         results.append(measure_ratio(index, shards, keys, ratio, gaps, args.repeat, args.workers,
-                                     dropped))
+                                     dropped, args.verify_only))
         if args.peers:
             want = {keys[i] for i in index.select(PruneConfig(prune_ratio=ratio,
                                                               entropy_filter="none")).tolist()}
@@ -450,7 +462,7 @@ def main() -> None:
               "sample_order": order}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    if not results:
+    if not results or args.verify_only:
         print(f"wrote {args.out}")
         return
     plot(report, args.out.with_suffix(".png"))
@@ -461,7 +473,7 @@ def _print_row(row: dict[str, Any], gaps: list[int], default_gap: int, total: in
                workers: int) -> None:
     n = row["selected"]
     print(f"\nprune_ratio {row['prune_ratio']}: {n} samples selected")
-    for cache in ("warm", "cold"):
+    for cache in ("warm", "cold") if "stream_warm" in row else ():
         s = row[f"stream_{cache}"]
         print(f"  {cache:4} stream           {s['seconds']:7.3f} s {n / s['seconds']:9.0f} "
               f"samples/s  read {s['rchar'] / total:5.3f}x of shards "
@@ -473,6 +485,8 @@ def _print_row(row: dict[str, Any], gaps: list[int], default_gap: int, total: in
                   f"samples/s  read {o['bytes_fraction']:5.3f}x (device "
                   f"{o['read_bytes'] / total:5.3f}x)  {o['speedup']:6.1f}x faster{mark}")
     for name in ("sampler_loader_warm", "ours_loader_warm", "map_style_warm"):
+        if name not in row:
+            continue
         r = row[name]
         s = row["stream_warm"]["seconds"]
         who = "0 workers, __getitems__" if name == "map_style_warm" else f"{workers} workers"

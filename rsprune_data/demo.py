@@ -166,7 +166,7 @@ def run_demo(out: Path, *, quick: bool = False, data: Path = SAMPLE_DATA,
 
     _say("3/6 index the shards (entropy, no-data, cluster, similarity, byte ranges)")
     report = index_shards(shards, centroids=cents, encoder=encoder, index_dir=out / "index",
-                          workers=2, progress=progress)
+                          workers=2, overwrite=True, progress=progress)  # the demo owns its folder
     for line in report.lines():
         _say("    " + line)
     index = PruneIndex.load(shards, out / "index")

@@ -11,7 +11,7 @@ size and mtime restored, or a shard rewritten after the index was loaded.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import xxhash
@@ -34,20 +34,23 @@ def checksum(buf: bytes | bytearray | memoryview) -> int:
     return int(xxhash.xxh3_64_intdigest(buf))
 
 
-def check_sample(buf: bytes | bytearray | memoryview, expected: int, *, shard: str, key: str,
-                 offset: int) -> None:
+def check_sample(buf: bytes | bytearray | memoryview, expected: int, *, shard: str,
+                 key: str | Callable[[], str], offset: int) -> None:
     """Refuse the bytes of one sample unless their checksum is the one in the index.
 
     Args:
         buf: the sample's bytes, ``[offset, offset + len(buf))`` of ``shard``.
         expected: the index's ``checksum`` for this sample.
-        shard, key, offset: where the bytes came from, for the message.
+        shard, key, offset: where the bytes came from, for the message; ``key`` may be a
+            function, called only when the check fails (a key lookup costs more than the hash).
 
     Raises:
         ChecksumError: the bytes changed since indexing (names the shard, key and fix).
     """
     got = checksum(buf)
-    if got != int(expected):
+    if got != expected:
+        if callable(key):
+            key = key()
         raise ChecksumError(
             f"shard {shard}: sample {key!r} (bytes [{offset}, {offset + len(buf)})) has checksum "
             f"{got:016x} but its index says {int(expected):016x}: the shard changed since "

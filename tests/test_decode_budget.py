@@ -131,3 +131,30 @@ def test_peak_memory_stays_within_the_budget_for_huge_images(tmp_path: Path) -> 
     assert t["result"] == "too_large" and t["peak_mib"] < 16, t
     j = _peak(jpg, "jpg", 16 * MIB)
     assert j["result"] == [4000, 4000, 3] and j["peak_mib"] < 100, j  # 1/2 scale: 15.3 MiB grey
+
+
+def test_indexer_records_too_large_and_the_cli_checks_its_budget(tmp_path: Path, capsys) -> None:
+    import webdataset as wds
+
+    from rsprune_data.cli import main as cli_main
+    from rsprune_data.index import PruneIndex
+
+    png = io.BytesIO()
+    Image.fromarray(_pattern(1000, 800)).save(png, "PNG")  # 2.3 MiB decoded, no reduced decode
+    jpg = simplejpeg.encode_jpeg(_pattern(1000, 800))
+    shard = tmp_path / "big.tar"
+    with wds.TarWriter(str(shard)) as w:
+        w.write({"__key__": "png", "png": png.getvalue()})
+        w.write({"__key__": "jpg", "jpg": jpg})
+    out = tmp_path / "r.json"
+    assert cli_main(["index", str(shard), "--workers", "0", "-q", "--decode-budget", "1",
+                     "--report-json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["invalid"] == {"too_large": 1} and "png" in report["invalid_examples"]["too_large"]
+    index = PruneIndex.load([str(shard)])
+    assert index.valid.tolist() == [False, True]  # the JPEG was DCT-scaled, not refused
+    assert cli_main(["index", str(shard), "--workers", "0", "-q", "--decode-budget", "0"]) == 2
+    assert "--decode-budget must be > 0" in capsys.readouterr().err
+    assert cli_main(["index", str(shard), "-q", "--report-json",
+                     str(tmp_path / "missing" / "r.json")]) == 2
+    assert "its folder does not exist" in capsys.readouterr().err
