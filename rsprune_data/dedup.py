@@ -20,9 +20,10 @@ sample meets ``~nprobe * list_size`` candidates and the work is linear in N (plu
 
 The approximation: a pair above ``tau`` whose members never share a list is missed, so a duplicate
 may be kept (never the reverse: every reported duplicate really is ``>= tau`` from a kept sample).
-Measured recall against the exact pass (``benchmarks/dedup_scaling.py``, planted near copies at cosine
-0.95-0.999, ``tau = 0.95``) is reported there; at ``tau >= 0.9`` near copies almost always fall in the
-same sub-cluster, since their projections are nearly equal.
+Measured recall against the exact pass (``benchmarks/dedup_scaling.py``, d = 128, K = 200, 10%
+planted near copies at cosine 0.95-0.9999, ``tau = 0.95``): 1.0000 at 100k samples, 0.9993 at 300k
+(21 of 30,000 duplicates kept). Time 100k -> 1M: 5.2x in a run at load 6-7, 17x in one at load 14-15
+on the shared 2-core machine.
 
 Determinism: cluster members are processed in centrality order, so the result depends on the
 order of shards only through ties in similarity (equal similarity: lower global position first);
