@@ -14,15 +14,9 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/rsprune-data demo --out demo_out
 
-# Files held to `ruff format`; after the tree-wide `ruff format rsprune_data tests benchmarks examples`
-# this becomes the four folders themselves.
-FORMATTED := rsprune_data/_fsio.py rsprune_data/_version.py rsprune_data/index_check.py \
-	rsprune_data/state_check.py tests/test_index_check.py tests/test_safe_output.py \
-	tests/test_state_check.py
-
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check rsprune_data tests benchmarks examples
-	$(VENV)/bin/ruff format --check $(FORMATTED)
+	$(VENV)/bin/ruff format --check rsprune_data tests benchmarks examples
 	$(VENV)/bin/mypy
 
 test: lint

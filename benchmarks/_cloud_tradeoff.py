@@ -30,8 +30,12 @@ def _pool(src: Path, cache: Path, name: str, progress: bool) -> tuple[PruneIndex
     out = cache / "cloud" / name
     shards = sorted(str(p) for p in out.glob("pool-*.tar"))
     if not shards:
-        shards = [str(p) for p in pack_folder(src, out, shard_size=1000, prefix="pool",
-                                               progress=progress, overwrite=True).shards]
+        shards = [
+            str(p)
+            for p in pack_folder(
+                src, out, shard_size=1000, prefix="pool", progress=progress, overwrite=True
+            ).shards
+        ]
     t0 = time.perf_counter()
     rep = index_shards(shards, workers=2, cloud_score=True, progress=progress)
     seconds = time.perf_counter() - t0 if rep.indexed else float("nan")
@@ -50,8 +54,11 @@ def run(pool: Path, reference: Path, cache: Path, out: Path, progress: bool) -> 
         surv = st.eligible & (index.entropy >= (st.entropy_threshold or 0.0))
         cls = np.array([k.split("/", 1)[0] for k in index.keys])
         cloud = index.columns["score.cloud"]
-        info[name] = {"samples": len(index), "survivors": int(surv.sum()),
-                      "auto_cut_bits": st.entropy_threshold}
+        info[name] = {
+            "samples": len(index),
+            "survivors": int(surv.sum()),
+            "auto_cut_bits": st.entropy_threshold,
+        }
         if name == "harvey":
             groups["bad"] = cloud[surv & (cls == "bad_images")]
             groups["good"] = cloud[surv & (cls != "bad_images")]
@@ -60,18 +67,28 @@ def run(pool: Path, reference: Path, cache: Path, out: Path, progress: bool) -> 
             groups["ucm"] = cloud[surv]
             ucm_cls = cls[surv]
     for t in THRESHOLDS:
-        worst = max(((float((groups["ucm"][ucm_cls == c] > t).mean()), c)
-                     for c in np.unique(ucm_cls)), default=(0.0, ""))
-        rows.append({
-            "max_cloud": t,
-            "bad_removed": int((groups["bad"] > t).sum()), "bad_survivors": int(groups["bad"].size),
-            "good_harvey_removed_share": float((groups["good"] > t).mean()),
-            "ucmerced_removed_share": float((groups["ucm"] > t).mean()),
-            "ucmerced_worst_class": worst[1], "ucmerced_worst_class_share": worst[0],
-        })
+        worst = max(
+            ((float((groups["ucm"][ucm_cls == c] > t).mean()), c) for c in np.unique(ucm_cls)),
+            default=(0.0, ""),
+        )
+        rows.append(
+            {
+                "max_cloud": t,
+                "bad_removed": int((groups["bad"] > t).sum()),
+                "bad_survivors": int(groups["bad"].size),
+                "good_harvey_removed_share": float((groups["good"] > t).mean()),
+                "ucmerced_removed_share": float((groups["ucm"] > t).mean()),
+                "ucmerced_worst_class": worst[1],
+                "ucmerced_worst_class_share": worst[0],
+            }
+        )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quality_cloud.json").write_text(json.dumps(
-        {"pools": info, "index_seconds": {"harvey": t_h, "ucmerced": t_u}, "rows": rows}, indent=2))
+    (out / "quality_cloud.json").write_text(
+        json.dumps(
+            {"pools": info, "index_seconds": {"harvey": t_h, "ucmerced": t_u}, "rows": rows},
+            indent=2,
+        )
+    )
     lines = [
         f"Harvey: {info['harvey']['samples']:,} tiles, {info['harvey']['survivors']:,} survive "
         f"entropy (auto cut {info['harvey']['auto_cut_bits']:.2f} bits) + no-data, of them "
@@ -86,7 +103,8 @@ def run(pool: Path, reference: Path, cache: Path, out: Path, progress: bool) -> 
             f"| {r['max_cloud']:g} | {r['bad_removed']} / {r['bad_survivors']} "
             f"({100 * r['bad_removed'] / max(r['bad_survivors'], 1):.1f}%) | "
             f"{100 * r['good_harvey_removed_share']:.2f}% | {100 * r['ucmerced_removed_share']:.2f}% | "
-            f"{r['ucmerced_worst_class']} {100 * r['ucmerced_worst_class_share']:.0f}% |")
+            f"{r['ucmerced_worst_class']} {100 * r['ucmerced_worst_class_share']:.0f}% |"
+        )
     md = "\n".join(lines)
     (out / "quality_cloud.md").write_text(md + "\n")
     return md

@@ -19,8 +19,9 @@ FloatArray = NDArray[np.floating[Any]]
 # --- projections ---------------------------------------------------------------------------------
 
 
-def pca_basis(x: FloatArray, dims: int, *, standardize: bool = False
-              ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+def pca_basis(
+    x: FloatArray, dims: int, *, standardize: bool = False
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
     """Mean, scale and the top ``dims`` principal axes of ``x`` ``[n, d]``.
 
     ``standardize`` divides every feature by its standard deviation first (for hand-crafted
@@ -69,7 +70,9 @@ def frechet_distance(a: FloatArray, b: FloatArray) -> float:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(a.shape[0], b.shape[0]) < 2:
-        raise ValueError(f"`a` and `b` must be [n >= 2, d] with the same d, got {a.shape} and {b.shape}")
+        raise ValueError(
+            f"`a` and `b` must be [n >= 2, d] with the same d, got {a.shape} and {b.shape}"
+        )
     d = a.shape[1]
     ca = np.asarray(np.cov(a, rowvar=False), dtype=np.float64).reshape(d, d)
     cb = np.asarray(np.cov(b, rowvar=False), dtype=np.float64).reshape(d, d)
@@ -79,8 +82,9 @@ def frechet_distance(a: FloatArray, b: FloatArray) -> float:
     return float(max(diff @ diff + np.trace(ca) + np.trace(cb) - 2.0 * cross, 0.0))
 
 
-def nearest_distances(points: FloatArray, centers: FloatArray, *, chunk: int = 4096
-                      ) -> NDArray[np.float32]:
+def nearest_distances(
+    points: FloatArray, centers: FloatArray, *, chunk: int = 4096
+) -> NDArray[np.float32]:
     """Euclidean distance from every row of ``points`` to its nearest row of ``centers``.
 
     Chunked matrix products (``|p|^2 + |c|^2 - 2 p.c``, clipped at 0), so memory stays at
@@ -94,9 +98,9 @@ def nearest_distances(points: FloatArray, centers: FloatArray, *, chunk: int = 4
     ct = np.ascontiguousarray(c.T)
     out = np.empty(p.shape[0], np.float32)
     for lo in range(0, p.shape[0], chunk):
-        q = p[lo:lo + chunk]
+        q = p[lo : lo + chunk]
         d2 = (q * q).sum(axis=1)[:, None] + cn[None, :] - 2.0 * (q @ ct)
-        out[lo:lo + chunk] = np.sqrt(np.clip(d2.min(axis=1), 0.0, None))
+        out[lo : lo + chunk] = np.sqrt(np.clip(d2.min(axis=1), 0.0, None))
     return out
 
 
@@ -132,13 +136,15 @@ def occupancy_entropy(labels: NDArray[np.integer], k: int) -> float:
     return float(-(p * np.log(p)).sum() / math.log(k))
 
 
-def share_ratio(selected: NDArray[np.integer], pool: NDArray[np.integer], k: int
-                ) -> NDArray[np.float64]:
+def share_ratio(
+    selected: NDArray[np.integer], pool: NDArray[np.integer], k: int
+) -> NDArray[np.float64]:
     """Per class: its share of the selection divided by its share of the pool.
 
     1 = the class kept its share, 0 = it was dropped, NaN = absent from the pool. Negative labels
     (for example samples that are not in any of the classes counted) are ignored.
     """
+
     def shares(lab: NDArray[np.integer]) -> NDArray[np.float64]:
         lab = np.asarray(lab).astype(np.int64)
         counts = np.bincount(lab[(lab >= 0) & (lab < k)], minlength=k).astype(np.float64)
@@ -156,7 +162,9 @@ COLOUR_BINS = 16
 LBP_POINTS = 8
 
 
-def colour_texture_features(rgb: NDArray[np.uint8], *, size: int = FEATURE_SIZE) -> NDArray[np.float32]:
+def colour_texture_features(
+    rgb: NDArray[np.uint8], *, size: int = FEATURE_SIZE
+) -> NDArray[np.float32]:
     """Colour and texture histograms of one ``HxWx3`` uint8 tile: a 68-d float32 vector.
 
     The tile is resized to ``size x size`` (so 256-px UC Merced and 128-px Harvey tiles are seen at
@@ -171,11 +179,15 @@ def colour_texture_features(rgb: NDArray[np.uint8], *, size: int = FEATURE_SIZE)
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     arr = np.asarray(img)
-    parts = [np.bincount(arr[..., ch].ravel() // (256 // COLOUR_BINS), minlength=COLOUR_BINS)
-             for ch in range(3)]
+    parts = [
+        np.bincount(arr[..., ch].ravel() // (256 // COLOUR_BINS), minlength=COLOUR_BINS)
+        for ch in range(3)
+    ]
     gray = img.convert("L")
     for scale in (size, size // 2):
-        g = np.asarray(gray if scale == size else gray.resize((scale, scale), Image.Resampling.BILINEAR))
+        g = np.asarray(
+            gray if scale == size else gray.resize((scale, scale), Image.Resampling.BILINEAR)
+        )
         lbp = local_binary_pattern(g, LBP_POINTS, 1, "uniform").astype(np.int64)
         parts.append(np.bincount(lbp.ravel(), minlength=LBP_POINTS + 2))
     return np.concatenate([p / max(p.sum(), 1) for p in parts]).astype(np.float32)

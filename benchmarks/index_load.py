@@ -57,8 +57,13 @@ def write_synthetic(folder: Path, num_shards: int, samples: int, k: int, seed: i
             "length": lengths,
             **encode_keys([f"{s:06d}/{i:08d}" for i in range(samples)]),
         }
-        meta = {**shard_metadata(shard), "encoder": "efficientnet-lite0",
-                "centroids_digest": "0" * 32, "num_clusters": str(k), "reasons": '["decode_error"]'}
+        meta = {
+            **shard_metadata(shard),
+            "encoder": "efficientnet-lite0",
+            "centroids_digest": "0" * 32,
+            "num_clusters": str(k),
+            "reasons": '["decode_error"]',
+        }
         write_index(index_path_for(shard), arrays, meta)
         shards.append(str(shard))
     return shards
@@ -145,13 +150,19 @@ def main() -> None:
     finally:
         if not args.dir:
             shutil.rmtree(folder, ignore_errors=True)
-    print(f"{result['samples']:,} samples in {result['shards']} shard indexes, "
-          f"{result['index_bytes_per_sample']:.1f} index bytes/sample")
+    print(
+        f"{result['samples']:,} samples in {result['shards']} shard indexes, "
+        f"{result['index_bytes_per_sample']:.1f} index bytes/sample"
+    )
     print(f"bare safetensors load : {result['bare_safetensors_s']:.3f} s")
-    print(f"PruneIndex.load       : {result['prune_index_load_s']:.3f} s  "
-          f"ratio {result['ratio_load_vs_bare']:.2f}x (target <= 2x)")
-    print(f"load + first .keys    : {result['load_plus_keys_s']:.3f} s  "
-          f"ratio {result['ratio_load_plus_keys_vs_bare']:.2f}x")
+    print(
+        f"PruneIndex.load       : {result['prune_index_load_s']:.3f} s  "
+        f"ratio {result['ratio_load_vs_bare']:.2f}x (target <= 2x)"
+    )
+    print(
+        f"load + first .keys    : {result['load_plus_keys_s']:.3f} s  "
+        f"ratio {result['ratio_load_plus_keys_vs_bare']:.2f}x"
+    )
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -67,11 +67,15 @@ def timed_index(shards: list[str], workdir: Path, repeat: int, **kw) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--src", type=Path, default=REPO.parent / "shared" / "data" / "harvey")
     ap.add_argument("--limit", type=int, default=6000, help="images for the entropy-only part")
     ap.add_argument("--encoder-images", type=int, default=500, help="images for the encoder part")
-    ap.add_argument("--image-size", type=int, default=None, help="encoder input size (default: the encoder's)")
+    ap.add_argument(
+        "--image-size", type=int, default=None, help="encoder input size (default: the encoder's)"
+    )
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--repeat", type=int, default=3, help="best of this many runs per figure")
     ap.add_argument("--out", type=Path, default=Path("results/indexer_throughput.json"))
@@ -100,12 +104,18 @@ def main() -> None:
     cloudy = [ceiling(blobs, False, cloud=True) for _ in range(args.repeat)]
     idx_plain = timed_index(shards, work, args.repeat, workers=1, cloud_score=False)
     idx_cloud = timed_index(shards, work, args.repeat, workers=1, cloud_score=True)
-    print(f"cloud score cost: analyze {max(plain):7.0f} img/s without (worst of {args.repeat} "
-          f"{min(plain):.0f}), {max(cloudy):7.0f} with (worst {min(cloudy):.0f}): "
-          f"{max(cloudy) / max(plain):4.2f}x; entropy-only indexing, 1 proc: {idx_plain:7.0f} "
-          f"vs {idx_cloud:7.0f} img/s = {idx_cloud / idx_plain:4.2f}x")
-    res["cloud_score"] = {"analyze_per_s": max(plain), "analyze_cloud_per_s": max(cloudy),
-                          "index_per_s": idx_plain, "index_cloud_per_s": idx_cloud}
+    print(
+        f"cloud score cost: analyze {max(plain):7.0f} img/s without (worst of {args.repeat} "
+        f"{min(plain):.0f}), {max(cloudy):7.0f} with (worst {min(cloudy):.0f}): "
+        f"{max(cloudy) / max(plain):4.2f}x; entropy-only indexing, 1 proc: {idx_plain:7.0f} "
+        f"vs {idx_cloud:7.0f} img/s = {idx_cloud / idx_plain:4.2f}x"
+    )
+    res["cloud_score"] = {
+        "analyze_per_s": max(plain),
+        "analyze_cloud_per_s": max(cloudy),
+        "index_per_s": idx_plain,
+        "index_cloud_per_s": idx_cloud,
+    }
     if args.cloud_only:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2))
@@ -116,14 +126,25 @@ def main() -> None:
         ceil = max(ceiling(blobs, fast) for _ in range(args.repeat))
         one = 0.0
         for workers in (1, 2):
-            rate = timed_index(shards, work, args.repeat, workers=workers, fast_gray=fast,
-                               cloud_score=False)  # the ceiling has no cloud score either
+            rate = timed_index(
+                shards, work, args.repeat, workers=workers, fast_gray=fast, cloud_score=False
+            )  # the ceiling has no cloud score either
             one = one or rate
-            rows.append({"mode": mode, "workers": workers, "images_per_s": rate,
-                         "ceiling_per_s": ceil, "ratio": rate / ceil, "scaling": rate / one})
-            print(f"entropy-only {mode:<9} {workers} proc: {rate:7.0f} img/s  "
-                  f"ceiling (1 proc, bytes in memory) {ceil:7.0f} img/s  ratio {rate / ceil:4.2f}x  "
-                  f"scaling vs 1 proc {rate / one:4.2f}x")
+            rows.append(
+                {
+                    "mode": mode,
+                    "workers": workers,
+                    "images_per_s": rate,
+                    "ceiling_per_s": ceil,
+                    "ratio": rate / ceil,
+                    "scaling": rate / one,
+                }
+            )
+            print(
+                f"entropy-only {mode:<9} {workers} proc: {rate:7.0f} img/s  "
+                f"ceiling (1 proc, bytes in memory) {ceil:7.0f} img/s  ratio {rate / ceil:4.2f}x  "
+                f"scaling vs 1 proc {rate / one:4.2f}x"
+            )
     res["entropy_only"] = rows
 
     # --- full pipeline vs bare encoder --------------------------------------------------------
@@ -137,7 +158,9 @@ def main() -> None:
     if cents_path.exists():
         cents = Centroids.load(cents_path)
     else:
-        cents = build_centroids([REPO / "examples" / "data" / "ucmerced"], enc, k=32, progress=False)
+        cents = build_centroids(
+            [REPO / "examples" / "data" / "ucmerced"], enc, k=32, progress=False
+        )
         cents.save(cents_path)
     enc_shards = shards[: max(1, -(-args.encoder_images // 500))]
     sub_blobs = blobs[: args.encoder_images]
@@ -152,13 +175,28 @@ def main() -> None:
     out = work / "idx_enc"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    rep = index_shards(enc_shards, centroids=cents, encoder=enc, index_dir=out, workers=2,
-                       batch_size=batch, progress=False, force=True)
+    rep = index_shards(
+        enc_shards,
+        centroids=cents,
+        encoder=enc,
+        index_dir=out,
+        workers=2,
+        batch_size=batch,
+        progress=False,
+        force=True,
+    )
     full = rep.samples / (time.perf_counter() - t0)
-    print(f"full pipeline (size {enc.image_size}, 2 decode workers): {full:6.1f} img/s  bare encoder "
-          f"forward + assign on the same batches {bare:6.1f} img/s  ratio {full / bare:4.2f}x")
-    res["encoder"] = {"image_size": enc.image_size, "pipeline_per_s": full, "bare_per_s": bare,
-                      "ratio": full / bare, "images": rep.samples}
+    print(
+        f"full pipeline (size {enc.image_size}, 2 decode workers): {full:6.1f} img/s  bare encoder "
+        f"forward + assign on the same batches {bare:6.1f} img/s  ratio {full / bare:4.2f}x"
+    )
+    res["encoder"] = {
+        "image_size": enc.image_size,
+        "pipeline_per_s": full,
+        "bare_per_s": bare,
+        "ratio": full / bare,
+        "images": rep.samples,
+    }
 
     size = sum(index_path_for(s, out).stat().st_size for s in enc_shards)
     per = size / rep.samples

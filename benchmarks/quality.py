@@ -160,16 +160,29 @@ def _pack(src: Path, out: Path, timings: dict[str, float], progress: bool) -> li
         shards = json.loads(marker.read_text())["shards"]
         if all(Path(s).exists() for s in shards):
             return list(shards)
-    res = _timed(timings, f"pack_{src.name}_s",
-                 lambda: pack_folder(src, out, shard_size=2000, prefix=src.name, progress=progress,
-                                     overwrite=True))
+    res = _timed(
+        timings,
+        f"pack_{src.name}_s",
+        lambda: pack_folder(
+            src, out, shard_size=2000, prefix=src.name, progress=progress, overwrite=True
+        ),
+    )
     shards = [str(p) for p in res.shards]
-    marker.write_text(json.dumps({"source": str(src), "shards": shards, "samples": res.num_samples}))
+    marker.write_text(
+        json.dumps({"source": str(src), "shards": shards, "samples": res.num_samples})
+    )
     return shards
 
 
-def _index(name: str, shards: list[str], centroids: Any, encoder: Any, cache: Path,
-           timings: dict[str, float], progress: bool) -> tuple[Any, NDArray[np.float32]]:
+def _index(
+    name: str,
+    shards: list[str],
+    centroids: Any,
+    encoder: Any,
+    cache: Path,
+    timings: dict[str, float],
+    progress: bool,
+) -> tuple[Any, NDArray[np.float32]]:
     """Index ``shards`` (unless current) and return the PruneIndex and per-sample embeddings."""
     from rsprune_data.centroids import assign
     from rsprune_data.index import PruneIndex, index_path_for
@@ -177,26 +190,45 @@ def _index(name: str, shards: list[str], centroids: Any, encoder: Any, cache: Pa
 
     index_dir = cache / "index" / name
     emb_path = cache / f"{name}_emb.npy"
-    current = all(index_is_current(s, index_path_for(s, index_dir), encoder=encoder.name,
-                                   centroids_digest=centroids.digest) for s in shards)
+    current = all(
+        index_is_current(
+            s, index_path_for(s, index_dir), encoder=encoder.name, centroids_digest=centroids.digest
+        )
+        for s in shards
+    )
     if not (current and emb_path.exists()):
         log(f"indexing {name} ({len(shards)} shards) and tapping its embeddings")
         tap = _TapEncoder(encoder)
-        report = _timed(timings, f"index_{name}_s",
-                        lambda: index_shards(shards, centroids=centroids, encoder=tap, index_dir=index_dir,
-                                             workers=1, batch_size=64, force=True, progress=progress))
+        report = _timed(
+            timings,
+            f"index_{name}_s",
+            lambda: index_shards(
+                shards,
+                centroids=centroids,
+                encoder=tap,
+                index_dir=index_dir,
+                workers=1,
+                batch_size=64,
+                force=True,
+                progress=progress,
+            ),
+        )
         if not report.ok:
             raise SystemExit(f"indexing {name} failed: {report.failed}")
         index = PruneIndex.load(shards, index_dir)
         emb = np.zeros((len(index), encoder.dim), np.float32)
         tapped = np.concatenate(tap.rows) if tap.rows else np.zeros((0, encoder.dim), np.float32)
         if tapped.shape[0] != int(index.valid.sum()):
-            raise SystemExit(f"tapped {tapped.shape[0]} embeddings for {int(index.valid.sum())} valid samples")
+            raise SystemExit(
+                f"tapped {tapped.shape[0]} embeddings for {int(index.valid.sum())} valid samples"
+            )
         emb[index.valid] = tapped
         z, _ = assign(tapped, centroids.centroids, device=encoder.device)
         agree = float((z == index.cluster_ids[index.valid]).mean())
         if agree < 0.999:
-            raise SystemExit(f"tapped embeddings do not line up with the {name} index ({agree:.4f} agree)")
+            raise SystemExit(
+                f"tapped embeddings do not line up with the {name} index ({agree:.4f} agree)"
+            )
         np.save(emb_path, emb)
     index = PruneIndex.load(shards, index_dir)
     return index, np.load(emb_path, mmap_mode="r")
@@ -210,15 +242,19 @@ def _shard_features(shard: str) -> NDArray[np.float32]:
     for _, sample in iter_tar_samples(shard):
         picked = pick_image_member(sample)
         try:
-            rows.append(qm.colour_texture_features(decode_rgb(picked[1], picked[0])) if picked
-                        else np.zeros(68, np.float32))
+            rows.append(
+                qm.colour_texture_features(decode_rgb(picked[1], picked[0]))
+                if picked
+                else np.zeros(68, np.float32)
+            )
         except ValueError:  # CorruptImageError: invalid in the index too, never selected
             rows.append(np.zeros(68, np.float32))
     return np.stack(rows)
 
 
-def _features(name: str, shards: list[str], cache: Path, workers: int, timings: dict[str, float]
-              ) -> NDArray[np.float32]:
+def _features(
+    name: str, shards: list[str], cache: Path, workers: int, timings: dict[str, float]
+) -> NDArray[np.float32]:
     path = cache / "features" / f"{name}_colour_lbp.npy"
     if not path.exists():
         log(f"colour + LBP features of {name} ({len(shards)} shards, {workers} processes)")
@@ -281,24 +317,33 @@ def prepare(args: argparse.Namespace) -> Universe:
     cache = cache_root / encoder.name.replace("/", "_").replace(":", "_")
     cache.mkdir(parents=True, exist_ok=True)
     timings_path = cache / "timings.json"
-    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    timings: dict[str, float] = (
+        json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    )
     log(f"encoder {encoder.name} ({encoder.image_size} px, {encoder.device}); cache {cache}")
 
     pool_dir, ref_dir = Path(args.pool).resolve(), Path(args.reference).resolve()
-    shards = {"harvey": _pack(pool_dir, cache_root / "shards" / "harvey", timings, progress),
-              "ucmerced": _pack(ref_dir, cache_root / "shards" / "ucmerced", timings, progress)}
+    shards = {
+        "harvey": _pack(pool_dir, cache_root / "shards" / "harvey", timings, progress),
+        "ucmerced": _pack(ref_dir, cache_root / "shards" / "ucmerced", timings, progress),
+    }
     cpath = cache / f"centroids_k{K}.safetensors"
     if cpath.exists():
         centroids = Centroids.load(cpath)
     else:
         log(f"building K={K} reference centroids on {ref_dir}")
-        centroids = _timed(timings, "build_centroids_s",
-                           lambda: build_centroids([ref_dir], encoder, k=K, seed=0, progress=progress))
+        centroids = _timed(
+            timings,
+            "build_centroids_s",
+            lambda: build_centroids([ref_dir], encoder, k=K, seed=0, progress=progress),
+        )
         centroids.save(cpath)
     indexes, embs = {}, {}
     for name, sh in shards.items():
         indexes[name], embs[name] = _index(name, sh, centroids, encoder, cache, timings, progress)
-    hand = {name: _features(name, sh, cache_root, args.workers, timings) for name, sh in shards.items()}
+    hand = {
+        name: _features(name, sh, cache_root, args.workers, timings) for name, sh in shards.items()
+    }
 
     hx, ux = indexes["harvey"], indexes["ucmerced"]
     n_h, n_u = len(hx), len(ux)
@@ -324,7 +369,9 @@ def prepare(args: argparse.Namespace) -> Universe:
     # Both run on embeddings that exist anyway (the pool must be embedded to be assigned).
     kpath = cache / f"pool_kmeans_k{K}.npy"
     if not kpath.exists() or "pool_kmeans_s" not in timings:
-        log(f"k-means K={K} on the reference ({n_u}) and on the pool itself ({int(hx.valid.sum())})")
+        log(
+            f"k-means K={K} on the reference ({n_u}) and on the pool itself ({int(hx.valid.sum())})"
+        )
         ref_emb = np.asarray(embs["ucmerced"])[ux.valid]
         _timed(timings, "reference_kmeans_s", lambda: spherical_kmeans(ref_emb, K, seed=0))
         pool_emb = np.asarray(embs["harvey"])[hx.valid]
@@ -339,12 +386,24 @@ def prepare(args: argparse.Namespace) -> Universe:
     timings_path.write_text(json.dumps(timings, indent=2))
 
     return Universe(
-        names=["harvey", "ucmerced"], starts={"harvey": (0, n_h), "ucmerced": (n_h, n_h + n_u)},
-        entropy=np.concatenate([hx.entropy, ux.entropy]), nodata=np.concatenate([hx.nodata, ux.nodata]),
+        names=["harvey", "ucmerced"],
+        starts={"harvey": (0, n_h), "ucmerced": (n_h, n_h + n_u)},
+        entropy=np.concatenate([hx.entropy, ux.entropy]),
+        nodata=np.concatenate([hx.nodata, ux.nodata]),
         cluster=np.concatenate([hx.cluster_ids, ux.cluster_ids]),
-        similarity=np.concatenate([hx.similarity, ux.similarity]), valid=valid, classes=classes,
-        label=label, emb_pca=np.load(epath), hand_pca=np.load(hpath), pool_cluster=pz,
-        pool_similarity=ps, harvey_index=hx, k=K, timings=timings, encoder=encoder.name)
+        similarity=np.concatenate([hx.similarity, ux.similarity]),
+        valid=valid,
+        classes=classes,
+        label=label,
+        emb_pca=np.load(epath),
+        hand_pca=np.load(hpath),
+        pool_cluster=pz,
+        pool_similarity=ps,
+        harvey_index=hx,
+        k=K,
+        timings=timings,
+        encoder=encoder.name,
+    )
 
 
 # --- pools and metrics -----------------------------------------------------------------------------
@@ -371,9 +430,14 @@ def make_pools(u: Universe, skip_mixes: bool) -> dict[str, NDArray[np.int64]]:
 def pool_index(u: Universe, pos: NDArray[np.int64], clusters: str = "reference") -> Any:
     from rsprune_data.index import PruneIndex
 
-    z, s = (u.cluster, u.similarity) if clusters == "reference" else (u.pool_cluster, u.pool_similarity)
-    return PruneIndex.from_arrays(u.entropy[pos], z[pos], s[pos], num_clusters=u.k, valid=u.valid[pos],
-                                  nodata=u.nodata[pos])
+    z, s = (
+        (u.cluster, u.similarity)
+        if clusters == "reference"
+        else (u.pool_cluster, u.pool_similarity)
+    )
+    return PruneIndex.from_arrays(
+        u.entropy[pos], z[pos], s[pos], num_clusters=u.k, valid=u.valid[pos], nodata=u.nodata[pos]
+    )
 
 
 class Evaluator:
@@ -383,8 +447,9 @@ class Evaluator:
         self.u = u
         self.ref = u.positions("ucmerced")[u.valid[u.positions("ucmerced")]]
         self.cache_file = cache_file
-        self.cache: dict[str, dict[str, Any]] = (json.loads(cache_file.read_text())
-                                                 if cache_file.exists() else {})
+        self.cache: dict[str, dict[str, Any]] = (
+            json.loads(cache_file.read_text()) if cache_file.exists() else {}
+        )
 
     def save(self) -> None:
         self.cache_file.write_text(json.dumps(self.cache))
@@ -408,8 +473,9 @@ class Evaluator:
         present = np.unique(u.label[pv][~bad_pv])
         remap = np.full(len(u.classes), -1, np.int64)
         remap[present] = np.arange(present.size)
-        out["class_entropy"] = (qm.occupancy_entropy(remap[u.label[sel]], present.size)
-                                if present.size >= 2 else None)
+        out["class_entropy"] = (
+            qm.occupancy_entropy(remap[u.label[sel]], present.size) if present.size >= 2 else None
+        )
         ratio = qm.share_ratio(u.label[sel], u.label[pv], len(u.classes))[: u.num_ucm_classes]
         if np.isfinite(ratio).any():
             fin = np.where(np.isfinite(ratio), ratio, np.inf)
@@ -418,15 +484,23 @@ class Evaluator:
             worst = np.argsort(fin)[:3]
             out["ucm_worst"] = {u.classes[i]: round(float(ratio[i]), 3) for i in worst}
         for space, coords in (("embed", u.emb_pca), ("hand", u.hand_pca)):
-            out[f"fd_{space}"] = qm.frechet_distance(coords[sel], coords[self.ref]) if sel.size > 1 else None
-            d = qm.nearest_distances(coords[pv], coords[sel]) if sel.size else np.full(pv.size, np.nan)
+            out[f"fd_{space}"] = (
+                qm.frechet_distance(coords[sel], coords[self.ref]) if sel.size > 1 else None
+            )
+            d = (
+                qm.nearest_distances(coords[pv], coords[sel])
+                if sel.size
+                else np.full(pv.size, np.nan)
+            )
             out[f"radius_{space}"] = float(d.max())
             out[f"radius_{space}_good"] = float(d[~bad_pv].max()) if (~bad_pv).any() else None
             out[f"mean_nn_{space}_good"] = float(d[~bad_pv].mean()) if (~bad_pv).any() else None
         return out
 
 
-def timed_select(index: Any, config: PruneConfig, repeat: int = 3) -> tuple[NDArray[np.int64], float]:
+def timed_select(
+    index: Any, config: PruneConfig, repeat: int = 3
+) -> tuple[NDArray[np.int64], float]:
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -437,8 +511,19 @@ def timed_select(index: Any, config: PruneConfig, repeat: int = 3) -> tuple[NDAr
 
 def _stage1_info(index: Any, config: PruneConfig, sel: NDArray[np.int64]) -> dict[str, Any]:
     s = selection_summary(index, config, sel)
-    return {k: s[k] for k in ("stage1_rule", "entropy_threshold", "entropy_keep", "nodata_dropped",
-                              "stage1_dropped", "candidates", "budget", "shortfall")}
+    return {
+        k: s[k]
+        for k in (
+            "stage1_rule",
+            "entropy_threshold",
+            "entropy_keep",
+            "nodata_dropped",
+            "stage1_dropped",
+            "candidates",
+            "budget",
+            "shortfall",
+        )
+    }
 
 
 def mean_std(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -450,7 +535,9 @@ def mean_std(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_strategies(u: Universe, ev: Evaluator, ratios: Sequence[float], seeds: int) -> dict[str, Any]:
+def run_strategies(
+    u: Universe, ev: Evaluator, ratios: Sequence[float], seeds: int
+) -> dict[str, Any]:
     pos = u.positions("harvey")
     indexes = {"reference": u.harvey_index, "pool": pool_index(u, pos, "pool")}
     results: dict[str, Any] = {}
@@ -471,8 +558,9 @@ def run_strategies(u: Universe, ev: Evaluator, ratios: Sequence[float], seeds: i
     return results
 
 
-def run_dedup(u: Universe, ev: Evaluator, ratios: Sequence[float], taus: Sequence[float],
-              emb_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_dedup(
+    u: Universe, ev: Evaluator, ratios: Sequence[float], taus: Sequence[float], emb_path: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Near-duplicate groups of the Harvey pool at each ``tau`` and ``rsprune`` with
     ``dedup_threshold=tau`` at every ratio (issue 13), from the tapped embeddings in their canonical
     float16 form (what a float16 sidecar stores)."""
@@ -490,11 +578,16 @@ def run_dedup(u: Universe, ev: Evaluator, ratios: Sequence[float], taus: Sequenc
         groups = duplicate_groups(dup)
         dups = np.flatnonzero(dup >= 0)
         counts[str(tau)] = {
-            "groups": len(groups), "duplicates": int(dups.size),
+            "groups": len(groups),
+            "duplicates": int(dups.size),
             "largest_group": 1 + max((len(g) for _, g in groups), default=0),
-            "duplicates_in_bad_images": int(u.bad[pos][dups].sum()), "seconds": round(seconds, 3),
-            "example_groups": [[u.harvey_index.keys[h], [u.harvey_index.keys[j] for j in g[:5]]]
-                               for h, g in groups[:5]]}
+            "duplicates_in_bad_images": int(u.bad[pos][dups].sum()),
+            "seconds": round(seconds, 3),
+            "example_groups": [
+                [u.harvey_index.keys[h], [u.harvey_index.keys[j] for j in g[:5]]]
+                for h, g in groups[:5]
+            ],
+        }
         index = pool_index(u, pos).attach_embeddings(emb16)
         label = f"rsprune + dedup {tau:g}"
         results[label] = {}
@@ -505,21 +598,32 @@ def run_dedup(u: Universe, ev: Evaluator, ratios: Sequence[float], taus: Sequenc
             m["select_ms"] = ms
             m["stage1"] = _stage1_info(index, cfg, sel)
             results[label][str(r)] = m
-        log(f"  dedup tau={tau:g}: {counts[str(tau)]['groups']} groups, "
-            f"{counts[str(tau)]['duplicates']} duplicates ({seconds:.2f} s)")
+        log(
+            f"  dedup tau={tau:g}: {counts[str(tau)]['groups']} groups, "
+            f"{counts[str(tau)]['duplicates']} duplicates ({seconds:.2f} s)"
+        )
     return results, counts
 
 
-def run_makeups(u: Universe, ev: Evaluator, pools: dict[str, NDArray[np.int64]],
-                ratios: Sequence[float], rules: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def run_makeups(
+    u: Universe,
+    ev: Evaluator,
+    pools: dict[str, NDArray[np.int64]],
+    ratios: Sequence[float],
+    rules: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, pos in pools.items():
         index = u.harvey_index if name == "harvey" else pool_index(u, pos)
         labels = u.label[pos]
         desc = {u.classes[c]: int((labels == c).sum()) for c in np.unique(labels)}
-        info = {"samples": int(pos.size), "bad_images": int(u.bad[pos].sum()),
-                "harvey": int((pos < u.starts["harvey"][1]).sum()),
-                "ucmerced": int((pos >= u.starts["ucmerced"][0]).sum()), "hidden_classes": desc}
+        info = {
+            "samples": int(pos.size),
+            "bad_images": int(u.bad[pos].sum()),
+            "harvey": int((pos < u.starts["harvey"][1]).sum()),
+            "ucmerced": int((pos >= u.starts["ucmerced"][0]).sum()),
+            "hidden_classes": desc,
+        }
         res: dict[str, Any] = {}
         for rule, fields_ in rules.items():
             res[rule] = {}
@@ -568,22 +672,45 @@ def _fmt(v: float | None, s: float | None, key: str) -> str:
 
 
 def dedup_lines(counts: dict[str, Any]) -> str:
-    lines = ["Near-duplicate groups in the pool (within a reference cluster, greedy by centrality):"]
+    lines = [
+        "Near-duplicate groups in the pool (within a reference cluster, greedy by centrality):"
+    ]
     for tau, c in counts.items():
-        lines.append(f"- tau = {tau}: {c['groups']} groups, {c['duplicates']} duplicates removed "
-                     f"(largest group {c['largest_group']} tiles; {c['duplicates_in_bad_images']} of "
-                     f"the duplicates are bad_images; {c['seconds']} s)")
+        lines.append(
+            f"- tau = {tau}: {c['groups']} groups, {c['duplicates']} duplicates removed "
+            f"(largest group {c['largest_group']} tiles; {c['duplicates_in_bad_images']} of "
+            f"the duplicates are bad_images; {c['seconds']} s)"
+        )
     return "\n".join(lines)
 
 
 def main_table(results: dict[str, Any], ratio: float) -> str:
-    cols = ["low_info_share", "clusters_covered", "cluster_entropy", "fd_embed", "fd_hand",
-            "radius_embed", "radius_embed_good", "radius_hand", "radius_hand_good", "select_ms"]
+    cols = [
+        "low_info_share",
+        "clusters_covered",
+        "cluster_entropy",
+        "fd_embed",
+        "fd_hand",
+        "radius_embed",
+        "radius_embed_good",
+        "radius_hand",
+        "radius_hand_good",
+        "select_ms",
+    ]
     in_pool = _value(next(iter(results.values()))[str(ratio)], "clusters_in_pool")[0]
-    head = ["strategy", "low-info share", f"clusters covered (of {in_pool:.0f} in pool)",
-            "cluster balance H", "FD enc",
-            "FD colour+LBP", "radius enc (all)", "radius enc (no bad)", "radius c+LBP (all)",
-            "radius c+LBP (no bad)", "select ms"]
+    head = [
+        "strategy",
+        "low-info share",
+        f"clusters covered (of {in_pool:.0f} in pool)",
+        "cluster balance H",
+        "FD enc",
+        "FD colour+LBP",
+        "radius enc (all)",
+        "radius enc (no bad)",
+        "radius c+LBP (all)",
+        "radius c+LBP (no bad)",
+        "select ms",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, by_ratio in results.items():
         e = by_ratio[str(ratio)]
@@ -593,36 +720,69 @@ def main_table(results: dict[str, Any], ratio: float) -> str:
 
 
 def makeup_table(makeups: dict[str, Any], ratio: float) -> str:
-    head = ["pool", "Stage I", "cut", "candidates", "low-info share", "hidden-class H",
-            "UCM classes kept (lost)", "cluster balance H", "FD enc", "FD colour+LBP",
-            "radius enc (no bad)", "radius c+LBP (no bad)"]
+    head = [
+        "pool",
+        "Stage I",
+        "cut",
+        "candidates",
+        "low-info share",
+        "hidden-class H",
+        "UCM classes kept (lost)",
+        "cluster balance H",
+        "FD enc",
+        "FD colour+LBP",
+        "radius enc (no bad)",
+        "radius c+LBP (no bad)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in makeups.items():
         for rule, by_ratio in m["rules"].items():
             e = by_ratio[str(ratio)]
             st = e["stage1"]
-            cut = (f"H >= {st['entropy_threshold']:.2f}" if st["entropy_threshold"] is not None
-                   else f"top {st['entropy_keep']:.0%}" if st["entropy_keep"] is not None else "-")
-            kept = (f"{e['ucm_classes_kept']} ({e['ucm_classes_lost']})" if "ucm_classes_kept" in e
-                    else "n/a")
-            cells = [name, rule, cut, f"{st['candidates']}", _fmt(*_value(e, "low_info_share"), "low_info_share"),
-                     _fmt(*_value(e, "class_entropy"), "class_entropy"), kept,
-                     _fmt(*_value(e, "cluster_entropy"), "cluster_entropy"),
-                     _fmt(*_value(e, "fd_embed"), "fd_embed"), _fmt(*_value(e, "fd_hand"), "fd_hand"),
-                     _fmt(*_value(e, "radius_embed_good"), "radius_embed_good"),
-                     _fmt(*_value(e, "radius_hand_good"), "radius_hand_good")]
+            cut = (
+                f"H >= {st['entropy_threshold']:.2f}"
+                if st["entropy_threshold"] is not None
+                else f"top {st['entropy_keep']:.0%}"
+                if st["entropy_keep"] is not None
+                else "-"
+            )
+            kept = (
+                f"{e['ucm_classes_kept']} ({e['ucm_classes_lost']})"
+                if "ucm_classes_kept" in e
+                else "n/a"
+            )
+            cells = [
+                name,
+                rule,
+                cut,
+                f"{st['candidates']}",
+                _fmt(*_value(e, "low_info_share"), "low_info_share"),
+                _fmt(*_value(e, "class_entropy"), "class_entropy"),
+                kept,
+                _fmt(*_value(e, "cluster_entropy"), "cluster_entropy"),
+                _fmt(*_value(e, "fd_embed"), "fd_embed"),
+                _fmt(*_value(e, "fd_hand"), "fd_hand"),
+                _fmt(*_value(e, "radius_embed_good"), "radius_embed_good"),
+                _fmt(*_value(e, "radius_hand_good"), "radius_hand_good"),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def shortfalls(results: dict[str, Any]) -> str:
     """A note naming the selections that had fewer candidates than the budget."""
-    found = [f"`{label}` at {r} ({e['stage1']['candidates']:,} candidates for a budget of "
-             f"{e['stage1']['budget']:,})"
-             for label, by_ratio in results.items() for r, e in by_ratio.items()
-             if "stage1" in e and e["stage1"]["shortfall"] > 0]
-    return ("Shortfalls (all candidates kept, fewer than the budget): " + "; ".join(found) + "."
-            if found else "No selection fell short of its budget.")
+    found = [
+        f"`{label}` at {r} ({e['stage1']['candidates']:,} candidates for a budget of "
+        f"{e['stage1']['budget']:,})"
+        for label, by_ratio in results.items()
+        for r, e in by_ratio.items()
+        if "stage1" in e and e["stage1"]["shortfall"] > 0
+    ]
+    return (
+        "Shortfalls (all candidates kept, fewer than the budget): " + "; ".join(found) + "."
+        if found
+        else "No selection fell short of its budget."
+    )
 
 
 def verdict_table(makeups: dict[str, Any], ratios: Sequence[float], rel_tol: float = 0.01) -> str:
@@ -675,8 +835,15 @@ def plot_strategies(results: dict[str, Any], ratios: Sequence[float], out: Path)
                 continue
             y = np.array([np.nan if v is None else v for v, _ in vals])
             style = "-" if i < 7 else "--"
-            (line,) = ax.plot(ratios, y, style, marker="o", ms=4, label=label,
-                              lw=2.4 if label == "rsprune" else 1.4)
+            (line,) = ax.plot(
+                ratios,
+                y,
+                style,
+                marker="o",
+                ms=4,
+                label=label,
+                lw=2.4 if label == "rsprune" else 1.4,
+            )
             if vals[0][1] is not None:
                 sd = np.array([s or 0.0 for _, s in vals])
                 ax.fill_between(ratios, y - sd, y + sd, color=line.get_color(), alpha=0.2)
@@ -706,17 +873,29 @@ def plot_makeups(makeups: dict[str, Any], ratios: Sequence[float], out: Path) ->
     rules = list(next(iter(makeups.values()))["rules"])
     markers = {rule: "osD^vx*P+h"[i % 10] for i, rule in enumerate(rules)}
     for key, (title, lower) in MAKEUP_METRICS.items():
-        names = [n for n in makeups if any(e[str(r)].get(key) is not None
-                                           for e in makeups[n]["rules"].values() for r in ratios)]
+        names = [
+            n
+            for n in makeups
+            if any(
+                e[str(r)].get(key) is not None for e in makeups[n]["rules"].values() for r in ratios
+            )
+        ]
         if not names:
             continue
         fig, axes = plt.subplots(1, len(names), figsize=(3.3 * len(names), 3.8), squeeze=False)
         for ax, name in zip(axes[0], names, strict=True):
             for rule, by_ratio in makeups[name]["rules"].items():
                 y = [by_ratio[str(r)].get(key) for r in ratios]
-                ax.plot(ratios, [np.nan if v is None else v for v in y], marker=markers[rule],
-                        ms=6 if rule == "auto" else 4, mfc="none", label=rule,
-                        lw=2.6 if rule == "auto" else 1.2, ls="-" if rule == "auto" else "--")
+                ax.plot(
+                    ratios,
+                    [np.nan if v is None else v for v in y],
+                    marker=markers[rule],
+                    ms=6 if rule == "auto" else 4,
+                    mfc="none",
+                    label=rule,
+                    lw=2.6 if rule == "auto" else 1.2,
+                    ls="-" if rule == "auto" else "--",
+                )
             ax.set_title(name, fontsize=9)
             if key == "low_info_share":
                 ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
@@ -725,8 +904,12 @@ def plot_makeups(makeups: dict[str, Any], ratios: Sequence[float], out: Path) ->
             ax.grid(alpha=0.3)
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", fontsize=8, ncol=len(labels))
-        fig.suptitle(f"Stage I rules under rsprune: {title} ({'lower' if lower else 'higher'} is better)",
-                     fontsize=10, x=0.02, ha="left")
+        fig.suptitle(
+            f"Stage I rules under rsprune: {title} ({'lower' if lower else 'higher'} is better)",
+            fontsize=10,
+            x=0.02,
+            ha="left",
+        )
         fig.tight_layout(rect=(0, 0.07, 1, 0.93))
         path = out / f"quality_makeup_{key}.png"
         fig.savefig(path, dpi=100)
@@ -736,51 +919,85 @@ def plot_makeups(makeups: dict[str, Any], ratios: Sequence[float], out: Path) ->
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", default="/tmp/rsprune_quality", help="shards, indexes, embeddings (outside the repo)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--cache",
+        default="/tmp/rsprune_quality",
+        help="shards, indexes, embeddings (outside the repo)",
+    )
     ap.add_argument("--out", type=Path, default=Path("results"))
     ap.add_argument("--reference", default=str(REPO.parent / "shared" / "data" / "ucmerced"))
     ap.add_argument("--pool", default=str(REPO.parent / "shared" / "data" / "harvey"))
     ap.add_argument("--encoder", default="efficientnet-lite0")
-    ap.add_argument("--image-size", type=int, default=None,
-                    help="encoder input side; default: the encoder's own (224 for efficientnet-lite0)")
+    ap.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="encoder input side; default: the encoder's own (224 for efficientnet-lite0)",
+    )
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7, 0.85, 0.9])
     ap.add_argument("--seeds", type=int, default=5, help="seeds of the random baseline")
-    ap.add_argument("--k", type=int, default=DEFAULT_K, help="reference clusters (the paper's K = 200)")
+    ap.add_argument(
+        "--k", type=int, default=DEFAULT_K, help="reference clusters (the paper's K = 200)"
+    )
     ap.add_argument("--pca-dims", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2, help="processes for the colour+LBP features")
-    ap.add_argument("--thresholds", type=float, nargs="*", default=[],
-                    help="extra fixed entropy_threshold rules (bits) for part 2, e.g. 5.0 5.5")
+    ap.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="*",
+        default=[],
+        help="extra fixed entropy_threshold rules (bits) for part 2, e.g. 5.0 5.5",
+    )
     ap.add_argument("--skip-mixes", action="store_true", help="only the Harvey pool in part 2")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    ap.add_argument("--cloud", action="store_true",
-                    help="only part 3: the cloud/haze rule's trade-off (entropy-only indexes, "
-                         "no encoder; a minute or two)")
-    ap.add_argument("--dedup", type=float, nargs="*", default=[],
-                    help="near-duplicate thresholds tau (issue 13), e.g. 0.95 0.98: group counts and "
-                         "rsprune with dedup_threshold=tau as extra strategies")
+    ap.add_argument(
+        "--cloud",
+        action="store_true",
+        help="only part 3: the cloud/haze rule's trade-off (entropy-only indexes, "
+        "no encoder; a minute or two)",
+    )
+    ap.add_argument(
+        "--dedup",
+        type=float,
+        nargs="*",
+        default=[],
+        help="near-duplicate thresholds tau (issue 13), e.g. 0.95 0.98: group counts and "
+        "rsprune with dedup_threshold=tau as extra strategies",
+    )
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     if args.cloud:
         import _cloud_tradeoff
 
         log("part 3: the cloud/haze rule (max_cloud) on Harvey and UC Merced")
-        print(_cloud_tradeoff.run(Path(args.pool), Path(args.reference), Path(args.cache),
-                                  args.out, not args.quiet))
+        print(
+            _cloud_tradeoff.run(
+                Path(args.pool), Path(args.reference), Path(args.cache), args.out, not args.quiet
+            )
+        )
         log(f"wrote {args.out / 'quality_cloud.json'} in {time.perf_counter() - t_start:.1f} s")
         return
     table_ratio = 0.85 if 0.85 in args.ratios else args.ratios[-1]
 
     u = prepare(args)
     log(f"prepared in {time.perf_counter() - t_start:.1f} s")
-    ev = Evaluator(u, Path(args.cache) / u.encoder.replace("/", "_").replace(":", "_")
-                   / f"metrics_k{u.k}_pca{args.pca_dims}.json")
+    ev = Evaluator(
+        u,
+        Path(args.cache)
+        / u.encoder.replace("/", "_").replace(":", "_")
+        / f"metrics_k{u.k}_pca{args.pca_dims}.json",
+    )
     log("part 1: strategies on the Harvey pool")
     results = run_strategies(u, ev, args.ratios, args.seeds)
     dedup_counts: dict[str, Any] = {}
     if args.dedup:
         cache_dir = Path(args.cache) / u.encoder.replace("/", "_").replace(":", "_")
-        extra, dedup_counts = run_dedup(u, ev, args.ratios, args.dedup, cache_dir / "harvey_emb.npy")
+        extra, dedup_counts = run_dedup(
+            u, ev, args.ratios, args.dedup, cache_dir / "harvey_emb.npy"
+        )
         results.update(extra)
     log("part 2: Stage I rules on pools of different make-up")
     rules = {**RULES, **{f"t{t:g}": {"entropy_threshold": t} for t in args.thresholds}}
@@ -792,45 +1009,62 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     K = u.k
     meta = {
-        "command": command.strip(), "encoder": u.encoder, "k": K, "pca_dims": args.pca_dims,
-        "ratios": args.ratios, "random_seeds": args.seeds, "reference": args.reference, "pool": args.pool,
-        "pool_samples": len(hx), "pool_bad_images": int(u.bad[u.positions("harvey")].sum()),
-        "timings_s": u.timings, "cpu_count": os.cpu_count(), "near_duplicates": dedup_counts,
+        "command": command.strip(),
+        "encoder": u.encoder,
+        "k": K,
+        "pca_dims": args.pca_dims,
+        "ratios": args.ratios,
+        "random_seeds": args.seeds,
+        "reference": args.reference,
+        "pool": args.pool,
+        "pool_samples": len(hx),
+        "pool_bad_images": int(u.bad[u.positions("harvey")].sum()),
+        "timings_s": u.timings,
+        "cpu_count": os.cpu_count(),
+        "near_duplicates": dedup_counts,
     }
     (args.out / "quality.json").write_text(json.dumps({**meta, "results": results}, indent=2))
     for name, m in makeups.items():
         (args.out / f"quality_makeup_{name}.json").write_text(json.dumps({**meta, **m}, indent=2))
-    plots = plot_strategies(results, args.ratios, args.out) + plot_makeups(makeups, args.ratios, args.out)
+    plots = plot_strategies(results, args.ratios, args.out) + plot_makeups(
+        makeups, args.ratios, args.out
+    )
 
     t = u.timings
-    clustering = (f"Clustering (K={K}, spherical k-means, 25 iterations, same CPU): reference "
-                  f"{t.get('reference_kmeans_s', float('nan')):.1f} s on {int(u.valid[u.positions('ucmerced')].sum())} "
-                  f"UC Merced embeddings (whole `build_centroids`, embedding included: "
-                  f"{t.get('build_centroids_s', float('nan')):.1f} s); pool itself "
-                  f"{t.get('pool_kmeans_s', float('nan')):.1f} s on {int(hx.valid.sum())} Harvey embeddings; "
-                  f"assigning the pool to the reference centroids {t.get('assign_pool_s', float('nan')):.2f} s.")
+    clustering = (
+        f"Clustering (K={K}, spherical k-means, 25 iterations, same CPU): reference "
+        f"{t.get('reference_kmeans_s', float('nan')):.1f} s on {int(u.valid[u.positions('ucmerced')].sum())} "
+        f"UC Merced embeddings (whole `build_centroids`, embedding included: "
+        f"{t.get('build_centroids_s', float('nan')):.1f} s); pool itself "
+        f"{t.get('pool_kmeans_s', float('nan')):.1f} s on {int(hx.valid.sum())} Harvey embeddings; "
+        f"assigning the pool to the reference centroids {t.get('assign_pool_s', float('nan')):.2f} s."
+    )
     st = results["rsprune"][str(table_ratio)]["stage1"]
-    md = "\n\n".join([
-        f"### Quality at prune ratio {table_ratio} (pool = Harvey, {len(hx):,} tiles; reference = UC Merced; "
-        f"encoder {u.encoder}; K = {K})",
-        f"Command: `{meta['command']}`",
-        main_table(results, table_ratio),
-        f"`rsprune` = default config (data-driven Stage I: H >= {st['entropy_threshold']:.2f} bits, "
-        f"{st['nodata_dropped']} tiles over max_nodata, {st['stage1_dropped']} below the cut). Random: mean ± std "
-        f"over {args.seeds} seeds. FD and radii in {args.pca_dims} principal components fitted on pool + "
-        "reference; 'no bad' = over the valid pool without `bad_images`. " + clustering,
-        shortfalls(results),
-        *([dedup_lines(dedup_counts)] if dedup_counts else []),
-        f"### Stage I rules under `rsprune` on pools of different make-up, ratio {table_ratio}",
-        makeup_table(makeups, table_ratio),
-        "Stage I `auto` against the other rules over all ratios "
-        f"({', '.join(map(str, args.ratios))}) and the make-up metrics (won / tied / lost; ties within 1%):",
-        verdict_table(makeups, args.ratios),
-    ])
+    md = "\n\n".join(
+        [
+            f"### Quality at prune ratio {table_ratio} (pool = Harvey, {len(hx):,} tiles; reference = UC Merced; "
+            f"encoder {u.encoder}; K = {K})",
+            f"Command: `{meta['command']}`",
+            main_table(results, table_ratio),
+            f"`rsprune` = default config (data-driven Stage I: H >= {st['entropy_threshold']:.2f} bits, "
+            f"{st['nodata_dropped']} tiles over max_nodata, {st['stage1_dropped']} below the cut). Random: mean ± std "
+            f"over {args.seeds} seeds. FD and radii in {args.pca_dims} principal components fitted on pool + "
+            "reference; 'no bad' = over the valid pool without `bad_images`. " + clustering,
+            shortfalls(results),
+            *([dedup_lines(dedup_counts)] if dedup_counts else []),
+            f"### Stage I rules under `rsprune` on pools of different make-up, ratio {table_ratio}",
+            makeup_table(makeups, table_ratio),
+            "Stage I `auto` against the other rules over all ratios "
+            f"({', '.join(map(str, args.ratios))}) and the make-up metrics (won / tied / lost; ties within 1%):",
+            verdict_table(makeups, args.ratios),
+        ]
+    )
     (args.out / "quality_table_085.md").write_text(md + "\n")
     print("\n" + md + "\n")
-    log(f"wrote {args.out / 'quality.json'}, {len(makeups)} make-up JSON files, {len(plots)} plots, "
-        f"{args.out / 'quality_table_085.md'} in {time.perf_counter() - t_start:.1f} s")
+    log(
+        f"wrote {args.out / 'quality.json'}, {len(makeups)} make-up JSON files, {len(plots)} plots, "
+        f"{args.out / 'quality_table_085.md'} in {time.perf_counter() - t_start:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -56,21 +56,25 @@ def kernels(emb16: np.ndarray, cents: np.ndarray, repeats: int) -> dict[str, dic
 
     def torch_f32() -> None:
         for lo in range(0, n, 65536):
-            s = torch.from_numpy(emb16[lo:lo + 65536]).float() @ ct.T
+            s = torch.from_numpy(emb16[lo : lo + 65536]).float() @ ct.T
             s.max(dim=1)
 
     flat = faiss.IndexFlatIP(cents.shape[1])
     flat.add(cents)
     out = {}
-    for name, fn in (("numpy", lambda: assign(emb16.astype(np.float32), cents)),
-                     ("torch_f32", torch_f32),
-                     ("faiss_flat_ip", lambda: flat.search(emb16.astype(np.float32), 1))):
+    for name, fn in (
+        ("numpy", lambda: assign(emb16.astype(np.float32), cents)),
+        ("torch_f32", torch_f32),
+        ("faiss_flat_ip", lambda: flat.search(emb16.astype(np.float32), 1)),
+    ):
         best, worst = best_of(fn, repeats)
         out[name] = {"samples_per_s": n / best, "worst_samples_per_s": n / worst}
     return out
 
 
-def end_to_end(emb16: np.ndarray, cents: Any, shards: int, repeats: int, tmp: Path) -> dict[str, float]:
+def end_to_end(
+    emb16: np.ndarray, cents: Any, shards: int, repeats: int, tmp: Path
+) -> dict[str, float]:
     from rsprune_data import index as idx
     from rsprune_data.embeddings import sidecar_path_for, write_sidecar
     from rsprune_data.reassign import reassign_shards
@@ -81,15 +85,35 @@ def end_to_end(emb16: np.ndarray, cents: Any, shards: int, repeats: int, tmp: Pa
         shard.write_bytes(b"\0" * 1024)  # stands in for the tar: reassign never reads it
         meta = idx.shard_metadata(shard)
         m = part.size
-        arrays = {"entropy": np.full(m, 6.0), "nodata": np.zeros(m), "cluster_id": np.zeros(m),
-                  "similarity": np.zeros(m), "valid": np.ones(m), "reason": np.zeros(m),
-                  "offset": np.arange(m) * 512, "length": np.full(m, 512),
-                  **idx.encode_keys([f"k{i}" for i in part])}
-        idx.write_index(idx.index_path_for(shard), arrays,
-                        {**meta, "encoder": cents.encoder, "centroids_digest": "x",
-                         "num_clusters": "1", "reasons": "[]"})
-        write_sidecar(sidecar_path_for(shard), emb16[part], np.ones(m, bool), shard_meta=meta,
-                      encoder=cents.encoder)
+        arrays = {
+            "entropy": np.full(m, 6.0),
+            "nodata": np.zeros(m),
+            "cluster_id": np.zeros(m),
+            "similarity": np.zeros(m),
+            "valid": np.ones(m),
+            "reason": np.zeros(m),
+            "offset": np.arange(m) * 512,
+            "length": np.full(m, 512),
+            **idx.encode_keys([f"k{i}" for i in part]),
+        }
+        idx.write_index(
+            idx.index_path_for(shard),
+            arrays,
+            {
+                **meta,
+                "encoder": cents.encoder,
+                "centroids_digest": "x",
+                "num_clusters": "1",
+                "reasons": "[]",
+            },
+        )
+        write_sidecar(
+            sidecar_path_for(shard),
+            emb16[part],
+            np.ones(m, bool),
+            shard_meta=meta,
+            encoder=cents.encoder,
+        )
         names.append(str(shard))
     best, worst = best_of(lambda: reassign_shards(names, cents, progress=False), repeats)
     return {"samples_per_s": n / best, "worst_samples_per_s": n / worst, "seconds": best}
@@ -125,12 +149,18 @@ def float16_flips() -> dict[str, Any]:
     emb = emb[np.any(emb != 0, axis=1)]
     z32, s32 = assign(emb, cents)
     z16, s16 = assign(canonical(emb).astype(np.float32), cents)
-    return {"images": int(emb.shape[0]), "k": 20, "ids_changed": int((z32 != z16).sum()),
-            "max_cos_change": float(np.abs(s32 - s16).max())}
+    return {
+        "images": int(emb.shape[0]),
+        "k": 20,
+        "ids_changed": int((z32 != z16).sum()),
+        "max_cos_change": float(np.abs(s32 - s16).max()),
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--samples", type=int, default=200_000)
     ap.add_argument("--shards", type=int, default=20)
     ap.add_argument("--dim", type=int, default=1280)
@@ -145,13 +175,25 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     mu = canonical(rng.standard_normal((a.k, a.dim))).astype(np.float32)
-    cents = Centroids(centroids=mu, encoder="synthetic", seed=0, ref_dirs=["synthetic"],
-                      ref_counts=[a.k], class_names=["x"], composition=np.ones((a.k, 1)))
+    cents = Centroids(
+        centroids=mu,
+        encoder="synthetic",
+        seed=0,
+        ref_dirs=["synthetic"],
+        ref_counts=[a.k],
+        class_names=["x"],
+        composition=np.ones((a.k, 1)),
+    )
     z = rng.integers(0, a.k, a.samples)
     emb16 = canonical(mu[z] + 0.05 * rng.standard_normal((a.samples, a.dim), np.float32))
-    res: dict[str, Any] = {"command": "python " + " ".join(sys.argv), "samples": a.samples,
-                           "dim": a.dim, "k": a.k, "cpu_count": os.cpu_count(),
-                           "load_avg": os.getloadavg()}
+    res: dict[str, Any] = {
+        "command": "python " + " ".join(sys.argv),
+        "samples": a.samples,
+        "dim": a.dim,
+        "k": a.k,
+        "cpu_count": os.cpu_count(),
+        "load_avg": os.getloadavg(),
+    }
     res["kernels"] = kernels(emb16, mu, a.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         res["reassign"] = end_to_end(emb16, cents, a.shards, a.repeats, Path(tmp))
@@ -160,13 +202,17 @@ def main() -> None:
     if a.images:
         res["float16_vs_float32"] = float16_flips()
     for name, r in res["kernels"].items():
-        print(f"kernel {name:14s} {r['samples_per_s']:>12,.0f} samples/s (worst {r['worst_samples_per_s']:,.0f}); "
-              f"x{r['samples_per_s'] / res['kernels']['numpy']['samples_per_s']:.2f} of numpy")
+        print(
+            f"kernel {name:14s} {r['samples_per_s']:>12,.0f} samples/s (worst {r['worst_samples_per_s']:,.0f}); "
+            f"x{r['samples_per_s'] / res['kernels']['numpy']['samples_per_s']:.2f} of numpy"
+        )
     r = res["reassign"]
-    print(f"reassign end to end {r['samples_per_s']:,.0f} samples/s (worst {r['worst_samples_per_s']:,.0f}) "
-          f"over {a.shards} shards; re-encoding {res['encode_images_per_s']:.1f} images/s -> "
-          f"x{res['speedup_vs_reencoding']:,.0f}; load average {res['load_avg'][0]:.1f} on "
-          f"{os.cpu_count()} cores")
+    print(
+        f"reassign end to end {r['samples_per_s']:,.0f} samples/s (worst {r['worst_samples_per_s']:,.0f}) "
+        f"over {a.shards} shards; re-encoding {res['encode_images_per_s']:.1f} images/s -> "
+        f"x{res['speedup_vs_reencoding']:,.0f}; load average {res['load_avg'][0]:.1f} on "
+        f"{os.cpu_count()} cores"
+    )
     if a.images:
         print(f"float16 vs float32 assignment on the shipped images: {res['float16_vs_float32']}")
     a.out.mkdir(parents=True, exist_ok=True)

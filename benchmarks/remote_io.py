@@ -45,8 +45,9 @@ def body_bytes(server: Nginx) -> int:
     return sum(int(line.split()[2]) for line in server.access_log.read_text().splitlines())
 
 
-def best_of(fn: Callable[[], list[str]], repeat: int, server: Nginx, want: set[str]
-            ) -> dict[str, Any]:
+def best_of(
+    fn: Callable[[], list[str]], repeat: int, server: Nginx, want: set[str]
+) -> dict[str, Any]:
     times, sent = [], []
     for _ in range(repeat):
         server.reset_log()
@@ -57,8 +58,12 @@ def best_of(fn: Callable[[], list[str]], repeat: int, server: Nginx, want: set[s
         sent.append(body_bytes(server))
         if len(keys) != len(want) or set(keys) != want:
             raise SystemExit(f"{fn} delivered other samples than the selection")
-    return {"seconds": min(times), "spread": max(times) - min(times), "bytes": min(sent),
-            "samples_per_s": len(want) / min(times)}
+    return {
+        "seconds": min(times),
+        "spread": max(times) - min(times),
+        "bytes": min(sent),
+        "samples_per_s": len(want) / min(times),
+    }
 
 
 def main() -> None:
@@ -69,8 +74,13 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7, 0.85, 0.9])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--rate", default="20m", help="nginx limit_rate per connection ('' = none)")
-    ap.add_argument("--delay", type=float, nargs="+", default=[0.0],
-                    help="seconds of latency added per request (0 = nginx directly)")
+    ap.add_argument(
+        "--delay",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="seconds of latency added per request (0 = nginx directly)",
+    )
     ap.add_argument("--gaps", type=int, nargs="+", default=[0, 4096, 16384, 65536])
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("results/remote_io.json"))
@@ -82,8 +92,10 @@ def main() -> None:
     index = PruneIndex.load(shards)
     keys = list(index.keys)
     gaps = sorted(set(args.gaps) | {DEFAULT_REMOTE_MAX_GAP})
-    print(f"{len(shards)} shards, {len(index)} samples, {total / 1e6:.1f} MB; nginx limit_rate "
-          f"{args.rate or 'none'} per connection; {os.cpu_count()} CPUs, shared machine")
+    print(
+        f"{len(shards)} shards, {len(index)} samples, {total / 1e6:.1f} MB; nginx limit_rate "
+        f"{args.rate or 'none'} per connection; {os.cpu_count()} CPUs, shared machine"
+    )
     results = []
     with Nginx(shard_dir, args.cache / "nginx", limit_rate=args.rate or None) as server:
         for delay in args.delay:
@@ -101,26 +113,47 @@ def main() -> None:
             finally:
                 if proxy is not None:
                     proxy.__exit__(None, None, None)
-    report = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                          "platform": platform.platform(), "note": "shared 2-core machine"},
-              "shards": len(shards), "samples": len(index), "shard_bytes": total,
-              "rate": args.rate, "default_remote_max_gap": DEFAULT_REMOTE_MAX_GAP,
-              "concurrency": args.concurrency, "results": results}
+    report = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "note": "shared 2-core machine",
+        },
+        "shards": len(shards),
+        "samples": len(index),
+        "shard_bytes": total,
+        "rate": args.rate,
+        "default_remote_max_gap": DEFAULT_REMOTE_MAX_GAP,
+        "concurrency": args.concurrency,
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
 
 
-def measure(urls: list[str], index_dir: Path, index: PruneIndex, keys: list[str], ratio: float,
-            gaps: list[int], args: argparse.Namespace, server: Nginx) -> dict[str, Any]:
+def measure(
+    urls: list[str],
+    index_dir: Path,
+    index: PruneIndex,
+    keys: list[str],
+    ratio: float,
+    gaps: list[int],
+    args: argparse.Namespace,
+    server: Nginx,
+) -> dict[str, Any]:
     import webdataset as wds
 
     cfg = PruneConfig(prune_ratio=ratio, entropy_filter="none")
     sel = index.select(cfg)
     want = {keys[i] for i in sel.tolist()}
-    row: dict[str, Any] = {"prune_ratio": ratio, "selected": len(sel),
-                           "selected_bytes": int(index.lengths[sel].sum())}
+    row: dict[str, Any] = {
+        "prune_ratio": ratio,
+        "selected": len(sel),
+        "selected_bytes": int(index.lengths[sel].sum()),
+    }
 
     def stream() -> list[str]:
         ds = wds.WebDataset(urls, shardshuffle=False).select(lambda s: s["__key__"] in want)
@@ -131,8 +164,9 @@ def measure(urls: list[str], index_dir: Path, index: PruneIndex, keys: list[str]
         opts = ReadOptions(remote_max_gap=gap, concurrency=args.concurrency)
 
         def ours(opts: ReadOptions = opts) -> list[str]:
-            ds = PrunedWebDataset(urls, cfg, index_dir=str(index_dir), shuffle_shards=False,
-                                  read=opts)
+            ds = PrunedWebDataset(
+                urls, cfg, index_dir=str(index_dir), shuffle_shards=False, read=opts
+            )
             return [s["__key__"] for s in ds]
 
         r = best_of(ours, args.repeat, server, want)
@@ -143,16 +177,22 @@ def measure(urls: list[str], index_dir: Path, index: PruneIndex, keys: list[str]
 
 def print_row(row: dict[str, Any], gaps: list[int], total: int) -> None:
     s = row["stream"]
-    print(f"\ndelay {row['delay'] * 1e3:.0f} ms, prune_ratio {row['prune_ratio']}: "
-          f"{row['selected']} samples ({row['selected_bytes'] / total:.3f}x of the shard bytes)")
-    print(f"  stream + select      {s['seconds']:7.3f} s (±{s['spread']:.3f}) "
-          f"{s['samples_per_s']:8.0f} samples/s  transferred {s['bytes'] / total:5.3f}x")
+    print(
+        f"\ndelay {row['delay'] * 1e3:.0f} ms, prune_ratio {row['prune_ratio']}: "
+        f"{row['selected']} samples ({row['selected_bytes'] / total:.3f}x of the shard bytes)"
+    )
+    print(
+        f"  stream + select      {s['seconds']:7.3f} s (±{s['spread']:.3f}) "
+        f"{s['samples_per_s']:8.0f} samples/s  transferred {s['bytes'] / total:5.3f}x"
+    )
     for gap in gaps:
         o = row[f"ours_gap{gap}"]
         mark = " (default)" if gap == DEFAULT_REMOTE_MAX_GAP else ""
-        print(f"  ours gap={gap:<6d}       {o['seconds']:7.3f} s (±{o['spread']:.3f}) "
-              f"{o['samples_per_s']:8.0f} samples/s  transferred {o['bytes'] / total:5.3f}x  "
-              f"{o['speedup']:5.1f}x faster{mark}")
+        print(
+            f"  ours gap={gap:<6d}       {o['seconds']:7.3f} s (±{o['spread']:.3f}) "
+            f"{o['samples_per_s']:8.0f} samples/s  transferred {o['bytes'] / total:5.3f}x  "
+            f"{o['speedup']:5.1f}x faster{mark}"
+        )
 
 
 if __name__ == "__main__":

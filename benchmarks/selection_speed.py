@@ -32,7 +32,9 @@ def best_of(fn, repeat: int) -> tuple[float, int]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--n", type=int, default=10_500_000)
     ap.add_argument("--k", type=int, default=200)
     ap.add_argument("--repeat", type=int, default=3)
@@ -50,21 +52,44 @@ def main() -> None:
     valid = rng.random(n) > 0.01
 
     yard, yard_mem = best_of(lambda: np.argsort(similarity), args.repeat)
-    print(f"N={n:,} K={k}  yardstick np.argsort(float32): {yard:.3f} s, peak {yard_mem / 2**20:.0f} MiB")
+    print(
+        f"N={n:,} K={k}  yardstick np.argsort(float32): {yard:.3f} s, peak {yard_mem / 2**20:.0f} MiB"
+    )
     rows = []
     for ratio in args.ratios:
         for label, kw in (("no Stage I", {}), ("entropy_keep=0.3", {"entropy_keep": 0.3})):
+
             def run(kw=kw, ratio=ratio):
-                return select_indices(entropy, cluster_ids, similarity, num_clusters=k,
-                                      prune_ratio=ratio, valid=valid, **kw)
+                return select_indices(
+                    entropy,
+                    cluster_ids,
+                    similarity,
+                    num_clusters=k,
+                    prune_ratio=ratio,
+                    valid=valid,
+                    **kw,
+                )
+
             sec, mem = best_of(run, args.repeat)
             kept = len(run())
-            rows.append({"prune_ratio": ratio, "stage1": label, "seconds": sec,
-                         "peak_mib": mem / 2**20, "ratio_to_argsort": sec / yard, "kept": kept})
-            print(f"ratio {ratio:<5} {label:<17} {sec:6.3f} s  {sec / yard:5.2f}x argsort  "
-                  f"peak {mem / 2**20:6.0f} MiB  kept {kept:,}")
+            rows.append(
+                {
+                    "prune_ratio": ratio,
+                    "stage1": label,
+                    "seconds": sec,
+                    "peak_mib": mem / 2**20,
+                    "ratio_to_argsort": sec / yard,
+                    "kept": kept,
+                }
+            )
+            print(
+                f"ratio {ratio:<5} {label:<17} {sec:6.3f} s  {sec / yard:5.2f}x argsort  "
+                f"peak {mem / 2**20:6.0f} MiB  kept {kept:,}"
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"n": n, "k": k, "argsort_seconds": yard, "rows": rows}, indent=2))
+    args.out.write_text(
+        json.dumps({"n": n, "k": k, "argsort_seconds": yard, "rows": rows}, indent=2)
+    )
     print(f"wrote {args.out}")
 
 

@@ -83,14 +83,25 @@ def prepare(src: Path, cache: Path, shard_size: int) -> list[str]:
             continue
         ts = scan_tar(shard)
         n = len(ts)
-        arrays = {"entropy": rng.uniform(5.0, 8.0, n), "nodata": np.zeros(n),
-                  "cluster_id": rng.integers(0, NUM_CLUSTERS, n), "similarity": rng.random(n),
-                  "valid": np.ones(n), "reason": np.zeros(n),
-                  "offset": [t.offset for t in ts], "length": [t.length for t in ts],
-                  "checksum": range_checksums(shard, [(t.offset, t.length) for t in ts]),
-                  **idx.encode_keys([t.key for t in ts])}
-        meta = {**idx.shard_metadata(shard), "encoder": "synthetic", "centroids_digest": "synthetic",
-                "num_clusters": str(NUM_CLUSTERS), "reasons": json.dumps(["ok"])}
+        arrays = {
+            "entropy": rng.uniform(5.0, 8.0, n),
+            "nodata": np.zeros(n),
+            "cluster_id": rng.integers(0, NUM_CLUSTERS, n),
+            "similarity": rng.random(n),
+            "valid": np.ones(n),
+            "reason": np.zeros(n),
+            "offset": [t.offset for t in ts],
+            "length": [t.length for t in ts],
+            "checksum": range_checksums(shard, [(t.offset, t.length) for t in ts]),
+            **idx.encode_keys([t.key for t in ts]),
+        }
+        meta = {
+            **idx.shard_metadata(shard),
+            "encoder": "synthetic",
+            "centroids_digest": "synthetic",
+            "num_clusters": str(NUM_CLUSTERS),
+            "reasons": json.dumps(["ok"]),
+        }
         idx.write_index(out, arrays, meta)
     return shards
 
@@ -137,15 +148,20 @@ def timed(fn: Callable[[], list[str]]) -> dict[str, Any]:
     keys = fn()
     dt = time.perf_counter() - t0
     b = proc_io()
-    return {"seconds": dt, "keys": keys, "rchar": b["rchar"] - a["rchar"],
-            "read_bytes": b["read_bytes"] - a["read_bytes"]}
+    return {
+        "seconds": dt,
+        "keys": keys,
+        "rchar": b["rchar"] - a["rchar"],
+        "read_bytes": b["read_bytes"] - a["read_bytes"],
+    }
 
 
 def run_ours(index: PruneIndex, cfg: PruneConfig, max_gap: int, verify: bool = True) -> list[str]:
     from rsprune_data import PrunedWebDataset
 
-    ds = PrunedWebDataset(index, cfg, shuffle_shards=False, max_gap=max_gap, verify=verify,
-                          sample_window=0)
+    ds = PrunedWebDataset(
+        index, cfg, shuffle_shards=False, max_gap=max_gap, verify=verify, sample_window=0
+    )
     return [s["__key__"] for s in ds]
 
 
@@ -165,8 +181,15 @@ def run_order(index: PruneIndex, cfg: PruneConfig, window: int) -> list[str]:
     return [s["__key__"] for s in ds]
 
 
-def measure_order(index: PruneIndex, shards: list[str], keys: list[str], ratio: float,
-                  windows: list[int], repeat: int, dropped: bool) -> dict[str, Any]:
+def measure_order(
+    index: PruneIndex,
+    shards: list[str],
+    keys: list[str],
+    ratio: float,
+    windows: list[int],
+    repeat: int,
+    dropped: bool,
+) -> dict[str, Any]:
     """Sample-level order (``sample_window=w``) against shard order (``0``), warm and cold.
 
     The sides alternate within every repetition (shard order, then each window), so a load spike
@@ -176,29 +199,43 @@ def measure_order(index: PruneIndex, shards: list[str], keys: list[str], ratio: 
     total = sum(os.path.getsize(s) for s in shards)
     cfg = PruneConfig(prune_ratio=ratio, entropy_filter="none")
     want = {keys[i] for i in index.select(cfg).tolist()}
-    row: dict[str, Any] = {"prune_ratio": ratio, "selected": len(want),
-                           "cold_method": "sync + posix_fadvise(DONTNEED) per shard before each run",
-                           "order": "sides alternate within each repetition; best and spread"}
+    row: dict[str, Any] = {
+        "prune_ratio": ratio,
+        "selected": len(want),
+        "cold_method": "sync + posix_fadvise(DONTNEED) per shard before each run",
+        "order": "sides alternate within each repetition; best and spread",
+    }
     sides = [0, *windows]
-    for cache, before in (("warm", partial(warm, shards)),
-                          ("cold", partial(evict, shards, drop_caches=False))):
+    for cache, before in (
+        ("warm", partial(warm, shards)),
+        ("cold", partial(evict, shards, drop_caches=False)),
+    ):
         runs: dict[int, list[dict[str, Any]]] = {w: [] for w in sides}
         for _ in range(repeat):
             for w in sides:
                 before()
                 r = timed(partial(run_order, index, cfg, w))
                 if set(r.pop("keys")) != want:
-                    raise SystemExit(f"sample_window={w} delivered other samples than the selection")
+                    raise SystemExit(
+                        f"sample_window={w} delivered other samples than the selection"
+                    )
                 runs[w].append(r)
         for w in sides:
             secs = [r["seconds"] for r in runs[w]]
             best = min(runs[w], key=lambda r: r["seconds"])
-            out = {**best, "samples_per_s": len(want) / best["seconds"],
-                   "spread": [min(secs), max(secs)]}
-            name = "shard order (sample_window=0)" if w == 0 else f"sample order (sample_window={w})"
-            line = (f"  {cache:4} {name}: best {out['seconds']:.3f} s [{min(secs):.3f}-"
-                    f"{max(secs):.3f}], {out['samples_per_s']:.0f} samples/s, read "
-                    f"{out['rchar'] / total:.3f}x of shards")
+            out = {
+                **best,
+                "samples_per_s": len(want) / best["seconds"],
+                "spread": [min(secs), max(secs)],
+            }
+            name = (
+                "shard order (sample_window=0)" if w == 0 else f"sample order (sample_window={w})"
+            )
+            line = (
+                f"  {cache:4} {name}: best {out['seconds']:.3f} s [{min(secs):.3f}-"
+                f"{max(secs):.3f}], {out['samples_per_s']:.0f} samples/s, read "
+                f"{out['rchar'] / total:.3f}x of shards"
+            )
             if w:
                 out["vs_shard_order"] = row[f"shard_order_{cache}"]["seconds"] / best["seconds"]
                 line += f": {out['vs_shard_order']:.2f}x the shard order's speed"
@@ -226,8 +263,12 @@ def run_sampler(index: PruneIndex, cfg: PruneConfig, workers: int) -> list[str]:
     from rsprune_data import PrunedShardDataset
 
     loader: DataLoader[Any] = DataLoader(
-        PrunedShardDataset(index), sampler=PrunedSampler(index, cfg, shuffle=False),
-        batch_size=64, num_workers=workers, collate_fn=_keys)
+        PrunedShardDataset(index),
+        sampler=PrunedSampler(index, cfg, shuffle=False),
+        batch_size=64,
+        num_workers=workers,
+        collate_fn=_keys,
+    )
     return [k for batch in loader for k in batch]
 
 
@@ -252,8 +293,9 @@ def best_run(fn: Callable[[], list[str]], repeat: int, want: set[str]) -> dict[s
     return {"best": min(times), "worst": max(times)}
 
 
-def median_run(fn: Callable[[], list[str]], repeat: int, before: Callable[[], None],
-               want: set[str]) -> dict[str, Any]:
+def median_run(
+    fn: Callable[[], list[str]], repeat: int, before: Callable[[], None], want: set[str]
+) -> dict[str, Any]:
     runs = []
     for _ in range(repeat):
         before()
@@ -265,9 +307,17 @@ def median_run(fn: Callable[[], list[str]], repeat: int, before: Callable[[], No
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
-def measure_ratio(index: PruneIndex, shards: list[str], keys: list[str], ratio: float,
-                  gaps: list[int], repeat: int, workers: int, dropped: bool,
-                  verify_only: bool = False) -> dict[str, Any]:
+def measure_ratio(
+    index: PruneIndex,
+    shards: list[str],
+    keys: list[str],
+    ratio: float,
+    gaps: list[int],
+    repeat: int,
+    workers: int,
+    dropped: bool,
+    verify_only: bool = False,
+) -> dict[str, Any]:
     """Every measurement of one prune ratio (same samples on every path, checked)."""
     total_bytes = sum(os.path.getsize(s) for s in shards)
     cfg = PruneConfig(prune_ratio=ratio, entropy_filter="none")
@@ -277,7 +327,10 @@ def measure_ratio(index: PruneIndex, shards: list[str], keys: list[str], ratio: 
     warm_all = partial(warm, shards)
     if verify_only:
         return _measure_verify(row, index, cfg, repeat, want, warm_all)
-    for cache, before in (("warm", warm_all), ("cold", partial(evict, shards, drop_caches=dropped))):
+    for cache, before in (
+        ("warm", warm_all),
+        ("cold", partial(evict, shards, drop_caches=dropped)),
+    ):
         stream = median_run(partial(run_stream, shards, want), repeat, before, want)
         row[f"stream_{cache}"] = stream
         for gap in gaps:
@@ -291,24 +344,37 @@ def measure_ratio(index: PruneIndex, shards: list[str], keys: list[str], ratio: 
     return _measure_verify(row, index, cfg, repeat, want, warm_all)
 
 
-def _measure_verify(row: dict[str, Any], index: PruneIndex, cfg: PruneConfig, repeat: int,
-                    want: set[str], warm_all: Callable[[], None]) -> dict[str, Any]:
+def _measure_verify(
+    row: dict[str, Any],
+    index: PruneIndex,
+    cfg: PruneConfig,
+    repeat: int,
+    want: set[str],
+    warm_all: Callable[[], None],
+) -> dict[str, Any]:
     from rsprune_data.wds import DEFAULT_MAX_GAP
 
     warm_all()
-    for name, fn in (("stream_ours", partial(run_ours, index, cfg, DEFAULT_MAX_GAP)),
-                     ("map_style", partial(run_map, index, cfg))):
+    for name, fn in (
+        ("stream_ours", partial(run_ours, index, cfg, DEFAULT_MAX_GAP)),
+        ("map_style", partial(run_map, index, cfg)),
+    ):
         # interleaved, best of N each: the verify/no-verify ratio is what matters here
         on, off = [], []
         for _ in range(max(repeat, 3)):
             on.append(best_run(partial(fn, True), 1, want)["best"])
             off.append(best_run(partial(fn, False), 1, want)["best"])
-        row[f"verify_{name}"] = {"verify_best": min(on), "verify_worst": max(on),
-                                 "no_verify_best": min(off), "no_verify_worst": max(off),
-                                 "cost_ratio": min(on) / min(off)}
+        row[f"verify_{name}"] = {
+            "verify_best": min(on),
+            "verify_worst": max(on),
+            "no_verify_best": min(off),
+            "no_verify_worst": max(off),
+            "cost_ratio": min(on) / min(off),
+        }
     row["map_style_warm"] = median_run(partial(run_map_style, index, cfg), repeat, warm_all, want)
-    row["map_style_warm"]["vs_stream"] = (row["stream_warm"]["seconds"]
-                                          / row["map_style_warm"]["seconds"])
+    row["map_style_warm"]["vs_stream"] = (
+        row["stream_warm"]["seconds"] / row["map_style_warm"]["seconds"]
+    )
     return row
 
 
@@ -342,12 +408,20 @@ def _litdata_item(s: dict[str, Any]) -> dict[str, Any]:
     return {"key": s["__key__"], "jpeg": s.get("jpeg", b""), "cls": s.get("cls.txt", b"")}
 
 
-def _litdata_peer(samples: list[dict[str, Any]], out: Path) -> tuple[float, Callable[[], list[str]]]:
+def _litdata_peer(
+    samples: list[dict[str, Any]], out: Path
+) -> tuple[float, Callable[[], list[str]]]:
     import litdata
 
     t0 = time.perf_counter()
-    litdata.optimize(fn=_litdata_item, inputs=samples, output_dir=str(out), chunk_bytes="64MB",
-                     num_workers=1, mode="overwrite")
+    litdata.optimize(
+        fn=_litdata_item,
+        inputs=samples,
+        output_dir=str(out),
+        chunk_bytes="64MB",
+        num_workers=1,
+        mode="overwrite",
+    )
     rewrite = time.perf_counter() - t0
 
     def run() -> list[str]:
@@ -357,8 +431,9 @@ def _litdata_peer(samples: list[dict[str, Any]], out: Path) -> tuple[float, Call
     return rewrite, run
 
 
-def measure_peers(shards: list[str], want: set[str], repeat: int, workdir: Path,
-                  ratio: float) -> dict[str, Any]:
+def measure_peers(
+    shards: list[str], want: set[str], repeat: int, workdir: Path, ratio: float
+) -> dict[str, Any]:
     """Each installed peer over a per-ratio rewrite of the subset: rewrite seconds, then best-of
     ``repeat`` iteration of raw samples in one process (page cache warm). Missing peers are
     reported as skipped with the reason."""
@@ -378,8 +453,12 @@ def measure_peers(shards: list[str], want: set[str], repeat: int, workdir: Path,
                 times.append(time.perf_counter() - t0)
             if set(keys) != want or len(keys) != len(want):
                 raise RuntimeError("delivered other samples than the selection")
-            out[name] = {"rewrite_seconds": rewrite, "seconds": min(times),
-                         "spread": max(times) - min(times), "samples_per_s": len(want) / min(times)}
+            out[name] = {
+                "rewrite_seconds": rewrite,
+                "seconds": min(times),
+                "spread": max(times) - min(times),
+                "samples_per_s": len(want) / min(times),
+            }
         except Exception as exc:  # optional peers: any failure is reported, never fatal
             out[name] = {"skipped": f"{type(exc).__name__}: {exc}"[:300]}
         finally:
@@ -395,31 +474,55 @@ def run_map_style(index: PruneIndex, cfg: PruneConfig) -> list[str]:
     from rsprune_data import PrunedShardDataset
 
     loader: DataLoader[Any] = DataLoader(
-        PrunedShardDataset(index), sampler=PrunedSampler(index, cfg, shuffle=False),
-        batch_size=256, num_workers=0, collate_fn=_keys)
+        PrunedShardDataset(index),
+        sampler=PrunedSampler(index, cfg, shuffle=False),
+        batch_size=256,
+        num_workers=0,
+        collate_fn=_keys,
+    )
     return [k for batch in loader for k in batch]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--src", type=Path, default=Path("/work/shared/data/harvey"))
     ap.add_argument("--cache", type=Path, default=Path("/tmp/rsprune_bench"))
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7, 0.85, 0.9])
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--gaps", type=int, nargs="+", default=[0, 4096, 65536],
-                    help="max_gap values for PrunedWebDataset (its default is always added)")
+    ap.add_argument(
+        "--gaps",
+        type=int,
+        nargs="+",
+        default=[0, 4096, 65536],
+        help="max_gap values for PrunedWebDataset (its default is always added)",
+    )
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--sample-windows", type=int, nargs="+", default=[8],
-                    help="sample_window values compared with shard order (0)")
-    ap.add_argument("--order-only", action="store_true",
-                    help="measure only the sample-level order against shard order")
-    ap.add_argument("--peers", action="store_true",
-                    help="also measure MosaicML streaming and litdata over per-ratio rewrites")
+    ap.add_argument(
+        "--sample-windows",
+        type=int,
+        nargs="+",
+        default=[8],
+        help="sample_window values compared with shard order (0)",
+    )
+    ap.add_argument(
+        "--order-only",
+        action="store_true",
+        help="measure only the sample-level order against shard order",
+    )
+    ap.add_argument(
+        "--peers",
+        action="store_true",
+        help="also measure MosaicML streaming and litdata over per-ratio rewrites",
+    )
     ap.add_argument("--out", type=Path, default=Path("results/streaming_io.json"))
-    ap.add_argument("--verify-only", action="store_true",
-                    help="only the cost of checksum verification (verify vs verify=False)")
+    ap.add_argument(
+        "--verify-only",
+        action="store_true",
+        help="only the cost of checksum verification (verify vs verify=False)",
+    )
     args = ap.parse_args()
 
     from rsprune_data.wds import DEFAULT_MAX_GAP
@@ -433,33 +536,63 @@ def main() -> None:
     gaps = sorted(set(args.gaps) | {DEFAULT_MAX_GAP})
     dropped = drop_caches_allowed()
     cold = "sync + drop_caches" if dropped else "sync + posix_fadvise(DONTNEED) per shard"
-    print(f"{len(shards)} shards, {len(index)} samples, {total_bytes / 1e6:.1f} MB; index load "
-          f"{load_s:.3f} s; /proc/sys/vm/drop_caches "
-          f"{'allowed' if dropped else 'not allowed here'}; cold cache = {cold}")
+    print(
+        f"{len(shards)} shards, {len(index)} samples, {total_bytes / 1e6:.1f} MB; index load "
+        f"{load_s:.3f} s; /proc/sys/vm/drop_caches "
+        f"{'allowed' if dropped else 'not allowed here'}; cold cache = {cold}"
+    )
     results = []
     order = []
     for ratio in args.ratios:
-        print(f"\nprune_ratio {ratio}: sample-level order against shard order (shuffled shards; "
-              "cold = posix_fadvise(DONTNEED) per shard)")
-        order.append(measure_order(index, shards, keys, ratio, args.sample_windows, args.repeat,
-                                   dropped))
+        print(
+            f"\nprune_ratio {ratio}: sample-level order against shard order (shuffled shards; "
+            "cold = posix_fadvise(DONTNEED) per shard)"
+        )
+        order.append(
+            measure_order(index, shards, keys, ratio, args.sample_windows, args.repeat, dropped)
+        )
         if args.order_only:
             continue
-        results.append(measure_ratio(index, shards, keys, ratio, gaps, args.repeat, args.workers,
-                                     dropped, args.verify_only))
+        results.append(
+            measure_ratio(
+                index,
+                shards,
+                keys,
+                ratio,
+                gaps,
+                args.repeat,
+                args.workers,
+                dropped,
+                args.verify_only,
+            )
+        )
         if args.peers:
-            want = {keys[i] for i in index.select(PruneConfig(prune_ratio=ratio,
-                                                              entropy_filter="none")).tolist()}
+            want = {
+                keys[i]
+                for i in index.select(
+                    PruneConfig(prune_ratio=ratio, entropy_filter="none")
+                ).tolist()
+            }
             results[-1]["peers"] = measure_peers(shards, want, args.repeat, args.cache, ratio)
         _print_row(results[-1], gaps, DEFAULT_MAX_GAP, total_bytes, args.workers)
-    report = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                          "platform": platform.platform()},
-              "shards": len(shards), "samples": len(index), "shard_bytes": total_bytes,
-              "index_load_seconds": load_s, "drop_caches_allowed": dropped,
-              "cold_method": cold + " before each run",
-              "default_max_gap": DEFAULT_MAX_GAP, "workers": args.workers, "results": results,
-              "sample_order": order}
+    report = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "shards": len(shards),
+        "samples": len(index),
+        "shard_bytes": total_bytes,
+        "index_load_seconds": load_s,
+        "drop_caches_allowed": dropped,
+        "cold_method": cold + " before each run",
+        "default_max_gap": DEFAULT_MAX_GAP,
+        "workers": args.workers,
+        "results": results,
+        "sample_order": order,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     if not results or args.verify_only:
@@ -469,43 +602,54 @@ def main() -> None:
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
-def _print_row(row: dict[str, Any], gaps: list[int], default_gap: int, total: int,
-               workers: int) -> None:
+def _print_row(
+    row: dict[str, Any], gaps: list[int], default_gap: int, total: int, workers: int
+) -> None:
     n = row["selected"]
     print(f"\nprune_ratio {row['prune_ratio']}: {n} samples selected")
     for cache in ("warm", "cold") if "stream_warm" in row else ():
         s = row[f"stream_{cache}"]
-        print(f"  {cache:4} stream           {s['seconds']:7.3f} s {n / s['seconds']:9.0f} "
-              f"samples/s  read {s['rchar'] / total:5.3f}x of shards "
-              f"(device {s['read_bytes'] / total:5.3f}x)")
+        print(
+            f"  {cache:4} stream           {s['seconds']:7.3f} s {n / s['seconds']:9.0f} "
+            f"samples/s  read {s['rchar'] / total:5.3f}x of shards "
+            f"(device {s['read_bytes'] / total:5.3f}x)"
+        )
         for gap in gaps:
             o = row[f"ours_{cache}_gap{gap}"]
             mark = " (default)" if gap == default_gap else ""
-            print(f"  {cache:4} ours max_gap={gap:<6d}{o['seconds']:7.3f} s {n / o['seconds']:9.0f} "
-                  f"samples/s  read {o['bytes_fraction']:5.3f}x (device "
-                  f"{o['read_bytes'] / total:5.3f}x)  {o['speedup']:6.1f}x faster{mark}")
+            print(
+                f"  {cache:4} ours max_gap={gap:<6d}{o['seconds']:7.3f} s {n / o['seconds']:9.0f} "
+                f"samples/s  read {o['bytes_fraction']:5.3f}x (device "
+                f"{o['read_bytes'] / total:5.3f}x)  {o['speedup']:6.1f}x faster{mark}"
+            )
     for name in ("sampler_loader_warm", "ours_loader_warm", "map_style_warm"):
         if name not in row:
             continue
         r = row[name]
         s = row["stream_warm"]["seconds"]
         who = "0 workers, __getitems__" if name == "map_style_warm" else f"{workers} workers"
-        print(f"  warm {name} ({who}): {r['seconds']:7.3f} s "
-              f"{n / r['seconds']:9.0f} samples/s, {s / r['seconds']:6.1f}x the stream")
+        print(
+            f"  warm {name} ({who}): {r['seconds']:7.3f} s "
+            f"{n / r['seconds']:9.0f} samples/s, {s / r['seconds']:6.1f}x the stream"
+        )
     for name in ("stream_ours", "map_style"):
         v = row[f"verify_{name}"]
-        print(f"  warm checksum verification, {name:11s}: verify {v['verify_best']:.3f} s "
-              f"(worst {v['verify_worst']:.3f}), verify=False {v['no_verify_best']:.3f} s (worst "
-              f"{v['no_verify_worst']:.3f}): cost {100 * (v['cost_ratio'] - 1):+.1f}% "
-              f"(ratio {v['cost_ratio']:.3f})")
+        print(
+            f"  warm checksum verification, {name:11s}: verify {v['verify_best']:.3f} s "
+            f"(worst {v['verify_worst']:.3f}), verify=False {v['no_verify_best']:.3f} s (worst "
+            f"{v['no_verify_worst']:.3f}): cost {100 * (v['cost_ratio'] - 1):+.1f}% "
+            f"(ratio {v['cost_ratio']:.3f})"
+        )
     ours = row[f"ours_warm_gap{default_gap}"]["seconds"]
     for name, r in row.get("peers", {}).items():
         if "skipped" in r:
             print(f"  warm peer {name}: skipped ({r['skipped']})")
         else:
-            print(f"  warm peer {name}: {r['seconds']:7.3f} s (±{r['spread']:.3f}) "
-                  f"{n / r['seconds']:9.0f} samples/s after a {r['rewrite_seconds']:.1f} s rewrite; "
-                  f"PrunedWebDataset / peer time {ours / r['seconds']:.2f}")
+            print(
+                f"  warm peer {name}: {r['seconds']:7.3f} s (±{r['spread']:.3f}) "
+                f"{n / r['seconds']:9.0f} samples/s after a {r['rewrite_seconds']:.1f} s rewrite; "
+                f"PrunedWebDataset / peer time {ours / r['seconds']:.2f}"
+            )
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -519,23 +663,43 @@ def plot(report: dict[str, Any], path: Path) -> None:
     gap = report["default_max_gap"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for cache, style in (("warm", "-o"), ("cold", "--s")):
-        ax1.plot(ratios, [r[f"ours_{cache}_gap{gap}"]["speedup"] for r in rows], style,
-                 label=f"PrunedWebDataset, {cache}")
-        ax2.plot(ratios, [r[f"ours_{cache}_gap{gap}"]["bytes_fraction"] for r in rows], style,
-                 label=f"PrunedWebDataset, {cache}")
-    ax2.plot(ratios, [r[f"ours_cold_gap{gap}"]["read_bytes"] / report["shard_bytes"] for r in rows],
-             "-.^", label="PrunedWebDataset, cold, from the device (readahead)")
-    ax2.plot(ratios, [r["stream_warm"]["rchar"] / report["shard_bytes"] for r in rows], ":",
-             label="wds.WebDataset.select")
+        ax1.plot(
+            ratios,
+            [r[f"ours_{cache}_gap{gap}"]["speedup"] for r in rows],
+            style,
+            label=f"PrunedWebDataset, {cache}",
+        )
+        ax2.plot(
+            ratios,
+            [r[f"ours_{cache}_gap{gap}"]["bytes_fraction"] for r in rows],
+            style,
+            label=f"PrunedWebDataset, {cache}",
+        )
+    ax2.plot(
+        ratios,
+        [r[f"ours_cold_gap{gap}"]["read_bytes"] / report["shard_bytes"] for r in rows],
+        "-.^",
+        label="PrunedWebDataset, cold, from the device (readahead)",
+    )
+    ax2.plot(
+        ratios,
+        [r["stream_warm"]["rchar"] / report["shard_bytes"] for r in rows],
+        ":",
+        label="wds.WebDataset.select",
+    )
     ax2.plot(ratios, [1 - x for x in ratios], color="grey", lw=0.8, label="kept share")
-    ax1.set(xlabel="prune ratio", ylabel="speed-up over wds.WebDataset(...).select",
-            title="wall time to deliver the selection")
+    ax1.set(
+        xlabel="prune ratio",
+        ylabel="speed-up over wds.WebDataset(...).select",
+        title="wall time to deliver the selection",
+    )
     ax2.set(xlabel="prune ratio", ylabel="bytes read / shard bytes", title="bytes read")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{report['shards']} shards, {report['samples']} samples, "
-                 f"max_gap={gap} B", fontsize=9)
+    fig.suptitle(
+        f"{report['shards']} shards, {report['samples']} samples, max_gap={gap} B", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

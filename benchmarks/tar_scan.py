@@ -40,12 +40,16 @@ def make_shard(path: Path, n: int) -> None:
     with wds.TarWriter(str(path), encoder=False) as w:
         for i in range(n):
             buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                buf, format="JPEG"
+            )
             w.write({"__key__": f"{i:08d}", "jpg": buf.getvalue()})
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--samples", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("results/tar_scan.json"))
@@ -69,14 +73,20 @@ def main() -> None:
                 "scan_tar": lambda p=path: scan_tar(p),
                 "tarfile streaming (r|)": stream,
                 "iter_tar_samples (reads data)": lambda p=path: list(iter_tar_samples(p)),
-                "webdataset.WebDataset": lambda p=path: list(wds.WebDataset(str(p), shardshuffle=False)),
+                "webdataset.WebDataset": lambda p=path: list(
+                    wds.WebDataset(str(p), shardshuffle=False)
+                ),
             }
             times = {name: best(fn, args.repeat) for name, fn in cases.items()}
             yard = times["tarfile.open().getmembers()"]
             print(f"shard of {n:,} samples ({path.stat().st_size / 1e6:.1f} MB)")
             for name, t in times.items():
-                print(f"  {name:30s} {t * 1e3:8.1f} ms  {n / t:10,.0f} samples/s  {yard / t:5.1f}x tarfile")
-                rows.append({"samples": n, "case": name, "seconds": t, "ratio_to_tarfile": yard / t})
+                print(
+                    f"  {name:30s} {t * 1e3:8.1f} ms  {n / t:10,.0f} samples/s  {yard / t:5.1f}x tarfile"
+                )
+                rows.append(
+                    {"samples": n, "case": name, "seconds": t, "ratio_to_tarfile": yard / t}
+                )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=2))
     print(f"wrote {args.out}")

@@ -43,7 +43,9 @@ from rsprune_data import (
 def to_input(image: np.ndarray, size: int) -> torch.Tensor:
     """HxWx3 uint8 -> 3 x size x size in [-1, 1]."""
     x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()[None] / 255  # writable copy
-    return nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)[0] * 2 - 1
+    return (
+        nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)[0] * 2 - 1
+    )
 
 
 def image_member(sample: dict[str, Any]) -> np.ndarray:
@@ -67,33 +69,54 @@ def build_loader(args: argparse.Namespace) -> DataLoader[Any]:
         index = PruneIndex.load(shards, args.index_dir)
         sampler = PrunedSampler(index, schedule, seed=args.seed)  # sees the process group
         dataset = PrunedShardDataset(index, decode="rgb", transform=to_item)
-        return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size,
-                          num_workers=args.workers, persistent_workers=args.workers > 0)
+        return DataLoader(
+            dataset,
+            sampler=sampler,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            persistent_workers=args.workers > 0,
+        )
     stream = PrunedWebDataset(shards, schedule, index_dir=args.index_dir, seed=args.seed)
     pipeline = stream.decode("rgb8").map(to_item).batched(args.batch_size)
-    return DataLoader(pipeline, batch_size=None, num_workers=args.workers,
-                      persistent_workers=args.workers > 0)
+    return DataLoader(
+        pipeline, batch_size=None, num_workers=args.workers, persistent_workers=args.workers > 0
+    )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--shards", nargs="+", required=True, help="shard paths or one brace pattern")
-    ap.add_argument("--index-dir", default=None, help="folder of the index files (default: beside "
-                    "each shard)")
+    ap.add_argument(
+        "--index-dir", default=None, help="folder of the index files (default: beside each shard)"
+    )
     ap.add_argument("--loader", choices=("sampler", "stream"), default="stream")
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.85, 0.7, 0.5],
-                    help="pruning ratio of each epoch (one epoch per ratio)")
-    ap.add_argument("--strategy", default="rsprune", help="selection strategy (entropy for an "
-                    "index built without centroids)")
+    ap.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=[0.85, 0.7, 0.5],
+        help="pruning ratio of each epoch (one epoch per ratio)",
+    )
+    ap.add_argument(
+        "--strategy",
+        default="rsprune",
+        help="selection strategy (entropy for an index built without centroids)",
+    )
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--log-delivered", type=Path, default=None, metavar="DIR")
     ap.add_argument("--checkpoint", type=Path, default=None, metavar="DIR")
-    ap.add_argument("--stop-after", type=int, default=None, metavar="K",
-                    help="save --checkpoint after step K and stop (to test resuming)")
+    ap.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="K",
+        help="save --checkpoint after step K and stop (to test resuming)",
+    )
     ap.add_argument("--resume", action="store_true", help="start from --checkpoint")
     args = ap.parse_args()
 
@@ -129,10 +152,14 @@ def main() -> None:
             if args.stop_after is not None and step == args.stop_after:
                 break
         if log is not None:
-            log.write(json.dumps({"epoch": epoch, "ratio": args.ratios[epoch], "keys": keys}) + "\n")
+            log.write(
+                json.dumps({"epoch": epoch, "ratio": args.ratios[epoch], "keys": keys}) + "\n"
+            )
             log.flush()
-        accelerator.print(f"epoch {epoch}: prune_ratio={args.ratios[epoch]} rank "
-                          f"{accelerator.process_index} trained on {len(keys)} samples")
+        accelerator.print(
+            f"epoch {epoch}: prune_ratio={args.ratios[epoch]} rank "
+            f"{accelerator.process_index} trained on {len(keys)} samples"
+        )
         if args.checkpoint is not None:
             accelerator.save_state(str(args.checkpoint))
         if args.stop_after is not None and step == args.stop_after:

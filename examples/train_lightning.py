@@ -28,8 +28,9 @@ from train_accelerate import build_loader
 class Denoiser(L.LightningModule):  # type: ignore[misc]
     def __init__(self, ratios: list[float], log_dir: Path | None, stop_after: int | None) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.SiLU(),
-                                 nn.Conv2d(16, 3, 3, padding=1))
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 3, 3, padding=1)
+        )
         self.ratios, self.log_dir, self.stop_after = ratios, log_dir, stop_after
         self.keys: list[str] = []
 
@@ -57,18 +58,23 @@ class Denoiser(L.LightningModule):  # type: ignore[misc]
             return
         epoch = self.trainer.current_epoch
         with open(self.log_dir / f"rank{self.global_rank}.jsonl", "a") as f:
-            f.write(json.dumps({"epoch": epoch, "ratio": self.ratios[epoch], "keys": self.keys})
-                    + "\n")
-        print(f"epoch {epoch}: prune_ratio={self.ratios[epoch]} rank {self.global_rank} trained "
-              f"on {len(self.keys)} samples", flush=True)
+            f.write(
+                json.dumps({"epoch": epoch, "ratio": self.ratios[epoch], "keys": self.keys}) + "\n"
+            )
+        print(
+            f"epoch {epoch}: prune_ratio={self.ratios[epoch]} rank {self.global_rank} trained "
+            f"on {len(self.keys)} samples",
+            flush=True,
+        )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--shards", nargs="+", required=True, help="shard paths or one brace pattern")
     ap.add_argument("--index-dir", default=None)
     ap.add_argument("--loader", choices=("sampler", "stream"), default="stream")
@@ -93,18 +99,30 @@ def main() -> None:
     if args.checkpoint is not None:
         from lightning.pytorch.callbacks import ModelCheckpoint
 
-        callbacks.append(ModelCheckpoint(dirpath=args.checkpoint, save_last=True, save_top_k=0,
-                                         every_n_train_steps=1))
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=args.checkpoint, save_last=True, save_top_k=0, every_n_train_steps=1
+            )
+        )
     torch.manual_seed(args.seed)
-    trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy="ddp",
-                        max_epochs=len(args.ratios), reload_dataloaders_every_n_epochs=1,
-                        callbacks=callbacks, logger=False, enable_checkpointing=bool(callbacks),
-                        enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy="ddp",
+        max_epochs=len(args.ratios),
+        reload_dataloaders_every_n_epochs=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=bool(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     data = PrunedDataModule(functools.partial(build_loader, args))
     ckpt = str(args.checkpoint / "last.ckpt") if args.resume else None
-    trainer.fit(Denoiser(args.ratios, args.log_delivered, args.stop_after), datamodule=data,
-                ckpt_path=ckpt)
+    trainer.fit(
+        Denoiser(args.ratios, args.log_delivered, args.stop_after), datamodule=data, ckpt_path=ckpt
+    )
 
 
 if __name__ == "__main__":

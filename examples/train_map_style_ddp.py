@@ -46,8 +46,12 @@ def build_demo_shards(workdir: Path) -> list[str]:
 
     shards = sorted(str(p) for p in (workdir / "shards").glob("shard-*.tar"))
     if not shards:
-        shards = [str(p) for p in pack_folder(EXAMPLES / "data" / "harvey", workdir / "shards",
-                                              shard_size=100, progress=False).shards]
+        shards = [
+            str(p)
+            for p in pack_folder(
+                EXAMPLES / "data" / "harvey", workdir / "shards", shard_size=100, progress=False
+            ).shards
+        ]
     encoder = load_encoder("efficientnet-lite0", device="cpu")
     path = workdir / "centroids.safetensors"
     if path.exists():
@@ -57,8 +61,15 @@ def build_demo_shards(workdir: Path) -> list[str]:
         centroids.save(path)
     # skips shards whose index is already current
     # rank 0 indexes every shard (rank/world_size given, else torchrun's RANK/WORLD_SIZE would split)
-    index_shards(shards, centroids=centroids, encoder=encoder, workers=2, progress=False,
-                 rank=0, world_size=1)
+    index_shards(
+        shards,
+        centroids=centroids,
+        encoder=encoder,
+        workers=2,
+        progress=False,
+        rank=0,
+        world_size=1,
+    )
     return shards
 
 
@@ -74,14 +85,18 @@ class TinyDenoiser(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 3, 3, padding=1))
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.SiLU(), nn.Conv2d(16, 3, 3, padding=1)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--shards", nargs="*", help="indexed tar shards (default: build a demo set)")
     ap.add_argument("--index-dir", help="where the shards' index files are (default: beside them)")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "rsprune_map_demo"))
@@ -107,8 +122,13 @@ def main() -> None:
     dataset = PrunedShardDataset(index, decode="rgb", transform=to_tensor)  # item i = position i
     # rank and world size come from the process group; the schedule is read in set_epoch
     sampler = PrunedSampler(index, prune_schedule, seed=0)
-    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
-                        num_workers=args.workers, persistent_workers=args.workers > 0)
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+    )
 
     model: nn.Module = TinyDenoiser()
     if distributed:
@@ -125,9 +145,12 @@ def main() -> None:
             opt.step()
             seen += x.shape[0]
             total += loss.item() * x.shape[0]
-        print(f"rank {rank} epoch {epoch}: prune_ratio={sampler.config.prune_ratio} "
-              f"kept {len(sampler.selected)}/{len(index)}, this rank trained on {seen} "
-              f"(= len(sampler) {len(sampler)}), mean loss {total / max(seen, 1):.4f}", flush=True)
+        print(
+            f"rank {rank} epoch {epoch}: prune_ratio={sampler.config.prune_ratio} "
+            f"kept {len(sampler.selected)}/{len(index)}, this rank trained on {seen} "
+            f"(= len(sampler) {len(sampler)}), mean loss {total / max(seen, 1):.4f}",
+            flush=True,
+        )
         # a checkpoint would save sampler.state_dict() (or a StatefulDataLoader's) with the model
     if distributed:
         dist.barrier()  # no rank tears gloo down while another still talks to it

@@ -33,14 +33,16 @@ SIZE = 64  # train at 64x64 to keep the example fast on a CPU
 
 def to_input(image: torch.Tensor) -> torch.Tensor:
     """CHW float image in [0, 1] -> SIZE x SIZE in [-1, 1]."""
-    image = nn.functional.interpolate(image[None], size=(SIZE, SIZE), mode="bilinear",
-                                      antialias=True, align_corners=False)[0]
+    image = nn.functional.interpolate(
+        image[None], size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False
+    )[0]
     return image * 2 - 1
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--images", type=Path, default=Path(__file__).parent / "data" / "harvey")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/rsprune_example"))
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7, 0.85])
@@ -56,19 +58,30 @@ def main() -> None:
     if not report.ok:
         raise SystemExit(f"indexing failed: {report.failed}")
 
-    ds = PrunedWebDataset(shards, PruneConfig(prune_ratio=args.ratios[0], strategy="entropy"),
-                          seed=0)
+    ds = PrunedWebDataset(
+        shards, PruneConfig(prune_ratio=args.ratios[0], strategy="entropy"), seed=0
+    )
     # webdataset stages, exactly as after wds.WebDataset(...): decode, pick the image, batch in
     # the workers. Harvey tiles are .jpeg, UC Merced .jpg: "jpg;jpeg;png" takes whichever exists.
-    pipeline = (ds.decode("torchrgb").to_tuple("jpg;jpeg;png").map_tuple(to_input)
-                .shuffle(64).batched(args.batch_size))
-    loader = DataLoader(pipeline, batch_size=None, num_workers=args.workers,
-                        persistent_workers=args.workers > 0)
+    pipeline = (
+        ds.decode("torchrgb")
+        .to_tuple("jpg;jpeg;png")
+        .map_tuple(to_input)
+        .shuffle(64)
+        .batched(args.batch_size)
+    )
+    loader = DataLoader(
+        pipeline, batch_size=None, num_workers=args.workers, persistent_workers=args.workers > 0
+    )
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.SiLU(),
-                          nn.Conv2d(32, 32, 3, padding=1), nn.SiLU(),
-                          nn.Conv2d(32, 3, 3, padding=1))
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.SiLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.SiLU(),
+        nn.Conv2d(32, 3, 3, padding=1),
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     for epoch, ratio in enumerate(args.ratios):
         ds.set_epoch(epoch)  # before iter(loader): reaches the persistent workers
@@ -83,9 +96,11 @@ def main() -> None:
             opt.step()
             seen += images.shape[0]
             total += loss.item() * images.shape[0]
-        print(f"epoch {epoch}: prune_ratio {ratio:.2f} -> {seen} of {len(ds.index)} samples "
-              f"(expected {ds.num_samples}), denoising loss {total / max(seen, 1):.4f}, "
-              f"{time.perf_counter() - t0:.1f} s")
+        print(
+            f"epoch {epoch}: prune_ratio {ratio:.2f} -> {seen} of {len(ds.index)} samples "
+            f"(expected {ds.num_samples}), denoising loss {total / max(seen, 1):.4f}, "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
         if seen != ds.num_samples:
             raise SystemExit(f"expected every selected sample once, got {seen}")
 

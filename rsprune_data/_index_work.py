@@ -86,10 +86,15 @@ def _analyze_one(job: Job, sample: dict[str, bytes]) -> tuple[float, float, floa
         what = f"no {job.image_key!r} member" if job.image_key else "no image member"
         raise CorruptImageError(f"sample has {what}", reason=NO_IMAGE)
     name, data = picked
-    st = analyze(data, name if job.image_key is None else None,
-                 want_rgb=job.preprocess is not None, want_cloud=job.cloud,
-                 rgb_bands=job.rgb_bands, fast_gray=job.fast_gray,
-                 max_decoded_bytes=job.decode_budget)
+    st = analyze(
+        data,
+        name if job.image_key is None else None,
+        want_rgb=job.preprocess is not None,
+        want_cloud=job.cloud,
+        rgb_bands=job.rgb_bands,
+        fast_gray=job.fast_gray,
+        max_decoded_bytes=job.decode_budget,
+    )
     image = job.preprocess(st.rgb) if job.preprocess is not None else None
     return st.entropy, st.nodata, st.cloud, image
 
@@ -139,21 +144,29 @@ def _changed(shard: str, before: dict[str, str], ino: int) -> str | None:
         st = os.stat(shard)
     except OSError as exc:
         return f"shard {shard} disappeared while being indexed ({exc.strerror or exc})"
-    if st.st_ino != ino or str(st.st_size) != before["shard_size"] \
-            or str(st.st_mtime_ns) != before["shard_mtime_ns"] \
-            or idx.shard_fingerprint(shard) != before["shard_fingerprint"]:
-        return (f"shard {shard} was replaced or changed while being indexed: run "
-                "`rsprune-data index` again once it is stable")
+    if (
+        st.st_ino != ino
+        or str(st.st_size) != before["shard_size"]
+        or str(st.st_mtime_ns) != before["shard_mtime_ns"]
+        or idx.shard_fingerprint(shard) != before["shard_fingerprint"]
+    ):
+        return (
+            f"shard {shard} was replaced or changed while being indexed: run "
+            "`rsprune-data index` again once it is stable"
+        )
     return None
 
 
-def _changed_remote(shard: str, before: dict[str, str],
-                    options: dict[str, Any] | None) -> str | None:
+def _changed_remote(
+    shard: str, before: dict[str, str], options: dict[str, Any] | None
+) -> str | None:
     """Why the remote ``shard`` no longer has the size and store checksum taken before reading."""
     now = remote_metadata(shard, options)
     if any(now[k] != before[k] for k in ("shard_size", "shard_fingerprint")):
-        return (f"remote shard {shard} was replaced or changed while being indexed (size or "
-                "checksum): run `rsprune-data index` again once it is stable")
+        return (
+            f"remote shard {shard} was replaced or changed while being indexed (size or "
+            "checksum): run `rsprune-data index` again once it is stable"
+        )
     return None
 
 
@@ -172,13 +185,19 @@ def shard_chunks(job: Job, shard_no: int) -> Iterator[dict[str, Any]]:
     images: list[Any] = []
     examples: dict[str, str] = {}
 
-    def flush(done: bool, error: str | None = None,
-              meta: dict[str, str] | None = None) -> dict[str, Any]:
+    def flush(
+        done: bool, error: str | None = None, meta: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         nonlocal rows, images, examples
-        chunk = {"shard": shard_no, "rows": rows, "done": done, "error": error, "meta": meta,
-                 "examples": examples,
-                 "images": np.stack([np.asarray(im, np.float32) for im in images])
-                 if images else None}
+        chunk = {
+            "shard": shard_no,
+            "rows": rows,
+            "done": done,
+            "error": error,
+            "meta": meta,
+            "examples": examples,
+            "images": np.stack([np.asarray(im, np.float32) for im in images]) if images else None,
+        }
         rows, images, examples = [], [], {}
         return chunk
 
@@ -199,16 +218,22 @@ def shard_chunks(job: Job, shard_no: int) -> Iterator[dict[str, Any]]:
                 except CorruptImageError as exc:
                     ent, nod, cloud, reason = 0.0, 0.0, math.nan, exc.reason
                     examples.setdefault(reason, f"{ts.key}: {exc}")
-                except Exception as exc:  # a transform's or a codec's surprise: one sample, not the shard
+                except (
+                    Exception
+                ) as exc:  # a transform's or a codec's surprise: one sample, not the shard
                     ent, nod, cloud, reason = 0.0, 0.0, math.nan, UNEXPECTED
                     examples.setdefault(reason, f"{ts.key}: {describe(exc)}")
                 extras = ((cloud,) if job.cloud else ()) + meta_values(sample, job.meta_fields)
-                rows.append(SampleRow(ts.key, ts.offset, ts.length, ent, nod, reason, checksum(raw),
-                                      extras))
+                rows.append(
+                    SampleRow(ts.key, ts.offset, ts.length, ent, nod, reason, checksum(raw), extras)
+                )
                 if len(rows) >= job.batch_size:
                     yield flush(False)
-        changed = (_changed_remote(shard, before, job.storage_options) if remote
-                   else _changed(path, before, ino))
+        changed = (
+            _changed_remote(shard, before, job.storage_options)
+            if remote
+            else _changed(path, before, ino)
+        )
     except Exception as exc:  # MemoryError, OSError, ShardError, ...: this shard only
         yield flush(True, describe(exc))
         return

@@ -92,8 +92,13 @@ class _Slot:
     item: int | None = None
 
 
-def supervised(work: Callable[[Any, int], Iterator[Any]], job: Any, items: Sequence[int],
-               workers: int, last: Callable[[Any], bool]) -> Iterator[tuple[int, Any]]:
+def supervised(
+    work: Callable[[Any, int], Iterator[Any]],
+    job: Any,
+    items: Sequence[int],
+    workers: int,
+    last: Callable[[Any], bool],
+) -> Iterator[tuple[int, Any]]:
     """Run ``work(job, item)`` for every item in ``workers`` supervised processes.
 
     Args:

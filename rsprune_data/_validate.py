@@ -40,8 +40,9 @@ def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -
     return int(value)
 
 
-def check_number(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False,
-                 hi_open: bool = False) -> float:
+def check_number(
+    name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False
+) -> float:
     """``float(value)`` if it is a finite number in the interval, else :class:`ConfigError`.
 
     Example:
@@ -78,8 +79,10 @@ def check_choice(name: str, value: Any, choices: Any) -> Any:
 
 def _writable_dir(name: str, value: Any, folder: Path, what: str) -> None:
     if not folder.is_dir():
-        raise ConfigError(f"`{name}`={os.fspath(value)!r}: {what} {str(folder)!r} is not an "
-                          "existing folder; create it first or choose another path")
+        raise ConfigError(
+            f"`{name}`={os.fspath(value)!r}: {what} {str(folder)!r} is not an "
+            "existing folder; create it first or choose another path"
+        )
     # A probe file, not os.access: root passes access() on a chmod-ed folder, and only a real
     # create sees a read-only mount, a full quota or an ACL.
     import tempfile
@@ -87,8 +90,10 @@ def _writable_dir(name: str, value: Any, folder: Path, what: str) -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=".rsprune-probe-", dir=folder)
     except OSError as exc:
-        raise ConfigError(f"`{name}`={os.fspath(value)!r}: cannot write into {str(folder)!r} "
-                          f"({exc.strerror or exc}); choose a writable path") from None
+        raise ConfigError(
+            f"`{name}`={os.fspath(value)!r}: cannot write into {str(folder)!r} "
+            f"({exc.strerror or exc}); choose a writable path"
+        ) from None
     os.close(fd)
     os.unlink(probe)
 
@@ -105,12 +110,16 @@ def check_output_file(name: str, value: str | os.PathLike[str]) -> Path:
     """
     path = Path(value)
     if path.is_dir():
-        raise ConfigError(f"`{name}`={os.fspath(value)!r} is a folder, a file path is needed "
-                          "here (for example add a file name)")
+        raise ConfigError(
+            f"`{name}`={os.fspath(value)!r} is a folder, a file path is needed "
+            "here (for example add a file name)"
+        )
     _writable_dir(name, value, path.parent if str(path.parent) else Path("."), "its folder")
     if path.exists() and not os.access(path, os.W_OK):
-        raise ConfigError(f"`{name}`={os.fspath(value)!r} exists and is read-only; choose "
-                          "another path or make it writable")
+        raise ConfigError(
+            f"`{name}`={os.fspath(value)!r} exists and is read-only; choose "
+            "another path or make it writable"
+        )
     return path
 
 
@@ -119,13 +128,16 @@ def check_output_dir(name: str, value: str | os.PathLike[str]) -> Path:
     a missing one whose parent exists and is writable (it is created later). Not a file."""
     path = Path(value)
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"`{name}`={os.fspath(value)!r} is a file, a folder is needed here; "
-                          "remove it or choose another path")
+        raise ConfigError(
+            f"`{name}`={os.fspath(value)!r} is a file, a folder is needed here; "
+            "remove it or choose another path"
+        )
     if path.is_dir():
         _writable_dir(name, value, path, "the folder")
     else:
-        _writable_dir(name, value, path.parent if str(path.parent) else Path("."),
-                      "its parent folder")
+        _writable_dir(
+            name, value, path.parent if str(path.parent) else Path("."), "its parent folder"
+        )
     return path
 
 
@@ -137,5 +149,7 @@ def check_rgb_bands(value: Any) -> tuple[int, int, int]:
     """
     bands = tuple(value) if isinstance(value, list | tuple) else ()
     if len(bands) != 3 or not all(is_int(b) and b >= 0 for b in bands):
-        raise ConfigError(f"`rgb_bands` must be 3 band indices >= 0 (R G B, 0-based), got {value!r}")
+        raise ConfigError(
+            f"`rgb_bands` must be 3 band indices >= 0 (R G B, 0-based), got {value!r}"
+        )
     return int(bands[0]), int(bands[1]), int(bands[2])

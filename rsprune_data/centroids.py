@@ -45,7 +45,14 @@ if TYPE_CHECKING:
 
     from .encoders import Encoder
 
-__all__ = ["Centroids", "assign", "build_centroids", "embed_images", "reference_images", "spherical_kmeans"]
+__all__ = [
+    "Centroids",
+    "assign",
+    "build_centroids",
+    "embed_images",
+    "reference_images",
+    "spherical_kmeans",
+]
 
 FORMAT = "rsprune-centroids"
 VERSION = "1"
@@ -105,9 +112,15 @@ def _default_workers() -> int:
     return min(4, max(0, (os.cpu_count() or 1) - 1))
 
 
-def embed_images(items: Iterable[ImageItem], encoder: Encoder, *, batch_size: int = 64,
-                 num_workers: int | None = None, progress: bool = True,
-                 skip_corrupt: bool = False) -> NDArray[np.float32]:
+def embed_images(
+    items: Iterable[ImageItem],
+    encoder: Encoder,
+    *,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    progress: bool = True,
+    skip_corrupt: bool = False,
+) -> NDArray[np.float32]:
     """Embed images with ``encoder``: decoding and preprocessing in DataLoader workers, the model here.
 
     Args:
@@ -133,14 +146,20 @@ def embed_images(items: Iterable[ImageItem], encoder: Encoder, *, batch_size: in
 
     items = list(items)
     batch_size = check_int("batch_size", batch_size, 1)
-    workers = _default_workers() if num_workers is None else check_int("num_workers", num_workers, 0)
+    workers = (
+        _default_workers() if num_workers is None else check_int("num_workers", num_workers, 0)
+    )
     out = np.zeros((len(items), encoder.dim), np.float32)
     if not items:
         return out
     dataset = _DecodedItems(items, encoder.preprocess, encoder.image_size)
     loader = torch.utils.data.DataLoader(  # type: ignore[var-annotated]
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers,  # type: ignore[arg-type]
-        pin_memory=encoder.device.type == "cuda")
+        dataset,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=encoder.device.type == "cuda",
+    )
     failed: list[tuple[str, str]] = []
     pos = 0
     with tqdm(total=len(items), unit="img", desc="embedding", disable=not progress) as bar:
@@ -148,25 +167,33 @@ def embed_images(items: Iterable[ImageItem], encoder: Encoder, *, batch_size: in
             n = len(ok)
             good = ok.numpy().astype(bool)
             if good.any():
-                out[pos:pos + n][good] = encoder.encode(images[torch.from_numpy(good)])
-            failed += [(_describe(items[pos + j], pos + j), why[j]) for j in np.flatnonzero(~good).tolist()]
+                out[pos : pos + n][good] = encoder.encode(images[torch.from_numpy(good)])
+            failed += [
+                (_describe(items[pos + j], pos + j), why[j]) for j in np.flatnonzero(~good).tolist()
+            ]
             pos += n
             bar.update(n)
     if failed:
         listing = "; ".join(f"{name} ({reason})" for name, reason in failed[:5])
         more = f" and {len(failed) - 5} more" if len(failed) > 5 else ""
         if not skip_corrupt:
-            raise CorruptImageError(f"{len(failed)} image(s) cannot be decoded: {listing}{more}; remove them "
-                                    "or pass skip_corrupt=True", reason="decode_error")
-        warnings.warn(f"skipped {len(failed)} undecodable image(s) (zero rows): {listing}{more}", stacklevel=2)
+            raise CorruptImageError(
+                f"{len(failed)} image(s) cannot be decoded: {listing}{more}; remove them "
+                "or pass skip_corrupt=True",
+                reason="decode_error",
+            )
+        warnings.warn(
+            f"skipped {len(failed)} undecodable image(s) (zero rows): {listing}{more}", stacklevel=2
+        )
     return out
 
 
 # ---------------------------------------------------------------------------------------------- k-means
 
 
-def spherical_kmeans(x: NDArray[np.floating[Any]], k: int, *, seed: int = 0, niter: int = 25,
-                     gpu: bool | None = None) -> NDArray[np.float32]:
+def spherical_kmeans(
+    x: NDArray[np.floating[Any]], k: int, *, seed: int = 0, niter: int = 25, gpu: bool | None = None
+) -> NDArray[np.float32]:
     """Spherical k-means (faiss): ``k`` unit centroids maximising the summed cosine to their members.
 
     Every row is used for training (faiss would otherwise subsample to 256 points per centroid).
@@ -192,25 +219,41 @@ def spherical_kmeans(x: NDArray[np.floating[Any]], k: int, *, seed: int = 0, nit
 
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0 or not np.issubdtype(x.dtype, np.floating):
-        raise ConfigError(f"`x` must be a non-empty 2-D float array of embeddings, got {x.dtype} {x.shape}")
+        raise ConfigError(
+            f"`x` must be a non-empty 2-D float array of embeddings, got {x.dtype} {x.shape}"
+        )
     n, d = x.shape
     k = check_int("k", k, 1)
     if k > n:
-        raise ConfigError(f"k={k} clusters need at least k reference images, got n={n}: lower k "
-                          f"(--k {max(1, n // 10)} gives ~10 images per cluster) or add reference images")
+        raise ConfigError(
+            f"k={k} clusters need at least k reference images, got n={n}: lower k "
+            f"(--k {max(1, n // 10)} gives ~10 images per cluster) or add reference images"
+        )
     niter = check_int("niter", niter, 1)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if not np.all(np.isfinite(norms)) or np.any(norms == 0):
-        raise ConfigError("`x` has zero or non-finite rows: drop them first (embed_images(skip_corrupt=True) "
-                          "marks undecodable images with zero rows)")
+        raise ConfigError(
+            "`x` has zero or non-finite rows: drop them first (embed_images(skip_corrupt=True) "
+            "marks undecodable images with zero rows)"
+        )
     xn = np.ascontiguousarray(x / norms, dtype=np.float32)
     has_gpu = faiss.get_num_gpus() > 0 if hasattr(faiss, "get_num_gpus") else False
     if gpu is True and not has_gpu:
-        raise ConfigError("gpu=True but faiss sees no GPU: install faiss-gpu (`pip install "
-                          "'rsprune-data[gpu]'`) or pass gpu=None")
-    km = faiss.Kmeans(d, int(k), niter=niter, seed=int(seed), spherical=True, verbose=False,
-                      gpu=bool(has_gpu if gpu is None else gpu),
-                      min_points_per_centroid=1, max_points_per_centroid=max(256, math.ceil(n / k)))
+        raise ConfigError(
+            "gpu=True but faiss sees no GPU: install faiss-gpu (`pip install "
+            "'rsprune-data[gpu]'`) or pass gpu=None"
+        )
+    km = faiss.Kmeans(
+        d,
+        int(k),
+        niter=niter,
+        seed=int(seed),
+        spherical=True,
+        verbose=False,
+        gpu=bool(has_gpu if gpu is None else gpu),
+        min_points_per_centroid=1,
+        max_points_per_centroid=max(256, math.ceil(n / k)),
+    )
     km.train(xn)
     c = np.asarray(km.centroids, dtype=np.float32).reshape(int(k), d)
     return np.ascontiguousarray(c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12))
@@ -219,8 +262,13 @@ def spherical_kmeans(x: NDArray[np.floating[Any]], k: int, *, seed: int = 0, nit
 # ------------------------------------------------------------------------------------------- assignment
 
 
-def assign(emb: NDArray[np.float32], centroids: NDArray[np.float32] | Centroids, device: Any = None, *,
-           chunk_size: int = ASSIGN_CHUNK) -> tuple[NDArray[np.int16], NDArray[np.float32]]:
+def assign(
+    emb: NDArray[np.float32],
+    centroids: NDArray[np.float32] | Centroids,
+    device: Any = None,
+    *,
+    chunk_size: int = ASSIGN_CHUNK,
+) -> tuple[NDArray[np.int16], NDArray[np.float32]]:
     """Nearest centroid by cosine: ``z = argmax_k <e, mu_k>`` and ``s = <e, mu_z>``.
 
     ``emb`` rows should be unit vectors (``encoder.encode`` returns them); they are not renormalised.
@@ -240,15 +288,23 @@ def assign(emb: NDArray[np.float32], centroids: NDArray[np.float32] | Centroids,
         >>> z.tolist(), s.tolist()
         ([2, 1, 0], [1.0, 1.0, 1.0])
     """
-    c = centroids.centroids if isinstance(centroids, Centroids) else np.asarray(centroids, dtype=np.float32)
+    c = (
+        centroids.centroids
+        if isinstance(centroids, Centroids)
+        else np.asarray(centroids, dtype=np.float32)
+    )
     emb = np.asarray(emb, dtype=np.float32)
     if c.ndim != 2 or c.shape[0] < 1:
         raise ConfigError(f"`centroids` must be a [K, d] array with K >= 1, got shape {c.shape}")
     if c.shape[0] > np.iinfo(np.int16).max:
-        raise ConfigError(f"K={c.shape[0]} clusters do not fit the int16 cluster ids: use K <= 32767")
+        raise ConfigError(
+            f"K={c.shape[0]} clusters do not fit the int16 cluster ids: use K <= 32767"
+        )
     if emb.ndim != 2 or emb.shape[1] != c.shape[1]:
-        raise ConfigError(f"`emb` must be [n, {c.shape[1]}] (the centroids' dimension), got {emb.shape}: "
-                          "embed with the encoder the centroids were built with")
+        raise ConfigError(
+            f"`emb` must be [n, {c.shape[1]}] (the centroids' dimension), got {emb.shape}: "
+            "embed with the encoder the centroids were built with"
+        )
     chunk_size = check_int("chunk_size", chunk_size, 1)
     n = emb.shape[0]
     ids = np.empty(n, np.int16)
@@ -256,19 +312,19 @@ def assign(emb: NDArray[np.float32], centroids: NDArray[np.float32] | Centroids,
     if device is None:
         ct = np.ascontiguousarray(c.T)
         for lo in range(0, n, chunk_size):
-            s = emb[lo:lo + chunk_size] @ ct
+            s = emb[lo : lo + chunk_size] @ ct
             best = s.argmax(axis=1)
-            ids[lo:lo + chunk_size] = best
-            sims[lo:lo + chunk_size] = np.take_along_axis(s, best[:, None], axis=1)[:, 0]
+            ids[lo : lo + chunk_size] = best
+            sims[lo : lo + chunk_size] = np.take_along_axis(s, best[:, None], axis=1)[:, 0]
         return ids, sims
     import torch
 
     ct_t = torch.from_numpy(np.ascontiguousarray(c)).to(device).T
     for lo in range(0, n, chunk_size):
-        s_t = torch.from_numpy(emb[lo:lo + chunk_size]).to(device) @ ct_t
+        s_t = torch.from_numpy(emb[lo : lo + chunk_size]).to(device) @ ct_t
         best_t = s_t.argmax(dim=1)
-        ids[lo:lo + chunk_size] = best_t.cpu().numpy()
-        sims[lo:lo + chunk_size] = s_t.gather(1, best_t[:, None])[:, 0].cpu().numpy()
+        ids[lo : lo + chunk_size] = best_t.cpu().numpy()
+        sims[lo : lo + chunk_size] = s_t.gather(1, best_t[:, None])[:, 0].cpu().numpy()
     return ids, sims
 
 
@@ -320,18 +376,26 @@ class Centroids:
         self.centroids = np.ascontiguousarray(self.centroids, dtype=np.float32)
         k = self.centroids.shape[0] if self.centroids.ndim == 2 else 0
         if k == 0:
-            raise ConfigError(f"`centroids` must be a [K, d] array with K >= 1, got {self.centroids.shape}")
+            raise ConfigError(
+                f"`centroids` must be a [K, d] array with K >= 1, got {self.centroids.shape}"
+            )
         self.composition = np.ascontiguousarray(self.composition, dtype=np.float32)
         if self.composition.shape != (k, len(self.class_names)):
-            raise ConfigError(f"`composition` must be [K={k}, C={len(self.class_names)}], "
-                              f"got {self.composition.shape}")
+            raise ConfigError(
+                f"`composition` must be [K={k}, C={len(self.class_names)}], "
+                f"got {self.composition.shape}"
+            )
         if len(self.ref_dirs) != len(self.ref_counts):
-            raise ConfigError(f"`ref_counts` ({len(self.ref_counts)}) must match `ref_dirs` ({len(self.ref_dirs)})")
+            raise ConfigError(
+                f"`ref_counts` ({len(self.ref_counts)}) must match `ref_dirs` ({len(self.ref_dirs)})"
+            )
         self.cluster_sizes = np.asarray(self.cluster_sizes, dtype=np.int64)
         if self.cluster_sizes.size == 0:
             self.cluster_sizes = np.zeros(k, np.int64)
         if self.cluster_sizes.shape != (k,):
-            raise ConfigError(f"`cluster_sizes` must have K={k} entries, got {self.cluster_sizes.shape}")
+            raise ConfigError(
+                f"`cluster_sizes` must have K={k} entries, got {self.cluster_sizes.shape}"
+            )
         self.encoder_spec = self.encoder_spec or self.encoder
 
     @property
@@ -355,13 +419,23 @@ class Centroids:
 
         path = Path(path)
         metadata = {
-            "format": FORMAT, "version": VERSION, "encoder": self.encoder, "encoder_spec": self.encoder_spec,
-            "k": str(self.k), "dim": str(self.dim), "seed": str(self.seed),
-            "ref_dirs": json.dumps(self.ref_dirs), "ref_counts": json.dumps(self.ref_counts),
-            "class_names": json.dumps(self.class_names), "digest": self.digest,
+            "format": FORMAT,
+            "version": VERSION,
+            "encoder": self.encoder,
+            "encoder_spec": self.encoder_spec,
+            "k": str(self.k),
+            "dim": str(self.dim),
+            "seed": str(self.seed),
+            "ref_dirs": json.dumps(self.ref_dirs),
+            "ref_counts": json.dumps(self.ref_counts),
+            "class_names": json.dumps(self.class_names),
+            "digest": self.digest,
         }
-        tensors: dict[str, NDArray[Any]] = {"centroids": self.centroids, "composition": self.composition,
-                   "cluster_sizes": self.cluster_sizes}
+        tensors: dict[str, NDArray[Any]] = {
+            "centroids": self.centroids,
+            "composition": self.composition,
+            "cluster_sizes": self.cluster_sizes,
+        }
         atomic_write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     @classmethod
@@ -371,34 +445,51 @@ class Centroids:
 
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"centroids file {os.fspath(path)!r} does not exist: build it with "
-                              "`rsprune-data centroids REF_DIR -o FILE` (or build_centroids)")
+            raise ConfigError(
+                f"centroids file {os.fspath(path)!r} does not exist: build it with "
+                "`rsprune-data centroids REF_DIR -o FILE` (or build_centroids)"
+            )
         try:
             with safe_open(str(path), framework="numpy") as f:
                 meta = f.metadata() or {}
                 arrays = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ConfigError(f"{os.fspath(path)!r} is not a readable safetensors file ({exc}): build the "
-                              "centroids again") from exc
+            raise ConfigError(
+                f"{os.fspath(path)!r} is not a readable safetensors file ({exc}): build the "
+                "centroids again"
+            ) from exc
         if meta.get("format") != FORMAT or "centroids" not in arrays:
-            raise ConfigError(f"{os.fspath(path)!r} is not an rsprune centroids file "
-                              f"(format={meta.get('format')!r}): pass the file written by `rsprune-data centroids`")
+            raise ConfigError(
+                f"{os.fspath(path)!r} is not an rsprune centroids file "
+                f"(format={meta.get('format')!r}): pass the file written by `rsprune-data centroids`"
+            )
         if meta.get("version") != VERSION:
-            raise ConfigError(f"{os.fspath(path)!r} has centroids format version {meta.get('version')!r}, this "
-                              f"rsprune_data reads version {VERSION}: upgrade rsprune-data or rebuild the centroids")
-        out = cls(centroids=arrays["centroids"], encoder=meta["encoder"], seed=int(meta["seed"]),
-                  ref_dirs=json.loads(meta["ref_dirs"]), ref_counts=json.loads(meta["ref_counts"]),
-                  class_names=json.loads(meta["class_names"]), composition=arrays["composition"],
-                  encoder_spec=meta.get("encoder_spec", ""),
-                  cluster_sizes=arrays.get("cluster_sizes", np.zeros(0, np.int64)))
+            raise ConfigError(
+                f"{os.fspath(path)!r} has centroids format version {meta.get('version')!r}, this "
+                f"rsprune_data reads version {VERSION}: upgrade rsprune-data or rebuild the centroids"
+            )
+        out = cls(
+            centroids=arrays["centroids"],
+            encoder=meta["encoder"],
+            seed=int(meta["seed"]),
+            ref_dirs=json.loads(meta["ref_dirs"]),
+            ref_counts=json.loads(meta["ref_counts"]),
+            class_names=json.loads(meta["class_names"]),
+            composition=arrays["composition"],
+            encoder_spec=meta.get("encoder_spec", ""),
+            cluster_sizes=arrays.get("cluster_sizes", np.zeros(0, np.int64)),
+        )
         if out.digest != meta.get("digest"):
-            raise ConfigError(f"{os.fspath(path)!r} is damaged: its digest {meta.get('digest')!r} does not match "
-                              f"its contents ({out.digest}); build the centroids again")
+            raise ConfigError(
+                f"{os.fspath(path)!r} is damaged: its digest {meta.get('digest')!r} does not match "
+                f"its contents ({out.digest}); build the centroids again"
+            )
         return out
 
 
-def reference_images(ref_dirs: Sequence[str | os.PathLike[str]]) -> tuple[list[Path], NDArray[np.int64],
-                                                                          list[str], list[int]]:
+def reference_images(
+    ref_dirs: Sequence[str | os.PathLike[str]],
+) -> tuple[list[Path], NDArray[np.int64], list[str], list[int]]:
     """Images of labelled reference folders laid out as ``DIR/CLASS/IMAGE``.
 
     The class of an image is its sub-folder's name (images anywhere below ``DIR/CLASS``); images
@@ -416,8 +507,10 @@ def reference_images(ref_dirs: Sequence[str | os.PathLike[str]]) -> tuple[list[P
     for d in ref_dirs:
         root = Path(d).expanduser()
         if not root.is_dir():
-            raise ConfigError(f"reference folder {os.fspath(d)!r} does not exist or is not a folder: pass "
-                              "folders laid out as DIR/CLASS/IMAGE")
+            raise ConfigError(
+                f"reference folder {os.fspath(d)!r} does not exist or is not a folder: pass "
+                "folders laid out as DIR/CLASS/IMAGE"
+            )
         before = len(found)
         for p in sorted(root.rglob("*")):
             if p.suffix.lower() in exts and p.is_file():
@@ -425,24 +518,37 @@ def reference_images(ref_dirs: Sequence[str | os.PathLike[str]]) -> tuple[list[P
                 found.append((p, rel[0] if len(rel) > 1 else root.resolve().name))
         counts.append(len(found) - before)
         if counts[-1] == 0:
-            raise ConfigError(f"reference folder {os.fspath(d)!r} holds no images ({', '.join(IMAGE_EXTS)}): "
-                              "pass folders laid out as DIR/CLASS/IMAGE")
+            raise ConfigError(
+                f"reference folder {os.fspath(d)!r} holds no images ({', '.join(IMAGE_EXTS)}): "
+                "pass folders laid out as DIR/CLASS/IMAGE"
+            )
     names = sorted({cls for _, cls in found})
     lookup = {name: i for i, name in enumerate(names)}
     labels = np.array([lookup[cls] for _, cls in found], dtype=np.int64)
     return [p for p, _ in found], labels, names, counts
 
 
-def _composition(ids: NDArray[np.int16], labels: NDArray[np.int64], k: int, c: int) -> NDArray[np.float32]:
+def _composition(
+    ids: NDArray[np.int16], labels: NDArray[np.int64], k: int, c: int
+) -> NDArray[np.float32]:
     counts = np.zeros((k, c), np.float64)
     np.add.at(counts, (ids.astype(np.int64), labels), 1.0)
     totals = counts.sum(axis=1, keepdims=True)
     return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0).astype(np.float32)
 
 
-def build_centroids(ref_dirs: Sequence[str | os.PathLike[str]], encoder: Encoder, *, k: int = 200, seed: int = 0,
-                    niter: int = 25, batch_size: int = 64, num_workers: int | None = None,
-                    progress: bool = True, gpu: bool | None = None) -> Centroids:
+def build_centroids(
+    ref_dirs: Sequence[str | os.PathLike[str]],
+    encoder: Encoder,
+    *,
+    k: int = 200,
+    seed: int = 0,
+    niter: int = 25,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    progress: bool = True,
+    gpu: bool | None = None,
+) -> Centroids:
     """Embed the reference folders, cluster them with spherical k-means, and describe the clusters.
 
     Undecodable reference images are skipped with a warning (they are not counted in ``ref_counts``).
@@ -464,17 +570,32 @@ def build_centroids(ref_dirs: Sequence[str | os.PathLike[str]], encoder: Encoder
     """
     paths, labels, names, counts = reference_images(ref_dirs)
     if is_int(k) and k > len(paths):
-        raise ConfigError(f"k={k} clusters need at least k reference images, got n={len(paths)} in "
-                          f"{[os.fspath(d) for d in ref_dirs]}: lower --k or add reference folders")
-    emb = embed_images(paths, encoder, batch_size=batch_size, num_workers=num_workers, progress=progress,
-                       skip_corrupt=True)
+        raise ConfigError(
+            f"k={k} clusters need at least k reference images, got n={len(paths)} in "
+            f"{[os.fspath(d) for d in ref_dirs]}: lower --k or add reference folders"
+        )
+    emb = embed_images(
+        paths,
+        encoder,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+        skip_corrupt=True,
+    )
     ok = np.any(emb != 0, axis=1)
     emb, labels = emb[ok], labels[ok]
     folder = np.repeat(np.arange(len(counts)), counts)  # reference_images lists folder by folder
     ref_counts = np.bincount(folder[ok], minlength=len(counts)).tolist()
     mu = spherical_kmeans(emb, k, seed=seed, niter=niter, gpu=gpu)
     ids, _ = assign(emb, mu)
-    return Centroids(centroids=mu, encoder=encoder.name, seed=seed, ref_dirs=[os.fspath(d) for d in ref_dirs],
-                     ref_counts=ref_counts, class_names=names, composition=_composition(ids, labels, k, len(names)),
-                     encoder_spec=getattr(encoder, "spec", encoder.name),
-                     cluster_sizes=np.bincount(ids.astype(np.int64), minlength=k))
+    return Centroids(
+        centroids=mu,
+        encoder=encoder.name,
+        seed=seed,
+        ref_dirs=[os.fspath(d) for d in ref_dirs],
+        ref_counts=ref_counts,
+        class_names=names,
+        composition=_composition(ids, labels, k, len(names)),
+        encoder_spec=getattr(encoder, "spec", encoder.name),
+        cluster_sizes=np.bincount(ids.astype(np.int64), minlength=k),
+    )

@@ -35,7 +35,9 @@ def as_config(value: Any, what: str) -> PruneConfig:
     if isinstance(value, PruneConfig):
         return value
     if not is_number(value):
-        raise ConfigError(f"`{what}` must be a PruneConfig or a pruning ratio in [0, 1), got {value!r}")
+        raise ConfigError(
+            f"`{what}` must be a PruneConfig or a pruning ratio in [0, 1), got {value!r}"
+        )
     return PruneConfig(prune_ratio=as_float(value))
 
 
@@ -95,7 +97,11 @@ class PruneConfig:
         set_(self, "where", check_where(self.where))
         if self.max_cloud is not None:
             set_(self, "max_cloud", check_number("max_cloud", self.max_cloud, 0.0, 1.0))
-        set_(self, "prune_ratio", check_number("prune_ratio", self.prune_ratio, 0.0, 1.0, hi_open=True))
+        set_(
+            self,
+            "prune_ratio",
+            check_number("prune_ratio", self.prune_ratio, 0.0, 1.0, hi_open=True),
+        )
         if self.entropy_keep is not None and self.entropy_threshold is not None:
             raise ConfigError(
                 "`entropy_keep` and `entropy_threshold` are exclusive, got "
@@ -103,11 +109,17 @@ class PruneConfig:
                 "pass only one"
             )
         if self.entropy_keep is not None:
-            set_(self, "entropy_keep",
-                 check_number("entropy_keep", self.entropy_keep, 0.0, 1.0, lo_open=True))
+            set_(
+                self,
+                "entropy_keep",
+                check_number("entropy_keep", self.entropy_keep, 0.0, 1.0, lo_open=True),
+            )
         if self.entropy_threshold is not None:
-            set_(self, "entropy_threshold",
-                 check_number("entropy_threshold", self.entropy_threshold, 0.0, 8.0))
+            set_(
+                self,
+                "entropy_threshold",
+                check_number("entropy_threshold", self.entropy_threshold, 0.0, 8.0),
+            )
         if self.entropy_filter not in ENTROPY_FILTERS:
             raise ConfigError(
                 f"`entropy_filter` must be one of {list(ENTROPY_FILTERS)}, got {self.entropy_filter!r}"
@@ -122,8 +134,11 @@ class PruneConfig:
         if self.max_nodata is not None:
             set_(self, "max_nodata", check_number("max_nodata", self.max_nodata, 0.0, 1.0))
         if self.dedup_threshold is not None:
-            set_(self, "dedup_threshold",
-                 check_number("dedup_threshold", self.dedup_threshold, 0.0, 1.0, lo_open=True))
+            set_(
+                self,
+                "dedup_threshold",
+                check_number("dedup_threshold", self.dedup_threshold, 0.0, 1.0, lo_open=True),
+            )
 
     def replace(self, **changes: Any) -> PruneConfig:
         """A copy with ``changes`` applied (validated again)."""

@@ -50,7 +50,9 @@ _DECODERS = ("rgb",)
 def _check_decode(decode: Decode) -> Decode:
     if decode is None or callable(decode) or decode in _DECODERS:
         return decode
-    raise ConfigError(f"`decode` must be None, one of {list(_DECODERS)} or a callable, got {decode!r}")
+    raise ConfigError(
+        f"`decode` must be None, one of {list(_DECODERS)} or a callable, got {decode!r}"
+    )
 
 
 def _finish(sample: dict[str, Any], decode: Decode, transform: Callable[[Any], Any] | None) -> Any:
@@ -131,8 +133,11 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
 
         from .index import PruneIndex
 
-        index = source if isinstance(source, PruneIndex) else PruneIndex.load(
-            source, index_dir, check_stale=check_stale)
+        index = (
+            source
+            if isinstance(source, PruneIndex)
+            else PruneIndex.load(source, index_dir, check_stale=check_stale)
+        )
         streams = [s for s in index.shards if shard_kind(s) == "stream"]
         if streams:
             raise ConfigError(
@@ -154,7 +159,8 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         self._checksummed = np.asarray(index.checksummed, dtype=bool)
         # keys and checksums of file-backed indexes load on first use (also in each worker)
         self._checksums: NDArray[np.uint64] | None = (
-            None if index.index_paths else np.asarray(index.checksums, np.uint64))
+            None if index.index_paths else np.asarray(index.checksums, np.uint64)
+        )
         self._keys: KeyList | None = None
         if not index.index_paths and len(index.keys) == len(index):
             self._keys = index.keys
@@ -173,8 +179,9 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
 
         ``DataLoader`` calls this with every index of a batch when the dataset defines it.
         """
-        pos = np.fromiter((_check_position(i, self._n) for i in indices), dtype=np.int64,
-                          count=len(indices))
+        pos = np.fromiter(
+            (_check_position(i, self._n) for i in indices), dtype=np.int64, count=len(indices)
+        )
         order = np.argsort(pos, kind="stable")
         sorted_pos = pos[order]
         offsets, lengths = self._ranges()
@@ -191,12 +198,23 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
             shard = self.shards[s]
             want = [keys[j] for j in part.tolist()] if keys is not None else [None] * (b - a)
             expect: list[int | None] | None = None
-            if self.verify and bool(self._checksummed[s]) and sums is not None \
-                    and len(sums) == self._n:
+            if (
+                self.verify
+                and bool(self._checksummed[s])
+                and sums is not None
+                and len(sums) == self._n
+            ):
                 expect = [int(x) for x in sums[part].tolist()]
-            got = read_samples(shard, (part - self._starts[s]).tolist(), offsets[part].tolist(),
-                               lengths[part].tolist(), want, self.read, opened=self._file(s),
-                               sums=expect)
+            got = read_samples(
+                shard,
+                (part - self._starts[s]).tolist(),
+                offsets[part].tolist(),
+                lengths[part].tolist(),
+                want,
+                self.read,
+                opened=self._file(s),
+                sums=expect,
+            )
             for slot, (key, members) in zip(order[a:b].tolist(), got, strict=True):
                 sample: dict[str, Any] = {"__key__": key, "__url__": shard, **members}
                 out[slot] = _finish(sample, self.decode, self.transform)
@@ -217,8 +235,9 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
             arrays, _ = read_index(path)
             n = int(self._starts[s + 1] - self._starts[s])
             if len(arrays["key_offsets"]) != n + 1:
-                raise StaleIndexError(f"index {path} changed after the dataset was built: build "
-                                      "the dataset again")
+                raise StaleIndexError(
+                    f"index {path} changed after the dataset was built: build the dataset again"
+                )
             sums.append(arrays.get("checksum", np.zeros(n, np.uint64)))
             kb.append(arrays["key_bytes"])
             ko.append(arrays["key_offsets"][1:] + base)
@@ -250,8 +269,11 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         f = self._files.get(shard_no)
         if f is None:
             shard = self.shards[shard_no]
-            f = (LocalFile(shard, readahead=self.read.readahead, prefetch=self.read.prefetch)
-                 if shard_kind(shard) == "local" else self.read.remote_file(shard))
+            f = (
+                LocalFile(shard, readahead=self.read.readahead, prefetch=self.read.prefetch)
+                if shard_kind(shard) == "local"
+                else self.read.remote_file(shard)
+            )
             self._files[shard_no] = f
         return f
 
@@ -328,8 +350,11 @@ class PrunedImageFolder(torch.utils.data.Dataset[Any]):
         rel = self.files[j]
         path = self.root / rel
         parent, _, name = rel.rpartition("/")
-        sample: dict[str, Any] = {"__key__": self.keys[j], "__url__": str(path),
-                                  name.rpartition(".")[2].lower(): path.read_bytes()}
+        sample: dict[str, Any] = {
+            "__key__": self.keys[j],
+            "__url__": str(path),
+            name.rpartition(".")[2].lower(): path.read_bytes(),
+        }
         if parent:
             sample["cls.txt"] = parent.split("/", 1)[0].encode("utf-8")
         return _finish(sample, self.decode, self.transform)

@@ -68,16 +68,18 @@ def _check_tau(tau: float) -> float:
 
 def centrality_order(members: NDArray[np.int64], similarity: NDArray[Any]) -> NDArray[np.int64]:
     """``members`` sorted by descending similarity, ties by lower position."""
-    order: NDArray[np.int64] = members[np.lexsort((members,
-                                                   -np.asarray(similarity, np.float64)[members]))]
+    order: NDArray[np.int64] = members[
+        np.lexsort((members, -np.asarray(similarity, np.float64)[members]))
+    ]
     return order
 
 
-def _pairs_in_block(x: NDArray[np.float32], ids: NDArray[np.int64], tau: float
-                    ) -> Iterator[tuple[NDArray[np.int64], NDArray[np.int64]]]:
+def _pairs_in_block(
+    x: NDArray[np.float32], ids: NDArray[np.int64], tau: float
+) -> Iterator[tuple[NDArray[np.int64], NDArray[np.int64]]]:
     """Pairs ``(ids[a], ids[b])``, ``ids[a] < ids[b]``, of rows of ``x`` with cosine >= tau."""
     for lo in range(0, x.shape[0], _ROW_BLOCK):
-        s = x[lo:lo + _ROW_BLOCK] @ x.T
+        s = x[lo : lo + _ROW_BLOCK] @ x.T
         a, b = np.nonzero(s >= tau)
         ia, ib = ids[a + lo], ids[b]
         keep = ia < ib
@@ -90,8 +92,9 @@ def _projection(d: int, p: int, seed: int) -> NDArray[np.float32]:
     return np.ascontiguousarray(q, np.float32)
 
 
-def _candidate_lists(x: NDArray[np.float32], list_size: int, nprobe: int, proj: NDArray[np.float32],
-                     seed: int) -> list[NDArray[np.int64]]:
+def _candidate_lists(
+    x: NDArray[np.float32], list_size: int, nprobe: int, proj: NDArray[np.float32], seed: int
+) -> list[NDArray[np.int64]]:
     """Sub-cluster lists (row numbers, ascending) of the unit rows ``x``; see the module docstring."""
     import faiss
 
@@ -99,8 +102,16 @@ def _candidate_lists(x: NDArray[np.float32], list_size: int, nprobe: int, proj: 
     y = np.ascontiguousarray(x @ proj)
     y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
     nlist = max(1, math.ceil(m / list_size))
-    km = faiss.Kmeans(y.shape[1], nlist, niter=10, seed=seed, spherical=True, verbose=False,
-                      min_points_per_centroid=1, max_points_per_centroid=max(64, list_size))
+    km = faiss.Kmeans(
+        y.shape[1],
+        nlist,
+        niter=10,
+        seed=seed,
+        spherical=True,
+        verbose=False,
+        min_points_per_centroid=1,
+        max_points_per_centroid=max(64, list_size),
+    )
     # one OpenMP thread: these k-means are tiny (m rows, proj_dims columns), and faiss's thread
     # team costs more than it saves on them (measured 4x slower with 2 threads on a busy machine)
     threads = faiss.omp_get_max_threads()
@@ -177,10 +188,15 @@ def near_duplicates(
     z = np.asarray(cluster_ids).astype(np.int64, copy=False)
     n = z.shape[0]
     if x_all.ndim != 2 or x_all.shape[0] != n or np.asarray(similarity).shape != (n,):
-        raise ConfigError(f"near_duplicates: emb {x_all.shape}, cluster_ids ({n},) and similarity "
-                          f"{np.asarray(similarity).shape} must describe the same n samples")
-    for name, v, lo in (("list_size", list_size, 2), ("nprobe", nprobe, 1),
-                        ("proj_dims", proj_dims, 1)):
+        raise ConfigError(
+            f"near_duplicates: emb {x_all.shape}, cluster_ids ({n},) and similarity "
+            f"{np.asarray(similarity).shape} must describe the same n samples"
+        )
+    for name, v, lo in (
+        ("list_size", list_size, 2),
+        ("nprobe", nprobe, 1),
+        ("proj_dims", proj_dims, 1),
+    ):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ConfigError(f"`{name}` must be an int >= {lo}, got {v!r}")
     ok = np.ones(n, bool) if valid is None else np.asarray(valid).astype(bool)
@@ -195,14 +211,23 @@ def near_duplicates(
     zs = z[order]
     cuts = np.flatnonzero(np.diff(zs)) + 1
     with _one_blas_thread():
-        _all_clusters(x_all, np.split(order, cuts), out, tau, exact_max, list_size, nprobe,
-                      proj_dims, seed)
+        _all_clusters(
+            x_all, np.split(order, cuts), out, tau, exact_max, list_size, nprobe, proj_dims, seed
+        )
     return out
 
 
-def _all_clusters(x_all: NDArray[Any], clusters: list[NDArray[np.int64]], out: NDArray[np.int64],
-                  tau: float, exact_max: int | None, list_size: int, nprobe: int, proj_dims: int,
-                  seed: int) -> None:
+def _all_clusters(
+    x_all: NDArray[Any],
+    clusters: list[NDArray[np.int64]],
+    out: NDArray[np.int64],
+    tau: float,
+    exact_max: int | None,
+    list_size: int,
+    nprobe: int,
+    proj_dims: int,
+    seed: int,
+) -> None:
     proj: NDArray[np.float32] | None = None
     for members in clusters:
         m = members.size
@@ -246,8 +271,10 @@ def duplicate_groups(dup_of: NDArray[np.int64]) -> list[tuple[int, list[int]]]:
     order = np.lexsort((dups, heads))
     heads, dups = heads[order], dups[order]
     cuts = np.flatnonzero(np.diff(heads)) + 1
-    groups = [(int(h[0]), g.tolist()) for h, g in zip(np.split(heads, cuts), np.split(dups, cuts),
-                                                     strict=True)]
+    groups = [
+        (int(h[0]), g.tolist())
+        for h, g in zip(np.split(heads, cuts), np.split(dups, cuts), strict=True)
+    ]
     groups.sort(key=lambda t: (-len(t[1]), t[0]))
     return groups
 

@@ -45,8 +45,9 @@ def cache_key(sidecar_digests: list[str], tau: float, centroids_digest: str) -> 
     import xxhash
 
     params = (dedup.DEFAULT_LIST_SIZE, dedup.DEFAULT_NPROBE, dedup.DEFAULT_PROJ_DIMS)
-    text = "\n".join([FORMAT_VERSION, repr(float(tau)), repr(params), centroids_digest,
-                      *sidecar_digests])
+    text = "\n".join(
+        [FORMAT_VERSION, repr(float(tau)), repr(params), centroids_digest, *sidecar_digests]
+    )
     return str(xxhash.xxh3_128_hexdigest(text.encode()))
 
 
@@ -73,9 +74,11 @@ def duplicate_of(index: PruneIndex, tau: float) -> NDArray[np.int64]:
     """
     tau = dedup._check_tau(tau)
     if not index.index_paths:
-        raise IndexNotFoundError("dedup_threshold needs stored embeddings: load the index from files "
-                                 "indexed with --store-embeddings, or call "
-                                 "index.attach_embeddings(emb) on an in-memory index")
+        raise IndexNotFoundError(
+            "dedup_threshold needs stored embeddings: load the index from files "
+            "indexed with --store-embeddings, or call "
+            "index.attach_embeddings(emb) on an in-memory index"
+        )
     starts = index.shard_starts
     sidecars = [sidecar_path_of_index(p) for p in index.index_paths]
     digests = []
@@ -84,19 +87,30 @@ def duplicate_of(index: PruneIndex, tau: float) -> NDArray[np.int64]:
         if not meta:
             raise IndexNotFoundError(
                 f"dedup_threshold needs the embeddings of shard {shard} (looked for {side}): run "
-                f"`rsprune-data index {shard} --centroids FILE --store-embeddings` first")
+                f"`rsprune-data index {shard} --centroids FILE --store-embeddings` first"
+            )
         digests.append(meta["digest"])
     key = cache_key(digests, tau, index.centroids_digest)
-    cached = [_read_cached(cache_path_of_index(p), key, int(starts[i + 1] - starts[i]))
-              for i, p in enumerate(index.index_paths)]
+    cached = [
+        _read_cached(cache_path_of_index(p), key, int(starts[i + 1] - starts[i]))
+        for i, p in enumerate(index.index_paths)
+    ]
     if all(c is not None for c in cached):
         return np.concatenate([c for c in cached if c is not None])
     emb = load_embeddings(index)
     col = dedup.near_duplicates(emb, index.cluster_ids, index.similarity, tau, valid=index.valid)
     for i, p in enumerate(index.index_paths):
-        _atomic_save(cache_path_of_index(p), {"dup_of": col[starts[i]:starts[i + 1]]},
-                     {"format": FORMAT_NAME, "version": FORMAT_VERSION, "key": key,
-                      "tau": repr(tau), "centroids_digest": index.centroids_digest})
+        _atomic_save(
+            cache_path_of_index(p),
+            {"dup_of": col[starts[i] : starts[i + 1]]},
+            {
+                "format": FORMAT_NAME,
+                "version": FORMAT_VERSION,
+                "key": key,
+                "tau": repr(tau),
+                "centroids_digest": index.centroids_digest,
+            },
+        )
     return col
 
 

@@ -36,7 +36,9 @@ def to_training_tensor(rgb: np.ndarray[Any, Any]) -> Any:
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float()[None] / 127.5 - 1.0  # a copy: wds arrays are read-only
+    x = (
+        torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float()[None] / 127.5 - 1.0
+    )  # a copy: wds arrays are read-only
     return F.adaptive_avg_pool2d(x, IMAGE_PX)[0]
 
 
@@ -90,8 +92,13 @@ class TinyDenoiser:
         return Net()
 
 
-def train_epochs(batches_per_epoch: Iterable[tuple[int, float, Iterable[Any]]], *, label: str,
-                 progress: bool, seed: int = 0) -> list[dict[str, float]]:
+def train_epochs(
+    batches_per_epoch: Iterable[tuple[int, float, Iterable[Any]]],
+    *,
+    label: str,
+    progress: bool,
+    seed: int = 0,
+) -> list[dict[str, float]]:
     """Train a fresh :class:`TinyDenoiser` with the DDPM loss on the given epochs of batches."""
     import torch
     from tqdm.auto import tqdm
@@ -106,8 +113,14 @@ def train_epochs(batches_per_epoch: Iterable[tuple[int, float, Iterable[Any]]], 
     for epoch, ratio, batches in batches_per_epoch:
         losses, seen = [], 0
         total = len(batches) if isinstance(batches, Sized) else None
-        for batch in tqdm(batches, desc=f"{label} epoch {epoch} (prune {ratio:.2f})", unit="batch",
-                          total=total, disable=not progress, leave=True):
+        for batch in tqdm(
+            batches,
+            desc=f"{label} epoch {epoch} (prune {ratio:.2f})",
+            unit="batch",
+            total=total,
+            disable=not progress,
+            leave=True,
+        ):
             x = batch[0] if isinstance(batch, list | tuple) else batch  # wds batches are tuples
             t = torch.randint(0, steps_t, (x.shape[0],))
             noise = torch.randn_like(x)
@@ -119,14 +132,21 @@ def train_epochs(batches_per_epoch: Iterable[tuple[int, float, Iterable[Any]]], 
             opt.step()
             losses.append(loss.item())
             seen += x.shape[0]
-        log.append({"epoch": epoch, "prune_ratio": ratio, "steps": len(losses),
-                    "samples": seen,
-                    "mean_loss": float(np.mean(losses)) if losses else math.nan})
+        log.append(
+            {
+                "epoch": epoch,
+                "prune_ratio": ratio,
+                "steps": len(losses),
+                "samples": seen,
+                "mean_loss": float(np.mean(losses)) if losses else math.nan,
+            }
+        )
     return log
 
 
-def run_demo(out: Path, *, quick: bool = False, data: Path = SAMPLE_DATA,
-             progress: bool = True) -> int:
+def run_demo(
+    out: Path, *, quick: bool = False, data: Path = SAMPLE_DATA, progress: bool = True
+) -> int:
     """Run the whole job; returns the exit status. ``quick`` shortens it for tests."""
     import torch
     from torch.utils.data import DataLoader
@@ -148,12 +168,15 @@ def run_demo(out: Path, *, quick: bool = False, data: Path = SAMPLE_DATA,
     if not pool.is_dir() or not ref.is_dir():
         from .errors import ConfigError
 
-        raise ConfigError(f"demo data not found under {data}: run the demo from a checkout of the "
-                          "repository (it ships examples/data)")
+        raise ConfigError(
+            f"demo data not found under {data}: run the demo from a checkout of the "
+            "repository (it ships examples/data)"
+        )
 
     _say(f"1/6 pack {pool} into WebDataset shards")
-    res = pack_folder(pool, out / "shards", shard_size=100, prefix="harvey", progress=progress,
-                      overwrite=True)
+    res = pack_folder(
+        pool, out / "shards", shard_size=100, prefix="harvey", progress=progress, overwrite=True
+    )
     shards = [str(s) for s in res.shards]
 
     image_size = 64 if quick else None  # quick: a smaller encoder input for the test suite
@@ -165,23 +188,38 @@ def run_demo(out: Path, *, quick: bool = False, data: Path = SAMPLE_DATA,
     cents.save(cents_path)
 
     _say("3/6 index the shards (entropy, no-data, cluster, similarity, byte ranges)")
-    report = index_shards(shards, centroids=cents, encoder=encoder, index_dir=out / "index",
-                          workers=2, overwrite=True, progress=progress)  # the demo owns its folder
+    report = index_shards(
+        shards,
+        centroids=cents,
+        encoder=encoder,
+        index_dir=out / "index",
+        workers=2,
+        overwrite=True,
+        progress=progress,
+    )  # the demo owns its folder
     for line in report.lines():
         _say("    " + line)
     index = PruneIndex.load(shards, out / "index")
 
     config = PruneConfig(prune_ratio=0.85)
     summary = index.summary(config)
-    _say(f"4/6 select at 85% pruning: kept {summary['selected']} of {summary['samples']} "
-         f"(no-data dropped {summary['nodata_dropped']}, Stage I {summary['stage1_rule']} cut at "
-         f"{summary['entropy_threshold']:.2f} bits dropped {summary['stage1_dropped']}, "
-         f"clusters covered {summary['clusters_covered']}/{summary['clusters_in_pool']})")
+    _say(
+        f"4/6 select at 85% pruning: kept {summary['selected']} of {summary['samples']} "
+        f"(no-data dropped {summary['nodata_dropped']}, Stage I {summary['stage1_rule']} cut at "
+        f"{summary['entropy_threshold']:.2f} bits dropped {summary['stage1_dropped']}, "
+        f"clusters covered {summary['clusters_covered']}/{summary['clusters_in_pool']})"
+    )
     (out / "selection.json").write_text(json.dumps(summary, indent=2))
 
     _say("5/6 report")
-    page = write_report(shards, out / "report", config, index_dir=out / "index",
-                        centroids=cents_path, progress=progress)
+    page = write_report(
+        shards,
+        out / "report",
+        config,
+        index_dir=out / "index",
+        centroids=cents_path,
+        progress=progress,
+    )
     _say(f"    open {page}")
 
     ratios = RATIOS[:2] if quick else RATIOS
@@ -213,11 +251,15 @@ def run_demo(out: Path, *, quick: bool = False, data: Path = SAMPLE_DATA,
             yield e, r, map_loader
 
     log_map = train_epochs(map_epochs(), label="PrunedSampler", progress=progress)
-    (out / "train_log.json").write_text(json.dumps({"streaming": log_stream, "sampler": log_map},
-                                                   indent=2))
+    (out / "train_log.json").write_text(
+        json.dumps({"streaming": log_stream, "sampler": log_map}, indent=2)
+    )
     for name, log in (("PrunedWebDataset", log_stream), ("PrunedSampler", log_map)):
-        steps = ", ".join(f"epoch {r['epoch']} @ {r['prune_ratio']:.2f}: {r['steps']} steps, "
-                          f"loss {r['mean_loss']:.3f}" for r in log)
+        steps = ", ".join(
+            f"epoch {r['epoch']} @ {r['prune_ratio']:.2f}: {r['steps']} steps, "
+            f"loss {r['mean_loss']:.3f}"
+            for r in log
+        )
         _say(f"    {name}: {steps}")
     _say(f"done in {time.perf_counter() - t_start:.0f} s; outputs in {out}")
     return 0

@@ -50,8 +50,9 @@ FORMS = ("float16", "int8", "pca")
 _PCA_FORMAT = "rsprune-pca-basis"
 
 
-def sidecar_path_for(shard: str | os.PathLike[str], index_dir: str | os.PathLike[str] | None = None
-                     ) -> Path:
+def sidecar_path_for(
+    shard: str | os.PathLike[str], index_dir: str | os.PathLike[str] | None = None
+) -> Path:
     """Where the embeddings sidecar of ``shard`` lives: beside its index.
 
     Example:
@@ -123,26 +124,41 @@ class PcaBasis:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a safetensors file atomically."""
-        _atomic_save(Path(path), {"mean": self.mean, "components": self.components},
-                     {"format": _PCA_FORMAT, "version": FORMAT_VERSION, "encoder": self.encoder,
-                      "digest": self.digest})
+        _atomic_save(
+            Path(path),
+            {"mean": self.mean, "components": self.components},
+            {
+                "format": _PCA_FORMAT,
+                "version": FORMAT_VERSION,
+                "encoder": self.encoder,
+                "digest": self.digest,
+            },
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PcaBasis:
         """Read a file written by :meth:`save` (checks format and digest)."""
         arrays, meta = _read_safetensors(Path(path), "PCA basis")
         if meta.get("format") != _PCA_FORMAT or not {"mean", "components"} <= set(arrays):
-            raise ConfigError(f"{os.fspath(path)!r} is not an rsprune PCA basis: write one with "
-                              "PcaBasis.save(fit_pca(...))")
-        out = cls(arrays["mean"].astype(np.float32), arrays["components"].astype(np.float32),
-                  meta.get("encoder", ""))
+            raise ConfigError(
+                f"{os.fspath(path)!r} is not an rsprune PCA basis: write one with "
+                "PcaBasis.save(fit_pca(...))"
+            )
+        out = cls(
+            arrays["mean"].astype(np.float32),
+            arrays["components"].astype(np.float32),
+            meta.get("encoder", ""),
+        )
         if out.digest != meta.get("digest"):
-            raise ConfigError(f"PCA basis {os.fspath(path)!r} is damaged (digest mismatch): fit it again")
+            raise ConfigError(
+                f"PCA basis {os.fspath(path)!r} is damaged (digest mismatch): fit it again"
+            )
         return out
 
 
-def fit_pca(emb: NDArray[Any], dims: int, *, encoder: str, max_rows: int = 50_000,
-            seed: int = 0) -> PcaBasis:
+def fit_pca(
+    emb: NDArray[Any], dims: int, *, encoder: str, max_rows: int = 50_000, seed: int = 0
+) -> PcaBasis:
     """Fit a :class:`PcaBasis` with ``dims`` components on (a seeded sample of) ``emb``.
 
     Args:
@@ -161,7 +177,9 @@ def fit_pca(emb: NDArray[Any], dims: int, *, encoder: str, max_rows: int = 50_00
     x = x[np.any(x != 0, axis=1)]
     d = x.shape[1]
     if isinstance(dims, bool) or not isinstance(dims, int) or not 1 <= dims <= d:
-        raise ConfigError(f"`dims` must be an int in [1, {d}] (the embedding dimension), got {dims!r}")
+        raise ConfigError(
+            f"`dims` must be an int in [1, {d}] (the embedding dimension), got {dims!r}"
+        )
     if x.shape[0] < 2:
         raise ConfigError(f"fit_pca needs at least 2 non-zero rows, got {x.shape[0]}")
     if x.shape[0] > max_rows:
@@ -174,8 +192,9 @@ def fit_pca(emb: NDArray[Any], dims: int, *, encoder: str, max_rows: int = 50_00
 # --- forms -------------------------------------------------------------------------------------
 
 
-def encode_form(emb: NDArray[Any], form: str = "float16", basis: PcaBasis | None = None
-                ) -> dict[str, NDArray[Any]]:
+def encode_form(
+    emb: NDArray[Any], form: str = "float16", basis: PcaBasis | None = None
+) -> dict[str, NDArray[Any]]:
     """The tensors of ``form`` for embeddings ``emb`` (normalised with :func:`canonical` first)."""
     x16 = canonical(emb)
     if form == "float16":
@@ -187,11 +206,15 @@ def encode_form(emb: NDArray[Any], form: str = "float16", basis: PcaBasis | None
         return {"codes": codes, "scales": scale.astype(np.float32)}
     if form == "pca":
         if basis is None:
-            raise ConfigError("form='pca' needs a PCA basis: pass basis=fit_pca(sample, dims, ...) "
-                              "(CLI: --pca-basis FILE)")
+            raise ConfigError(
+                "form='pca' needs a PCA basis: pass basis=fit_pca(sample, dims, ...) "
+                "(CLI: --pca-basis FILE)"
+            )
         if basis.mean.shape[0] != x.shape[1]:
-            raise ConfigError(f"the PCA basis is for d={basis.mean.shape[0]}, embeddings have "
-                              f"d={x.shape[1]}: fit the basis on this encoder's embeddings")
+            raise ConfigError(
+                f"the PCA basis is for d={basis.mean.shape[0]}, embeddings have "
+                f"d={x.shape[1]}: fit the basis on this encoder's embeddings"
+            )
         codes = basis.project(x).astype(np.float16)
         codes[~np.any(x != 0, axis=1)] = 0
         return {"codes": codes, "pca_mean": basis.mean, "pca_components": basis.components}
@@ -203,11 +226,15 @@ def decode_form(tensors: Mapping[str, NDArray[Any]], form: str) -> NDArray[np.fl
     if form == "float16":
         return np.asarray(tensors["embeddings"], dtype=np.float32)
     if form == "int8":
-        return np.asarray(tensors["codes"], np.float32) * np.asarray(tensors["scales"], np.float32)[:, None]
+        return (
+            np.asarray(tensors["codes"], np.float32)
+            * np.asarray(tensors["scales"], np.float32)[:, None]
+        )
     if form == "pca":
         codes = np.asarray(tensors["codes"], np.float32)
         out = np.asarray(tensors["pca_mean"], np.float32) + codes @ np.asarray(
-            tensors["pca_components"], np.float32)
+            tensors["pca_components"], np.float32
+        )
         out[~np.any(codes != 0, axis=1)] = 0
         return out
     raise ConfigError(f"`form` must be one of {list(FORMS)}, got {form!r}")
@@ -262,17 +289,28 @@ def _read_safetensors(path: Path, what: str) -> tuple[dict[str, NDArray[Any]], d
             meta = dict(f.metadata() or {})
             arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no __iter__)
     except FileNotFoundError:
-        raise IndexNotFoundError(f"no {what} at {os.fspath(path)}: run `rsprune-data index SHARDS "
-                                 "--centroids FILE --store-embeddings` first") from None
+        raise IndexNotFoundError(
+            f"no {what} at {os.fspath(path)}: run `rsprune-data index SHARDS "
+            "--centroids FILE --store-embeddings` first"
+        ) from None
     except (SafetensorError, OSError, ValueError) as exc:
-        raise StaleIndexError(f"{what} {os.fspath(path)} is unreadable ({exc}): delete it and run "
-                              "`rsprune-data index --store-embeddings --force` again") from None
+        raise StaleIndexError(
+            f"{what} {os.fspath(path)} is unreadable ({exc}): delete it and run "
+            "`rsprune-data index --store-embeddings --force` again"
+        ) from None
     return arrays, meta
 
 
-def write_sidecar(path: str | os.PathLike[str], emb: NDArray[Any], valid: NDArray[Any], *,
-                  shard_meta: Mapping[str, str], encoder: str, form: str = "float16",
-                  basis: PcaBasis | None = None) -> dict[str, str]:
+def write_sidecar(
+    path: str | os.PathLike[str],
+    emb: NDArray[Any],
+    valid: NDArray[Any],
+    *,
+    shard_meta: Mapping[str, str],
+    encoder: str,
+    form: str = "float16",
+    basis: PcaBasis | None = None,
+) -> dict[str, str]:
     """Write the sidecar of one shard atomically and return its metadata.
 
     Args:
@@ -289,18 +327,28 @@ def write_sidecar(path: str | os.PathLike[str], emb: NDArray[Any], valid: NDArra
     if x.ndim != 2 or x.shape[0] != ok.shape[0]:
         raise ConfigError(f"embeddings {x.shape} must be [n={ok.shape[0]}, d], one row per sample")
     if basis is not None and basis.encoder and basis.encoder != encoder:
-        raise IndexMismatchError(f"PCA basis was fitted on {basis.encoder!r} embeddings, not "
-                                 f"{encoder!r}: fit it on this encoder's embeddings")
+        raise IndexMismatchError(
+            f"PCA basis was fitted on {basis.encoder!r} embeddings, not "
+            f"{encoder!r}: fit it on this encoder's embeddings"
+        )
     x = np.where(ok[:, None], x, 0.0).astype(np.float32)
     tensors = {**encode_form(x, form, basis), "valid": ok.astype(np.uint8)}
     ref = canonical(x).astype(np.float32)
     err_max, err_mean = cosine_error(ref, decode_form(tensors, form))
     meta = {
-        "format": FORMAT_NAME, "version": FORMAT_VERSION, "form": form, "dim": str(x.shape[1]),
-        "num_samples": str(x.shape[0]), "encoder": encoder,
-        **{k: str(shard_meta[k]) for k in ("shard", "shard_size", "shard_mtime_ns", "shard_fingerprint")},
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "form": form,
+        "dim": str(x.shape[1]),
+        "num_samples": str(x.shape[0]),
+        "encoder": encoder,
+        **{
+            k: str(shard_meta[k])
+            for k in ("shard", "shard_size", "shard_mtime_ns", "shard_fingerprint")
+        },
         "pca_digest": basis.digest if form == "pca" and basis is not None else "",
-        "cos_error_max": repr(err_max), "cos_error_mean": repr(err_mean),
+        "cos_error_max": repr(err_max),
+        "cos_error_mean": repr(err_mean),
         "digest": _digest(tensors),
     }
     _atomic_save(Path(path), tensors, meta)
@@ -339,20 +387,32 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
             meta = dict(f.metadata() or {})
     except (FileNotFoundError, SafetensorError, OSError, ValueError):
         return {}
-    return meta if meta.get("format") == FORMAT_NAME and meta.get("version") == FORMAT_VERSION else {}
+    return (
+        meta if meta.get("format") == FORMAT_NAME and meta.get("version") == FORMAT_VERSION else {}
+    )
 
 
-def sidecar_is_current(shard: str, path: Path, *, encoder: str, form: str, pca_digest: str = "") -> bool:
+def sidecar_is_current(
+    shard: str, path: Path, *, encoder: str, form: str, pca_digest: str = ""
+) -> bool:
     """True when ``path`` is a complete sidecar of ``shard`` as it is now, for this encoder/form."""
     meta = read_metadata(path)
-    if not meta or meta.get("encoder") != encoder or meta.get("form") != form \
-            or meta.get("pca_digest", "") != pca_digest:
+    if (
+        not meta
+        or meta.get("encoder") != encoder
+        or meta.get("form") != form
+        or meta.get("pca_digest", "") != pca_digest
+    ):
         return False
     return not idx.shard_is_stale(shard, meta)
 
 
-def read_sidecar(path: str | os.PathLike[str], *, index_meta: Mapping[str, str] | None = None,
-                 valid: NDArray[Any] | None = None) -> Sidecar:
+def read_sidecar(
+    path: str | os.PathLike[str],
+    *,
+    index_meta: Mapping[str, str] | None = None,
+    valid: NDArray[Any] | None = None,
+) -> Sidecar:
     """Read and validate one sidecar.
 
     Checks the format and version, every tensor's shape, the content digest, and, given the
@@ -367,11 +427,19 @@ def read_sidecar(path: str | os.PathLike[str], *, index_meta: Mapping[str, str] 
     p = Path(path)
     arrays, meta = _read_safetensors(p, "embeddings sidecar")
     if meta.get("format") != FORMAT_NAME:
-        raise IndexMismatchError(f"{p} is not an rsprune embeddings sidecar (format={meta.get('format')!r})")
+        raise IndexMismatchError(
+            f"{p} is not an rsprune embeddings sidecar (format={meta.get('format')!r})"
+        )
     if meta.get("version") != FORMAT_VERSION:
-        raise IndexMismatchError(f"embeddings sidecar {p} has version {meta.get('version')!r}, this "
-                                 f"rsprune_data reads {FORMAT_VERSION}: index again with --store-embeddings")
-    form, n, d = meta.get("form", ""), int(meta.get("num_samples", "-1")), int(meta.get("dim", "-1"))
+        raise IndexMismatchError(
+            f"embeddings sidecar {p} has version {meta.get('version')!r}, this "
+            f"rsprune_data reads {FORMAT_VERSION}: index again with --store-embeddings"
+        )
+    form, n, d = (
+        meta.get("form", ""),
+        int(meta.get("num_samples", "-1")),
+        int(meta.get("dim", "-1")),
+    )
     want: dict[str, tuple[int, ...]] = {"valid": (n,)}
     if form == "float16":
         want["embeddings"] = (n, d)
@@ -384,8 +452,10 @@ def read_sidecar(path: str | os.PathLike[str], *, index_meta: Mapping[str, str] 
         raise StaleIndexError(f"embeddings sidecar {p} has unknown form {form!r}: index again")
     wrong = [k for k, shape in want.items() if k not in arrays or arrays[k].shape != shape]
     if wrong or _digest(arrays) != meta.get("digest"):
-        raise StaleIndexError(f"embeddings sidecar {p} is damaged ({'bad ' + str(wrong) if wrong else 'digest mismatch'}):"
-                              " delete it and run `rsprune-data index --store-embeddings --force` again")
+        raise StaleIndexError(
+            f"embeddings sidecar {p} is damaged ({'bad ' + str(wrong) if wrong else 'digest mismatch'}):"
+            " delete it and run `rsprune-data index --store-embeddings --force` again"
+        )
     ok = arrays["valid"].astype(bool)
     if index_meta is not None:
         for key in ("shard_fingerprint", "shard_size"):
@@ -393,15 +463,31 @@ def read_sidecar(path: str | os.PathLike[str], *, index_meta: Mapping[str, str] 
                 raise StaleIndexError(
                     f"embeddings sidecar {p} and its index describe different shard contents "
                     f"({key} {meta.get(key)!r} vs {index_meta.get(key)!r}): run `rsprune-data index "
-                    f"{meta.get('shard', '<shard>')} --store-embeddings --force` again")
+                    f"{meta.get('shard', '<shard>')} --store-embeddings --force` again"
+                )
         if int(index_meta.get("num_samples", n)) != n:
-            raise StaleIndexError(f"embeddings sidecar {p} has {n} rows, its index "
-                                  f"{index_meta.get('num_samples')}: index again with --force")
+            raise StaleIndexError(
+                f"embeddings sidecar {p} has {n} rows, its index "
+                f"{index_meta.get('num_samples')}: index again with --force"
+            )
     if valid is not None and not np.array_equal(np.asarray(valid).astype(bool), ok):
-        raise StaleIndexError(f"embeddings sidecar {p} marks other samples valid than its index: "
-                              "index again with --store-embeddings --force")
+        raise StaleIndexError(
+            f"embeddings sidecar {p} marks other samples valid than its index: "
+            "index again with --store-embeddings --force"
+        )
     return Sidecar(p, form, arrays, ok, meta)
 
 
-__all__ = ["FORMS", "PcaBasis", "Sidecar", "canonical", "cosine_error", "decode_form", "encode_form",
-           "fit_pca", "read_sidecar", "sidecar_path_for", "write_sidecar"]
+__all__ = [
+    "FORMS",
+    "PcaBasis",
+    "Sidecar",
+    "canonical",
+    "cosine_error",
+    "decode_form",
+    "encode_form",
+    "fit_pca",
+    "read_sidecar",
+    "sidecar_path_for",
+    "write_sidecar",
+]

@@ -19,7 +19,9 @@ from numpy.typing import NDArray
 LEVELS = 256
 
 
-def entropy_from_hist(hist: NDArray[np.integer[Any]] | NDArray[np.floating[Any]]) -> NDArray[np.float64]:
+def entropy_from_hist(
+    hist: NDArray[np.integer[Any]] | NDArray[np.floating[Any]],
+) -> NDArray[np.float64]:
     """Entropy in bits of histogram(s) over the last axis.
 
     Args:

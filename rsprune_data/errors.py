@@ -54,6 +54,8 @@ class IndexCorruptError(RsPruneError, ValueError):
 
     def __reduce__(self) -> tuple[type, tuple[str, str, str]]:  # picklable across processes
         return (type(self), (str(self), self.field, self.problem))
+
+
 class ChecksumError(StaleIndexError):
     """A sample's bytes differ from those that were indexed (its per-sample checksum)."""
 

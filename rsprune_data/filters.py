@@ -28,8 +28,12 @@ from .errors import ConfigError
 Clause = tuple[str, str, float]
 
 OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
-    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
-    "==": operator.eq, "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "!=": operator.ne,
 }
 COLUMN_PREFIXES = ("meta.", "score.")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
@@ -44,19 +48,29 @@ def check_clause(clause: Any, where: str = "where") -> Clause:
         ('cloud_cover', '<=', 0.1)
     """
     if isinstance(clause, str) or not isinstance(clause, Sequence) or len(clause) != 3:
-        raise ConfigError(f"`{where}` entries must be (column, operator, number) triples such as "
-                          f"('cloud_cover', '<=', 0.1), got {clause!r}")
+        raise ConfigError(
+            f"`{where}` entries must be (column, operator, number) triples such as "
+            f"('cloud_cover', '<=', 0.1), got {clause!r}"
+        )
     col, op, value = clause
     if not isinstance(col, str) or not _NAME.fullmatch(col):
-        raise ConfigError(f"`{where}` column must be a field name such as 'cloud_cover' or "
-                          f"'score.cloud', got {col!r}")
+        raise ConfigError(
+            f"`{where}` column must be a field name such as 'cloud_cover' or "
+            f"'score.cloud', got {col!r}"
+        )
     if op not in OPERATORS:
-        raise ConfigError(f"`{where}` operator must be one of {sorted(OPERATORS)}, got {op!r} "
-                          f"in {tuple(clause)!r}")
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
-            or not math.isfinite(float(value)):
-        raise ConfigError(f"`{where}` value must be a finite number, got {value!r} in "
-                          f"{tuple(clause)!r}")
+        raise ConfigError(
+            f"`{where}` operator must be one of {sorted(OPERATORS)}, got {op!r} "
+            f"in {tuple(clause)!r}"
+        )
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float | np.integer | np.floating)
+        or not math.isfinite(float(value))
+    ):
+        raise ConfigError(
+            f"`{where}` value must be a finite number, got {value!r} in {tuple(clause)!r}"
+        )
     return (col, str(op), float(value))
 
 
@@ -65,8 +79,10 @@ def check_where(where: Any) -> tuple[Clause, ...]:
     if where is None:
         return ()
     if isinstance(where, str) or not isinstance(where, Sequence):
-        raise ConfigError("`where` must be a list of (column, operator, number) triples such as "
-                          f"[('cloud_cover', '<=', 0.1)], got {where!r}")
+        raise ConfigError(
+            "`where` must be a list of (column, operator, number) triples such as "
+            f"[('cloud_cover', '<=', 0.1)], got {where!r}"
+        )
     return tuple(check_clause(c) for c in where)
 
 
@@ -79,8 +95,10 @@ def parse_clause(text: str) -> Clause:
     """
     m = _TEXT.fullmatch(text)
     if m is None:
-        raise ConfigError(f"--where {text!r} is not COLUMN OP NUMBER with OP one of "
-                          f"{sorted(OPERATORS)}, e.g. --where 'cloud_cover<=0.1'")
+        raise ConfigError(
+            f"--where {text!r} is not COLUMN OP NUMBER with OP one of "
+            f"{sorted(OPERATORS)}, e.g. --where 'cloud_cover<=0.1'"
+        )
     try:
         value = float(m.group(3))
     except ValueError:
@@ -98,8 +116,9 @@ def resolve_column(name: str, available: Sequence[str]) -> str:
     if hits:
         raise ConfigError(f"`where` column {name!r} is ambiguous ({hits}): write the full name")
     have = sorted(available) or "none (index with `rsprune-data index --meta FIELD,...`)"
-    raise ConfigError(f"`where` column {name!r} is not in the index; its optional columns are "
-                      f"{have}")
+    raise ConfigError(
+        f"`where` column {name!r} is not in the index; its optional columns are {have}"
+    )
 
 
 def clause_mask(values: NDArray[Any], op: str, value: float) -> NDArray[np.bool_]:
@@ -111,8 +130,9 @@ def clause_mask(values: NDArray[Any], op: str, value: float) -> NDArray[np.bool_
     return passed
 
 
-def apply_where(eligible: NDArray[np.bool_], columns: Mapping[str, NDArray[Any]],
-                where: Sequence[Clause]) -> tuple[NDArray[np.bool_], list[int]]:
+def apply_where(
+    eligible: NDArray[np.bool_], columns: Mapping[str, NDArray[Any]], where: Sequence[Clause]
+) -> tuple[NDArray[np.bool_], list[int]]:
     """``eligible`` narrowed by each clause in turn, and how many each clause dropped.
 
     Counts are sequential: clause ``j`` counts the samples still eligible after clauses ``< j``

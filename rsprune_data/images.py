@@ -119,13 +119,29 @@ _JPEG_MAGIC = b"\xff\xd8"
 _PNG_MAGIC = b"\x89PNG"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _OTHER_IMAGE_MAGICS = (b"GIF8", b"RIFF", b"BM", b"\x00\x00\x00\x0cjP", b"\xff\x0a", b"8BPS")
-_SIMPLEJPEG_SPACES = ("YCbCr", "Gray")  # CMYK/YCCK go to Pillow: its colour conversion is the reference
+_SIMPLEJPEG_SPACES = (
+    "YCbCr",
+    "Gray",
+)  # CMYK/YCCK go to Pillow: its colour conversion is the reference
 _TIFF_PHOTOMETRIC = (1, 2, 3)  # MINISBLACK, RGB, PALETTE
 _TIFF_ALPHA = (1, 2)  # EXTRASAMPLE ASSOCALPHA, UNASSALPHA
 _GDAL_NODATA = 42113
-_PIL_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error)
+_PIL_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    zlib.error,
+)
 # tifffile trips over corrupt tag values with these as well (found by fuzzing, see tests)
-_TIFF_ERRORS: tuple[type[BaseException], ...] = (*_PIL_ERRORS, IndexError, KeyError, TypeError, ZeroDivisionError)
+_TIFF_ERRORS: tuple[type[BaseException], ...] = (
+    *_PIL_ERRORS,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+)
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -244,13 +260,15 @@ def cloud_score(rgb: NDArray[np.uint8]) -> float:
     """
     img = np.asarray(rgb)
     if img.ndim != 3 or img.shape[2] not in (1, 3) or img.dtype != np.uint8 or 0 in img.shape:
-        raise ConfigError(f"cloud_score needs an HxWx3 (or HxWx1) uint8 image, got "
-                          f"{img.dtype} {img.shape}")
+        raise ConfigError(
+            f"cloud_score needs an HxWx3 (or HxWx1) uint8 image, got {img.dtype} {img.shape}"
+        )
     if img.shape[2] == 1:
         luma = img[..., 0]
     else:
-        luma = (img.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) + 0.5
-                ).astype(np.uint8)
+        luma = (img.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) + 0.5).astype(
+            np.uint8
+        )
     return _cloud_u8(img, luma)
 
 
@@ -310,8 +328,9 @@ def decode_rgb(
     return _as_rgb(bands)
 
 
-def pick_image_member(sample: Mapping[str, Any],
-                      image_key: str | None = None) -> tuple[str, bytes] | None:
+def pick_image_member(
+    sample: Mapping[str, Any], image_key: str | None = None
+) -> tuple[str, bytes] | None:
     """The image member of a webdataset sample: ``image_key`` if given, else the first member
     whose extension is in :data:`MEMBER_EXTS`.
 
@@ -372,13 +391,17 @@ def _decode(data: bytes, ext: str | None, *, gray: bool, budget: int | None) -> 
     except CorruptImageError:
         raise
     except MemoryError as exc:
-        raise CorruptImageError(f"decoding the .{kind} image ran out of memory; lower the "
-                                "decode budget (max_decoded_bytes)", reason="too_large") from exc
+        raise CorruptImageError(
+            f"decoding the .{kind} image ran out of memory; lower the "
+            "decode budget (max_decoded_bytes)",
+            reason="too_large",
+        ) from exc
     except Exception as exc:  # the image boundary (module docstring)
         # Codecs raise their own classes (imagecodecs.LzwError is a RuntimeError, Pillow plugins
         # raise what they like); one damaged tile must be an invalid sample, not a dead worker.
-        raise CorruptImageError(f"cannot decode .{kind} image ({type(exc).__name__}: {exc})",
-                                reason="decode_error") from exc
+        raise CorruptImageError(
+            f"cannot decode .{kind} image ({type(exc).__name__}: {exc})", reason="decode_error"
+        ) from exc
 
 
 def _decode_any(data: bytes, kind: str, gray: bool, budget: int | None) -> _Raster:
@@ -404,7 +427,9 @@ def _decode_any(data: bytes, kind: str, gray: bool, budget: int | None) -> _Rast
         raise CorruptImageError(f".{kind} data is not a JPEG, PNG or TIFF (starts with {head!r})")
     shape = raster.bands.shape
     if len(shape) != 3 or 0 in shape:
-        raise CorruptImageError(f"decoded image has shape {shape}, expected H x W x bands", reason="bad_shape")
+        raise CorruptImageError(
+            f"decoded image has shape {shape}, expected H x W x bands", reason="bad_shape"
+        )
     return raster
 
 
@@ -416,21 +441,28 @@ def _decode_npy(data: bytes, budget: int | None) -> _Raster:
         read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
         shape, _, dtype = read_header(f)
         if dtype.kind not in "biuf" or len(shape) not in (2, 3):
-            raise CorruptImageError(f".npy array has dtype {dtype} and shape {shape}; expected a "
-                                    "numeric HxW or HxWxC array", reason="bad_shape")
+            raise CorruptImageError(
+                f".npy array has dtype {dtype} and shape {shape}; expected a "
+                "numeric HxW or HxWxC array",
+                reason="bad_shape",
+            )
         _check_pixels(math.prod(shape))
         if budget is not None and math.prod(shape) * dtype.itemsize > budget:
             raise CorruptImageError(
                 f".npy array of shape {shape} and dtype {dtype} needs "
                 f"{math.prod(shape) * dtype.itemsize:,} bytes, over the decode budget of "
-                f"{budget:,} (max_decoded_bytes / --decode-budget)", reason="too_large")
+                f"{budget:,} (max_decoded_bytes / --decode-budget)",
+                reason="too_large",
+            )
         f.seek(0)
         arr = np.load(f, allow_pickle=False)
     except CorruptImageError:
         raise
     except (ValueError, OSError, EOFError, SyntaxError) as exc:
         text = str(exc)
-        reason = "truncated" if "EOF" in text or "reshape" in text or "read" in text else "decode_error"
+        reason = (
+            "truncated" if "EOF" in text or "reshape" in text or "read" in text else "decode_error"
+        )
         raise CorruptImageError(f"cannot read .npy array: {text}", reason=reason) from exc
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("="))
@@ -445,8 +477,9 @@ def _decode_jpeg(data: bytes, gray: bool, budget: int | None) -> _Raster:
             out = "GRAY" if gray or space == "Gray" else "RGB"
             factor = _jpeg_factor(h, w, 1 if out == "GRAY" else 3, budget)
             # min_height/min_width pick libjpeg-turbo's 1/factor DCT scaling (factor 1: full size)
-            arr = simplejpeg.decode_jpeg(data, colorspace=out, min_height=-(-h // factor),
-                                         min_width=-(-w // factor))
+            arr = simplejpeg.decode_jpeg(
+                data, colorspace=out, min_height=-(-h // factor), min_width=-(-w // factor)
+            )
             return _Raster(arr, None, None)
     except ValueError:
         pass  # strict libjpeg warning or damage: Pillow is the reference, let it decide
@@ -465,7 +498,9 @@ def _too_large(need: int, budget: int | None, how: str = "") -> CorruptImageErro
     return CorruptImageError(
         f"image needs {need:,} decoded bytes{' ' + how if how else ''}, more than the decode "
         f"budget max_decoded_bytes={budget:,}: raise the budget (`--decode-budget`) or tile the "
-        "image", reason="too_large")
+        "image",
+        reason="too_large",
+    )
 
 
 def _pil_bytes(im: Any) -> int:
@@ -486,8 +521,9 @@ def _decode_pil(data: bytes, budget: int | None = None) -> _Raster:
             if budget is not None and _pil_bytes(im) > budget:
                 if im.format != "JPEG":
                     raise _too_large(_pil_bytes(im), budget)
-                f = _jpeg_factor(im.height, im.width, _pil_bytes(im) // (im.width * im.height),
-                                 budget)
+                f = _jpeg_factor(
+                    im.height, im.width, _pil_bytes(im) // (im.width * im.height), budget
+                )
                 im.draft(im.mode, (-(-im.width // f), -(-im.height // f)))  # DCT scaling
                 if _pil_bytes(im) > budget:
                     raise _too_large(_pil_bytes(im), budget, "after DCT scaling")
@@ -501,7 +537,9 @@ def _decode_pil(data: bytes, budget: int | None = None) -> _Raster:
             elif mode in ("1", "L", "LA", "RGB", "RGBA", "I", "F") or mode.startswith("I;16"):
                 arr = np.array(im)  # writable, like simplejpeg's output
             else:
-                raise CorruptImageError(f"unsupported image mode {mode!r}", reason="unsupported_format")
+                raise CorruptImageError(
+                    f"unsupported image mode {mode!r}", reason="unsupported_format"
+                )
             tags = getattr(im, "tag_v2", None)
             nodata = _parse_nodata(tags.get(_GDAL_NODATA)) if tags is not None else None
     except CorruptImageError:
@@ -510,7 +548,11 @@ def _decode_pil(data: bytes, budget: int | None = None) -> _Raster:
         raise CorruptImageError(str(exc), reason="too_large") from exc
     except _PIL_ERRORS as exc:
         text = str(exc)
-        reason = "truncated" if isinstance(exc, EOFError) or "truncat" in text.lower() else "decode_error"
+        reason = (
+            "truncated"
+            if isinstance(exc, EOFError) or "truncat" in text.lower()
+            else "decode_error"
+        )
         raise CorruptImageError(f"cannot decode image: {text}", reason=reason) from exc
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("="))
@@ -532,8 +574,13 @@ def _tiff_page(tif: Any, budget: int | None) -> Any:
     overviews += [p for p in tif.pages[1:] if getattr(p, "is_reduced", False)]
     fits = [p for p in overviews if math.prod(p.shape) * p.dtype.itemsize <= budget]
     if not fits:
-        raise _too_large(need, budget, f"({len(overviews)} overview(s) that fit none)"
-                         if overviews else "(no overview to decode instead)")
+        raise _too_large(
+            need,
+            budget,
+            f"({len(overviews)} overview(s) that fit none)"
+            if overviews
+            else "(no overview to decode instead)",
+        )
     return max(fits, key=lambda p: math.prod(p.shape))
 
 
@@ -571,7 +618,9 @@ def _decode_tiff(data: bytes, budget: int | None = None) -> _Raster:
     elif axes == "YX":
         arr = arr[..., None]
     elif axes != "YXS":
-        raise CorruptImageError(f"TIFF first page has axes {axes!r}, expected YX/YXS/SYX", reason="bad_shape")
+        raise CorruptImageError(
+            f"TIFF first page has axes {axes!r}, expected YX/YXS/SYX", reason="bad_shape"
+        )
     if photometric == 3 and colormap is not None:  # palette: 16-bit colormap, 8-bit like Pillow
         arr = (np.moveaxis(colormap[:, arr[..., 0]], 0, -1) >> 8).astype(np.uint8)
     transparent = None
@@ -582,7 +631,9 @@ def _decode_tiff(data: bytes, budget: int | None = None) -> _Raster:
 
 def _check_pixels(n: int) -> None:
     if n > MAX_PIXELS:
-        raise CorruptImageError(f"image has {n} pixels, more than MAX_PIXELS={MAX_PIXELS}", reason="too_large")
+        raise CorruptImageError(
+            f"image has {n} pixels, more than MAX_PIXELS={MAX_PIXELS}", reason="too_large"
+        )
 
 
 def _parse_nodata(value: object) -> float | None:
@@ -600,8 +651,9 @@ def _check_args(rgb_bands: tuple[int, int, int], tolerance: int, budget: int | N
         raise ConfigError(f"rgb_bands must be 3 non-negative band indices, got {rgb_bands!r}")
     if tolerance < 0:
         raise ConfigError(f"tolerance must be >= 0 (8-bit levels), got {tolerance!r}")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | np.integer)
-                               or budget < 1):
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, int | np.integer) or budget < 1
+    ):
         raise ConfigError(f"max_decoded_bytes must be a positive integer or None, got {budget!r}")
 
 
@@ -682,7 +734,11 @@ def _nodata_u8(
     (no such pixel) costs nothing beyond the histogram already built for the entropy.
     """
     pixels = img8.shape[0] * img8.shape[1]
-    lo, hi = (0, -1) if math.isnan(value) else (max(math.ceil(value - tol), 0), min(math.floor(value + tol), 255))
+    lo, hi = (
+        (0, -1)
+        if math.isnan(value)
+        else (max(math.ceil(value - tol), 0), min(math.floor(value + tol), 255))
+    )
     if transparent is None:
         if lo > hi:
             return 0.0
@@ -701,7 +757,9 @@ def _to_u8(bands: NDArray[Any], nodata_mask: NDArray[np.bool_]) -> NDArray[np.ui
         return bands
     if bands.dtype == np.bool_:
         return bands.astype(np.uint8) * np.uint8(255)
-    if bands.dtype == np.uint16:  # round(v * 255 / 65535) = round(v / 257); v / 257 never ends in .5
+    if (
+        bands.dtype == np.uint16
+    ):  # round(v * 255 / 65535) = round(v / 257); v / 257 never ends in .5
         return ((bands.astype(np.uint32) + 128) // 257).astype(np.uint8)
     # In place on one float64 copy (same arithmetic as the plain expression, bit for bit): the
     # temporaries of `np.clip(np.rint((x - lo) * k), ...)` doubled the peak memory of big rasters.

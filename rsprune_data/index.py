@@ -128,8 +128,12 @@ def shard_fingerprint(path: _PathLike) -> str:
 def shard_metadata(path: _PathLike) -> dict[str, str]:
     """The metadata tying an index to its shard; take it *before* reading the shard."""
     st = os.stat(path)
-    return {"shard": os.path.basename(path), "shard_size": str(st.st_size),
-            "shard_mtime_ns": str(st.st_mtime_ns), "shard_fingerprint": shard_fingerprint(path)}
+    return {
+        "shard": os.path.basename(path),
+        "shard_size": str(st.st_size),
+        "shard_mtime_ns": str(st.st_mtime_ns),
+        "shard_fingerprint": shard_fingerprint(path),
+    }
 
 
 def shard_is_stale(shard: _PathLike, meta: Mapping[str, str]) -> str | None:
@@ -186,18 +190,26 @@ def write_index(path: _PathLike, arrays: Mapping[str, Any], metadata: Mapping[st
         arrays = {**arrays, "checksum": np.zeros(n, np.uint64)}
     out = {k: np.ascontiguousarray(arrays.get(k, ()), dtype=dt) for k, dt in _SCHEMA.items()}
     meta = {"created_by": "rsprune_data", **metadata}
-    meta.update(format=FORMAT_NAME, version=FORMAT_VERSION, num_samples=str(n),
-                checksum=CHECKSUM if has_sums else NO_CHECKSUM)
+    meta.update(
+        format=FORMAT_NAME,
+        version=FORMAT_VERSION,
+        num_samples=str(n),
+        checksum=CHECKSUM if has_sums else NO_CHECKSUM,
+    )
     try:
         _check_arrays(out, meta, path)
     except IndexCorruptError as exc:
         raise ConfigError(f"index {path}: field {exc.field!r} {exc.problem}") from None
     out.update(_optional_arrays(arrays, meta, n, path))
-    lossy = [k for k in ("cluster_id", "valid", "reason")
-             if not np.array_equal(out[k], arrays.get(k, ()))]
+    lossy = [
+        k
+        for k in ("cluster_id", "valid", "reason")
+        if not np.array_equal(out[k], arrays.get(k, ()))
+    ]
     if lossy:
-        raise ConfigError(f"index {path}: {lossy} do not fit "
-                          f"{[_SCHEMA[k].__name__ for k in lossy]}")
+        raise ConfigError(
+            f"index {path}: {lossy} do not fit {[_SCHEMA[k].__name__ for k in lossy]}"
+        )
     try:
         _validate(out, meta, path)
     except IndexCorruptError as exc:
@@ -205,17 +217,22 @@ def write_index(path: _PathLike, arrays: Mapping[str, Any], metadata: Mapping[st
     atomic_write_bytes(path, save(out, metadata=meta))
 
 
-def _optional_arrays(arrays: Mapping[str, Any], meta: Mapping[str, str], n: int,
-                     path: object) -> dict[str, NDArray[Any]]:
+def _optional_arrays(
+    arrays: Mapping[str, Any], meta: Mapping[str, str], n: int, path: object
+) -> dict[str, NDArray[Any]]:
     names = sorted(k for k in arrays if k.startswith(OPTIONAL_PREFIXES))
     described = _column_infos(meta, path)
     if sorted(described) != names:
-        raise ConfigError(f"index {path}: optional columns {names} must match the `columns` "
-                          f"metadata {sorted(described)}: use column_info(source) for each")
+        raise ConfigError(
+            f"index {path}: optional columns {names} must match the `columns` "
+            f"metadata {sorted(described)}: use column_info(source) for each"
+        )
     out = {k: np.ascontiguousarray(arrays[k], dtype=OPTIONAL_DTYPE) for k in names}
     wrong = [k for k, v in out.items() if v.shape != (n,)]
     if wrong:
-        raise ConfigError(f"index {path}: optional columns {wrong} must have num_samples={n} values")
+        raise ConfigError(
+            f"index {path}: optional columns {wrong} must have num_samples={n} values"
+        )
     return out
 
 
@@ -228,13 +245,19 @@ def _column_infos(meta: Mapping[str, str], path: object) -> dict[str, dict[str, 
     except ValueError:
         infos = None
     ok = isinstance(infos, dict) and all(
-        isinstance(k, str) and k.startswith(OPTIONAL_PREFIXES) and isinstance(v, dict)
-        and v.get("dtype") == np.dtype(OPTIONAL_DTYPE).name and isinstance(v.get("version"), str)
-        for k, v in infos.items())
+        isinstance(k, str)
+        and k.startswith(OPTIONAL_PREFIXES)
+        and isinstance(v, dict)
+        and v.get("dtype") == np.dtype(OPTIONAL_DTYPE).name
+        and isinstance(v.get("version"), str)
+        for k, v in infos.items()
+    )
     if not ok:
-        raise IndexMismatchError(f"index {path}: `columns` metadata {raw!r} is not a JSON object of "
-                                 "meta.*/score.* names -> {dtype: float32, version, source}: "
-                                 "run `rsprune-data index --force` again")
+        raise IndexMismatchError(
+            f"index {path}: `columns` metadata {raw!r} is not a JSON object of "
+            "meta.*/score.* names -> {dtype: float32, version, source}: "
+            "run `rsprune-data index --force` again"
+        )
     return dict(infos)
 
 
@@ -247,19 +270,30 @@ def _check_arrays(a: dict[str, NDArray[Any]], meta: dict[str, str], path: object
     n = int(meta["num_samples"])
     missing = [k for k in METADATA_KEYS if not isinstance(meta.get(k), str)]
     if missing:
-        raise ConfigError(f"index {path}: metadata {missing} missing or not str "
-                          "(shard_metadata(shard) gives the shard_* fields)")
+        raise ConfigError(
+            f"index {path}: metadata {missing} missing or not str "
+            "(shard_metadata(shard) gives the shard_* fields)"
+        )
     check.check_metadata(meta, METADATA_KEYS, path)  # numbers and JSON parse
     wrong = [k for k in SAMPLE_TENSORS if a[k].shape != (n,)]
     ko, k, reasons = a["key_offsets"], int(meta["num_clusters"]), json.loads(meta["reasons"])
-    if wrong or ko.shape != (n + 1,) or ko[0] != 0 or ko[-1] != a["key_bytes"].size \
-            or (np.diff(ko) < 0).any():
-        raise ConfigError(f"index {path}: {wrong} must have num_samples={n} values and key_offsets"
-                          " n + 1 rising from 0 to len(key_bytes): use encode_keys(keys)")
+    if (
+        wrong
+        or ko.shape != (n + 1,)
+        or ko[0] != 0
+        or ko[-1] != a["key_bytes"].size
+        or (np.diff(ko) < 0).any()
+    ):
+        raise ConfigError(
+            f"index {path}: {wrong} must have num_samples={n} values and key_offsets"
+            " n + 1 rising from 0 to len(key_bytes): use encode_keys(keys)"
+        )
     z, valid, reason = a["cluster_id"], a["valid"], a["reason"]
     if n and (z.min() < -1 or z.max() >= k or valid.max() > 1 or reason.max() > len(reasons)):
-        raise ConfigError(f"index {path}: cluster_id must be in [-1, num_clusters={k}), valid 0 "
-                          f"or 1 and reason <= len(reasons={reasons})")
+        raise ConfigError(
+            f"index {path}: cluster_id must be in [-1, num_clusters={k}), valid 0 "
+            f"or 1 and reason <= len(reasons={reasons})"
+        )
 
 
 def _open(path: Path, shard: str | None = None, index_dir: object = None) -> Any:
@@ -271,10 +305,14 @@ def _open(path: Path, shard: str | None = None, index_dir: object = None) -> Any
         where = "" if index_dir is None else f" --index-dir {index_dir}"
         raise IndexNotFoundError(
             f"no index for shard {shard or path} (looked for {path}): run "
-            f"`rsprune-data index {shard or '<shard>'}{where} --centroids ...` first") from None
+            f"`rsprune-data index {shard or '<shard>'}{where} --centroids ...` first"
+        ) from None
     except SafetensorError as exc:
-        raise IndexCorruptError(f"index {path} is unreadable ({exc}): delete it and run "
-                                "`rsprune-data index` again", "<file>", "unreadable") from None
+        raise IndexCorruptError(
+            f"index {path} is unreadable ({exc}): delete it and run `rsprune-data index` again",
+            "<file>",
+            "unreadable",
+        ) from None
 
 
 def _checked(meta: Mapping[str, str] | None, path: Path) -> dict[str, str]:
@@ -282,9 +320,11 @@ def _checked(meta: Mapping[str, str] | None, path: Path) -> dict[str, str]:
     if meta.get("format") != FORMAT_NAME:
         raise IndexMismatchError(f"{path} is not an rsprune index (format={meta.get('format')!r})")
     if meta.get("version") not in READABLE_VERSIONS:
-        raise IndexMismatchError(f"index {path} has format version {meta.get('version')!r}, this "
-                                 f"rsprune_data reads {list(READABLE_VERSIONS)}: run "
-                                 "`rsprune-data index` again or upgrade rsprune_data")
+        raise IndexMismatchError(
+            f"index {path} has format version {meta.get('version')!r}, this "
+            f"rsprune_data reads {list(READABLE_VERSIONS)}: run "
+            "`rsprune-data index` again or upgrade rsprune_data"
+        )
     return dict(meta)
 
 
@@ -322,8 +362,9 @@ def read_index(path: _PathLike) -> tuple[dict[str, NDArray[Any]], dict[str, str]
     return arrays, meta
 
 
-def read_columns(path: _PathLike, names: Sequence[str]) -> tuple[dict[str, NDArray[Any]],
-                                                                  dict[str, str]]:
+def read_columns(
+    path: _PathLike, names: Sequence[str]
+) -> tuple[dict[str, NDArray[Any]], dict[str, str]]:
     """Some per-sample tensors and the metadata of one index file, validated like
     :func:`read_index` (what a DataLoader worker re-reads instead of a pickled copy)."""
     p = Path(path)
@@ -334,8 +375,12 @@ def read_columns(path: _PathLike, names: Sequence[str]) -> tuple[dict[str, NDArr
     return arrays, meta
 
 
-def _check_optional(arrays: Mapping[str, NDArray[Any]], names: Mapping[str, Any],
-                    meta: Mapping[str, str], path: object) -> None:
+def _check_optional(
+    arrays: Mapping[str, NDArray[Any]],
+    names: Mapping[str, Any],
+    meta: Mapping[str, str],
+    path: object,
+) -> None:
     n = int(meta["num_samples"])
     for name in names:
         check.check_tensor(name, arrays[name], OPTIONAL_DTYPE, (n,), path)
@@ -345,8 +390,9 @@ def _metadata(f: Any, path: Path) -> dict[str, str]:
     return check.check_metadata(_checked(f.metadata(), path), METADATA_KEYS, path)
 
 
-def _tensors(f: Any, names: Mapping[str, type[np.generic]], path: Path,
-             meta: Mapping[str, str]) -> dict[str, NDArray[Any]]:
+def _tensors(
+    f: Any, names: Mapping[str, type[np.generic]], path: Path, meta: Mapping[str, str]
+) -> dict[str, NDArray[Any]]:
     """The tensors ``names`` of an open file; a missing one is an :class:`IndexCorruptError`
     (except ``checksum`` of a version-1 file, which has none: zeros, see :func:`_tensor`)."""
     present = set(f.keys())
@@ -357,8 +403,9 @@ def _tensors(f: Any, names: Mapping[str, type[np.generic]], path: Path,
     return {k: _tensor(f, k, meta) for k in names}
 
 
-def _check_shapes(arrays: Mapping[str, NDArray[Any]], meta: Mapping[str, str],
-                  path: object) -> None:
+def _check_shapes(
+    arrays: Mapping[str, NDArray[Any]], meta: Mapping[str, str], path: object
+) -> None:
     n = int(meta["num_samples"])
     for name, dtype in SAMPLE_TENSORS.items():
         if name in arrays:
@@ -400,7 +447,9 @@ def _warn_unchecked(shards: Sequence[str], total: int) -> None:
         "checksums (format version 1 or written without them): the loaders check their keys but "
         "cannot detect changed bytes. Run `rsprune-data index <shards> ...` again to add them "
         "(same arguments; version-1 indexes are rewritten, others need --force).",
-        UserWarning, stacklevel=3)
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 # --- many files ----------------------------------------------------------------------------------
@@ -428,8 +477,11 @@ class KeyList(Sequence[str]):
         if not -len(self) <= i < len(self):
             raise IndexError(f"key position {i} out of range for {len(self)} samples")
         i %= len(self)
-        return self._data[self._offsets[i] : self._offsets[i + 1]].tobytes().decode(
-            "utf-8", "surrogateescape")
+        return (
+            self._data[self._offsets[i] : self._offsets[i + 1]]
+            .tobytes()
+            .decode("utf-8", "surrogateescape")
+        )
 
     def take(self, positions: NDArray[np.int64]) -> list[str]:
         """The keys at ``positions``, decoded in one pass (cheap for nearby positions, such as
@@ -440,8 +492,10 @@ class KeyList(Sequence[str]):
         a, b = self._offsets[pos], self._offsets[pos + 1]
         lo = int(a.min())
         raw = self._data[lo : int(b.max())].tobytes()
-        return [raw[x:y].decode("utf-8", "surrogateescape")
-                for x, y in zip((a - lo).tolist(), (b - lo).tolist(), strict=True)]
+        return [
+            raw[x:y].decode("utf-8", "surrogateescape")
+            for x, y in zip((a - lo).tolist(), (b - lo).tolist(), strict=True)
+        ]
 
     def __iter__(self) -> Iterator[str]:
         raw, off = self._data.tobytes(), self._offsets.tolist()
@@ -469,11 +523,18 @@ class PruneIndex:
         >>> keep = index.select(PruneConfig(prune_ratio=0.85))  # doctest: +SKIP
     """
 
-    def __init__(self, columns: Mapping[str, NDArray[Any]], shard_starts: NDArray[np.int64],
-                 metadata: Sequence[Mapping[str, str]], *, shards: Sequence[str],
-                 index_paths: Sequence[Path] = (), reasons: Sequence[str] = ("ok",),
-                 keys: KeyList | None = None,
-                 column_info: Mapping[str, Mapping[str, str]] | None = None) -> None:
+    def __init__(
+        self,
+        columns: Mapping[str, NDArray[Any]],
+        shard_starts: NDArray[np.int64],
+        metadata: Sequence[Mapping[str, str]],
+        *,
+        shards: Sequence[str],
+        index_paths: Sequence[Path] = (),
+        reasons: Sequence[str] = ("ok",),
+        keys: KeyList | None = None,
+        column_info: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
         self.entropy: NDArray[np.float32] = columns["entropy"]
         self.nodata: NDArray[np.float32] = columns["nodata"]
         self.cluster_ids: NDArray[np.int16] = columns["cluster_id"]
@@ -483,23 +544,30 @@ class PruneIndex:
         self.offsets: NDArray[np.int64] = columns["offset"]
         self.lengths: NDArray[np.int64] = columns["length"]
         self.checksums: NDArray[np.uint64] = (
-            columns["checksum"] if "checksum" in columns else np.zeros(len(self.entropy), np.uint64))
+            columns["checksum"] if "checksum" in columns else np.zeros(len(self.entropy), np.uint64)
+        )
         self.shard_starts = shard_starts
         self.shards, self.index_paths = list(shards), list(index_paths)
         self.metadata, self.reasons = [dict(m) for m in metadata], list(reasons)
         #: per shard: whether its ``checksums`` are real (see :func:`has_checksums`)
         self.checksummed: NDArray[np.bool_] = np.array(
-            [has_checksums(m) for m in self.metadata] if len(self.metadata) == len(self.shards)
-            else [False] * len(self.shards), dtype=bool)
+            [has_checksums(m) for m in self.metadata]
+            if len(self.metadata) == len(self.shards)
+            else [False] * len(self.shards),
+            dtype=bool,
+        )
         self.encoder: str = self.metadata[0].get("encoder", "")
         self.centroids_digest: str = self.metadata[0].get("centroids_digest", "")
         self.num_clusters: int = int(self.metadata[0].get("num_clusters", "0"))
         self._keys = keys
         self.columns: dict[str, NDArray[np.float32]] = {
-            k: np.asarray(v, dtype=OPTIONAL_DTYPE) for k, v in columns.items()
-            if k.startswith(OPTIONAL_PREFIXES)}
+            k: np.asarray(v, dtype=OPTIONAL_DTYPE)
+            for k, v in columns.items()
+            if k.startswith(OPTIONAL_PREFIXES)
+        }
         self.column_info: dict[str, dict[str, str]] = {
-            k: dict((column_info or {}).get(k, column_info_default(k))) for k in self.columns}
+            k: dict((column_info or {}).get(k, column_info_default(k))) for k in self.columns
+        }
         self._embeddings: NDArray[Any] | None = None  # attach_embeddings (in-memory indexes)
         self._dup_of: dict[float, NDArray[np.int64]] = {}
         parts = [m.get("shard_fingerprint", "") for m in self.metadata]
@@ -561,8 +629,9 @@ class PruneIndex:
             if self._embeddings is not None:
                 from .dedup import near_duplicates
 
-                col = near_duplicates(self._embeddings, self.cluster_ids, self.similarity, key,
-                                      valid=self.valid)
+                col = near_duplicates(
+                    self._embeddings, self.cluster_ids, self.similarity, key, valid=self.valid
+                )
             else:
                 from .dedup_cache import duplicate_of
 
@@ -576,8 +645,9 @@ class PruneIndex:
 
         return select_with_config(self, config)
 
-    def summary(self, config: PruneConfig,
-                selected: NDArray[np.int64] | None = None) -> dict[str, Any]:
+    def summary(
+        self, config: PruneConfig, selected: NDArray[np.int64] | None = None
+    ) -> dict[str, Any]:
         """What ``config`` keeps and drops, for reports (``plan.selection_summary``); pass
         ``selected`` when :meth:`select` already ran, so it is not computed twice."""
         from .plan import selection_summary
@@ -585,8 +655,13 @@ class PruneIndex:
         return selection_summary(self, config, selected)
 
     @classmethod
-    def load(cls, shards: Sequence[_PathLike] | str, index_dir: _PathLike | None = None, *,
-             check_stale: bool = True) -> PruneIndex:
+    def load(
+        cls,
+        shards: Sequence[_PathLike] | str,
+        index_dir: _PathLike | None = None,
+        *,
+        check_stale: bool = True,
+    ) -> PruneIndex:
         """Load and join the indexes of ``shards``; keys are read later, on first use.
 
         Args:
@@ -614,9 +689,12 @@ class PruneIndex:
                 _check_same(metas[0] if metas else meta, meta, names[0], shard)
                 why = check_stale and not is_remote(shard) and shard_is_stale(shard, meta)
                 if why:
-                    fix = (f"run `rsprune-data index {shard} --centroids ...` again"
-                           if why != _MISSING else "pass its current path (index files with "
-                           "index_dir=...), or check_stale=False to use the index alone")
+                    fix = (
+                        f"run `rsprune-data index {shard} --centroids ...` again"
+                        if why != _MISSING
+                        else "pass its current path (index files with "
+                        "index_dir=...), or check_stale=False to use the index alone"
+                    )
                     raise StaleIndexError(f"index {path} is stale: {why}; {fix}")
                 mine = _tensors(f, SAMPLE_TENSORS, path, meta)
                 here = _column_infos(meta, path)
@@ -632,8 +710,13 @@ class PruneIndex:
         np.cumsum([len(c) for c in cols["entropy"]], out=starts[1:])
         joined = {k: np.concatenate(v) for k, v in cols.items()}
         local = [check.parse_reasons(m, p) for m, p in zip(metas, paths, strict=True)]
-        check.check_columns(joined, int(metas[0]["num_clusters"]), check.Shards(
-            list(paths), starts, [int(m["shard_size"]) for m in metas], [len(r) for r in local]))
+        check.check_columns(
+            joined,
+            int(metas[0]["num_clusters"]),
+            check.Shards(
+                list(paths), starts, [int(m["shard_size"]) for m in metas], [len(r) for r in local]
+            ),
+        )
         reasons = ["ok"]
         for s, names_s in enumerate(local):
             if names_s != reasons[1 : len(names_s) + 1]:  # map this shard's reason codes to ours
@@ -641,22 +724,43 @@ class PruneIndex:
                 lut = np.array([0] + [reasons.index(r) for r in names_s], dtype=np.uint8)
                 part = slice(int(starts[s]), int(starts[s + 1]))
                 joined["reason"][part] = lut[joined["reason"][part]]
-        _warn_unchecked([s for s, m in zip(names, metas, strict=True) if not has_checksums(m)],
-                        len(names))
+        _warn_unchecked(
+            [s for s, m in zip(names, metas, strict=True) if not has_checksums(m)], len(names)
+        )
         for k in sorted(infos):  # a shard without the column: NaN, i.e. missing
-            joined[k] = np.concatenate([
-                o[k] if k in o else np.full(n, np.nan, OPTIONAL_DTYPE)
-                for o, n in zip(optional, np.diff(starts), strict=True)])
-        return cls(joined, starts, metas, shards=names, index_paths=paths, reasons=reasons,
-                   column_info=infos)
+            joined[k] = np.concatenate(
+                [
+                    o[k] if k in o else np.full(n, np.nan, OPTIONAL_DTYPE)
+                    for o, n in zip(optional, np.diff(starts), strict=True)
+                ]
+            )
+        return cls(
+            joined,
+            starts,
+            metas,
+            shards=names,
+            index_paths=paths,
+            reasons=reasons,
+            column_info=infos,
+        )
 
     @classmethod
-    def from_arrays(cls, entropy: Any, cluster_ids: Any, similarity: Any, *, num_clusters: int,
-                    valid: Any = None, nodata: Any = None, offsets: Any = None,
-                    lengths: Any = None, shard_ids: Any = None,
-                    shards: Sequence[str] | None = None,
-                    keys: Sequence[str] | None = None,
-                    columns: Mapping[str, Any] | None = None) -> PruneIndex:
+    def from_arrays(
+        cls,
+        entropy: Any,
+        cluster_ids: Any,
+        similarity: Any,
+        *,
+        num_clusters: int,
+        valid: Any = None,
+        nodata: Any = None,
+        offsets: Any = None,
+        lengths: Any = None,
+        shard_ids: Any = None,
+        shards: Sequence[str] | None = None,
+        keys: Sequence[str] | None = None,
+        columns: Mapping[str, Any] | None = None,
+    ) -> PruneIndex:
         """An in-memory index (tests, notebooks); columns not given are all valid / zero.
 
         ``columns`` are optional columns by full name (``{"meta.gsd": [...]}``).
@@ -667,34 +771,57 @@ class PruneIndex:
             (2, [True, True], ['<memory-0>'])
         """
         n = len(entropy)
-        given = {"entropy": entropy, "cluster_id": cluster_ids, "similarity": similarity,
-                 "nodata": nodata, "offset": offsets, "length": lengths,
-                 "valid": np.ones(n) if valid is None else valid}
-        cols = {k: np.asarray(np.zeros(n) if given.get(k) is None else given[k], dtype=dt)
-                for k, dt in SAMPLE_TENSORS.items()}
+        given = {
+            "entropy": entropy,
+            "cluster_id": cluster_ids,
+            "similarity": similarity,
+            "nodata": nodata,
+            "offset": offsets,
+            "length": lengths,
+            "valid": np.ones(n) if valid is None else valid,
+        }
+        cols = {
+            k: np.asarray(np.zeros(n) if given.get(k) is None else given[k], dtype=dt)
+            for k, dt in SAMPLE_TENSORS.items()
+        }
         sid = np.zeros(n, np.int64) if shard_ids is None else np.asarray(shard_ids, np.int64)
         num_shards = int(sid.max(initial=0)) + 1
         names = [f"<memory-{i}>" for i in range(num_shards)] if shards is None else list(shards)
         extra = {k: np.asarray(v, dtype=OPTIONAL_DTYPE) for k, v in (columns or {}).items()}
         bad = [k for k in extra if not k.startswith(OPTIONAL_PREFIXES)]
         if bad:
-            raise ConfigError(f"from_arrays: optional column names must start with "
-                              f"{OPTIONAL_PREFIXES}, got {bad}")
+            raise ConfigError(
+                f"from_arrays: optional column names must start with {OPTIONAL_PREFIXES}, got {bad}"
+            )
         wrong = [k for k, v in {**cols, **extra, "shard_ids": sid}.items() if v.shape != (n,)]
         z = cols["cluster_id"]
         lo, hi = z.min(initial=-1), z.max(initial=-1)
-        if wrong or (np.diff(sid) < 0).any() or num_shards > len(names) or lo < -1 \
-                or hi >= num_clusters:
-            raise ConfigError(f"from_arrays: {wrong} must have {n} values like entropy, shard_ids "
-                              f"must rise and be < len(shards)={len(names)} (got up to "
-                              f"{num_shards - 1}), cluster_ids in [-1, num_clusters={num_clusters})"
-                              f" (got [{lo}, {hi}])")
+        if (
+            wrong
+            or (np.diff(sid) < 0).any()
+            or num_shards > len(names)
+            or lo < -1
+            or hi >= num_clusters
+        ):
+            raise ConfigError(
+                f"from_arrays: {wrong} must have {n} values like entropy, shard_ids "
+                f"must rise and be < len(shards)={len(names)} (got up to "
+                f"{num_shards - 1}), cluster_ids in [-1, num_clusters={num_clusters})"
+                f" (got [{lo}, {hi}])"
+            )
         starts = np.searchsorted(sid, np.arange(len(names) + 1)).astype(np.int64)
         content = b"".join(v.tobytes() for v in cols.values())
-        meta = {"shard_fingerprint": hashlib.sha256(content).hexdigest(),
-                "num_clusters": str(num_clusters)}
-        return cls({**cols, **extra}, starts, [meta], shards=names,
-                   keys=None if keys is None else KeyList.of(keys))
+        meta = {
+            "shard_fingerprint": hashlib.sha256(content).hexdigest(),
+            "num_clusters": str(num_clusters),
+        }
+        return cls(
+            {**cols, **extra},
+            starts,
+            [meta],
+            shards=names,
+            keys=None if keys is None else KeyList.of(keys),
+        )
 
 
 def column_info_default(name: str) -> dict[str, str]:
@@ -702,15 +829,17 @@ def column_info_default(name: str) -> dict[str, str]:
     return column_info(source="memory")
 
 
-def _merge_infos(infos: dict[str, dict[str, str]], here: Mapping[str, dict[str, str]],
-                 shard: str) -> None:
+def _merge_infos(
+    infos: dict[str, dict[str, str]], here: Mapping[str, dict[str, str]], shard: str
+) -> None:
     for k, v in here.items():
         old = infos.setdefault(k, v)
         if old["version"] != v["version"]:
             raise IndexMismatchError(
                 f"shard {shard} has column {k} version {v['version']!r}, an earlier shard "
                 f"{old['version']!r}: index all shards with the same rsprune_data (`rsprune-data "
-                "index --force`)")
+                "index --force`)"
+            )
 
 
 def check_distinct_index_paths(shards: Sequence[str], paths: Sequence[Path]) -> None:
@@ -726,8 +855,9 @@ def check_distinct_index_paths(shards: Sequence[str], paths: Sequence[Path]) -> 
         seen[path] = shard
 
 
-def _resolve(shards: Sequence[_PathLike] | str, index_dir: _PathLike | None
-             ) -> tuple[list[str], list[Path]]:
+def _resolve(
+    shards: Sequence[_PathLike] | str, index_dir: _PathLike | None
+) -> tuple[list[str], list[Path]]:
     if isinstance(shards, (str, os.PathLike)):
         from braceexpand import braceexpand
 
@@ -749,4 +879,5 @@ def _check_same(ref: Mapping[str, str], meta: Mapping[str, str], first: str, sha
             raise IndexMismatchError(
                 f"shard {shard} was indexed with {field}={meta.get(field)!r} but {first} with "
                 f"{field}={ref.get(field)!r}: index all shards with the same encoder and centroids "
-                "(`rsprune-data index <shards> --centroids ...`)")
+                "(`rsprune-data index <shards> --centroids ...`)"
+            )

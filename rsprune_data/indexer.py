@@ -64,8 +64,18 @@ if TYPE_CHECKING:
     from .embeddings import PcaBasis
     from .encoders import Encoder
 
-__all__ = ["CLOUD_COLUMN", "META_PREFIX", "NO_IMAGE", "IndexReport", "SampleRow",
-           "check_meta_fields", "index_is_current", "index_shards", "meta_values", "shard_share"]
+__all__ = [
+    "CLOUD_COLUMN",
+    "META_PREFIX",
+    "NO_IMAGE",
+    "IndexReport",
+    "SampleRow",
+    "check_meta_fields",
+    "index_is_current",
+    "index_shards",
+    "meta_values",
+    "shard_share",
+]
 
 ENTROPY_CHUNK = 2048  # samples per worker message when no encoder runs
 REPORT_FORMAT = "rsprune-index-report"
@@ -95,28 +105,40 @@ class IndexReport:
 
     def lines(self) -> list[str]:
         """A human summary, one line per fact."""
-        out = [f"indexed {len(self.indexed)} shard(s) ({self.samples:,} samples), "
-               f"skipped {len(self.skipped)} already current, {len(self.failed)} failed"]
+        out = [
+            f"indexed {len(self.indexed)} shard(s) ({self.samples:,} samples), "
+            f"skipped {len(self.skipped)} already current, {len(self.failed)} failed"
+        ]
         if self.invalid:
             reasons = ", ".join(f"{r}: {c}" for r, c in sorted(self.invalid.items()))
-            out.append(f"invalid samples (never selected): {sum(self.invalid.values())} ({reasons})")
+            out.append(
+                f"invalid samples (never selected): {sum(self.invalid.values())} ({reasons})"
+            )
         if self.meta_missing:
             missing = ", ".join(f"{f}: {c}" for f, c in sorted(self.meta_missing.items()))
             out.append(f"metadata fields missing or not numeric (stored as NaN): {missing}")
         out += [f"FAILED {shard}: {why}" for shard, why in self.failed.items()]
         if self.failed:
-            out.append(f"FAILED {len(self.failed)} shard(s); rerun the same command to retry "
-                       "exactly those (current indexes are skipped)")
+            out.append(
+                f"FAILED {len(self.failed)} shard(s); rerun the same command to retry "
+                "exactly those (current indexes are skipped)"
+            )
         return out
 
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data (what ``--report-json`` writes)."""
-        return {"format": REPORT_FORMAT, "version": 1, "ok": self.ok,
-                "indexed": list(self.indexed), "skipped": list(self.skipped),
-                "failed": [{"shard": s, "reason": r} for s, r in self.failed.items()],
-                "samples": self.samples, "invalid": dict(sorted(self.invalid.items())),
-                "invalid_examples": dict(sorted(self.examples.items())),
-                "meta_missing": dict(sorted(self.meta_missing.items()))}
+        return {
+            "format": REPORT_FORMAT,
+            "version": 1,
+            "ok": self.ok,
+            "indexed": list(self.indexed),
+            "skipped": list(self.skipped),
+            "failed": [{"shard": s, "reason": r} for s, r in self.failed.items()],
+            "samples": self.samples,
+            "invalid": dict(sorted(self.invalid.items())),
+            "invalid_examples": dict(sorted(self.examples.items())),
+            "meta_missing": dict(sorted(self.meta_missing.items())),
+        }
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`to_dict` to ``path`` atomically (temp file, fsync, rename)."""
@@ -129,13 +151,16 @@ def check_meta_fields(fields: Sequence[str] | str) -> tuple[str, ...]:
     out = tuple(f.strip() for f in items if not isinstance(f, str) or f.strip())
     bad = [f for f in out if not isinstance(f, str) or not _FIELD.fullmatch(f)]
     if bad or len(set(out)) < len(out):
-        raise ConfigError(f"`meta_fields` must be distinct field names (letters, digits, _ . -) "
-                          f"such as 'cloud_cover,gsd', got {list(items)!r}")
+        raise ConfigError(
+            f"`meta_fields` must be distinct field names (letters, digits, _ . -) "
+            f"such as 'cloud_cover,gsd', got {list(items)!r}"
+        )
     return out
 
 
-def shard_share(shards: Sequence[str], rank: int | None = None,
-                world_size: int | None = None) -> list[str]:
+def shard_share(
+    shards: Sequence[str], rank: int | None = None, world_size: int | None = None
+) -> list[str]:
     """This rank's shards: ``shards[rank::world_size]`` (explicit values beat torchrun's env)."""
     r, size = distributed_rank(rank, world_size)
     return list(shards[r::size])
@@ -144,16 +169,21 @@ def shard_share(shards: Sequence[str], rank: int | None = None,
 # --- what kind of index a run writes, and what is on disk ----------------------------------------
 def _kind(meta: dict[str, str]) -> dict[str, str]:
     """The fields that make two indexes of one shard interchangeable (others may extend it)."""
-    return {"encoder": meta.get("encoder", ""), "centroids_digest": meta.get("centroids_digest", ""),
-            "num_clusters": meta.get("num_clusters", "0"),
-            "entropy_mode": meta.get("entropy_mode", "exact")}
+    return {
+        "encoder": meta.get("encoder", ""),
+        "centroids_digest": meta.get("centroids_digest", ""),
+        "num_clusters": meta.get("num_clusters", "0"),
+        "entropy_mode": meta.get("entropy_mode", "exact"),
+    }
 
 
 def _describe_kind(kind: dict[str, str]) -> str:
     if not kind.get("centroids_digest"):
         return f"entropy-only ({kind.get('entropy_mode', 'exact')})"
-    return (f"encoder {kind['encoder']!r}, centroids {kind['centroids_digest']}, "
-            f"K={kind['num_clusters']}")
+    return (
+        f"encoder {kind['encoder']!r}, centroids {kind['centroids_digest']}, "
+        f"K={kind['num_clusters']}"
+    )
 
 
 def _existing_kind(path: Path) -> dict[str, str] | None:
@@ -176,19 +206,29 @@ def _check_overwrite(todo: list[tuple[str, Path]], ours: dict[str, str]) -> None
     clashes = [(out, k) for _, out in todo if (k := _existing_kind(out)) is not None and k != ours]
     if not clashes:
         return
-    shown = "; ".join(f"{out} ({k['format'] if 'format' in k else _describe_kind(k)})"
-                      for out, k in clashes[:3])
+    shown = "; ".join(
+        f"{out} ({k['format'] if 'format' in k else _describe_kind(k)})" for out, k in clashes[:3]
+    )
     more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
     raise OverwriteError(
         f"indexing would replace {len(clashes)} index(es) of another kind with "
         f"{_describe_kind(ours)} indexes: {shown}{more}. Pass --overwrite (overwrite=True) to "
         "replace them, --index-dir DIR to write the new indexes elsewhere, or the same "
-        "--centroids/--encoder to keep them")
+        "--centroids/--encoder to keep them"
+    )
 
 
-def index_is_current(shard: str, index_path: Path, *, encoder: str, centroids_digest: str,
-                     entropy_mode: str = "exact", columns: Sequence[str] | None = None,
-                     image_key: str = "", storage_options: dict[str, Any] | None = None) -> bool:
+def index_is_current(
+    shard: str,
+    index_path: Path,
+    *,
+    encoder: str,
+    centroids_digest: str,
+    entropy_mode: str = "exact",
+    columns: Sequence[str] | None = None,
+    image_key: str = "",
+    storage_options: dict[str, Any] | None = None,
+) -> bool:
     """True when ``index_path`` is a complete index of ``shard`` as it is now, for these centroids
     (and, when ``columns`` is given, with exactly these optional columns and image key)."""
     if not index_path.exists():
@@ -216,13 +256,19 @@ def index_is_current(shard: str, index_path: Path, *, encoder: str, centroids_di
     return not idx.shard_is_stale(shard, meta)
 
 
-def _sidecar_current(shard: str, out: Path, encoder: str,
-                     store: tuple[str, PcaBasis | None]) -> bool:
+def _sidecar_current(
+    shard: str, out: Path, encoder: str, store: tuple[str, PcaBasis | None]
+) -> bool:
     from .embeddings import sidecar_is_current, sidecar_path_of_index
 
     form, basis = store
-    return sidecar_is_current(shard, sidecar_path_of_index(out), encoder=encoder, form=form,
-                              pca_digest=basis.digest if form == "pca" and basis is not None else "")
+    return sidecar_is_current(
+        shard,
+        sidecar_path_of_index(out),
+        encoder=encoder,
+        form=form,
+        pca_digest=basis.digest if form == "pca" and basis is not None else "",
+    )
 
 
 # --- writing one shard's index ---------------------------------------------------------------------
@@ -234,11 +280,20 @@ class _Pending:
     embeddings: list[NDArray[np.float16]] = field(default_factory=list)
 
 
-def _finish(shard: str, out: Path, pending: _Pending, before: dict[str, str], *, encoder_id: str,
-            centroids: Centroids | None, entropy_mode: str,
-            optional: Sequence[tuple[str, dict[str, str]]] = (), image_key: str = "",
-            missing: Counter[str] | None = None,
-            store: tuple[str, PcaBasis | None] | None = None) -> Counter[str]:
+def _finish(
+    shard: str,
+    out: Path,
+    pending: _Pending,
+    before: dict[str, str],
+    *,
+    encoder_id: str,
+    centroids: Centroids | None,
+    entropy_mode: str,
+    optional: Sequence[tuple[str, dict[str, str]]] = (),
+    image_key: str = "",
+    missing: Counter[str] | None = None,
+    store: tuple[str, PcaBasis | None] | None = None,
+) -> Counter[str]:
     rows = pending.rows
     n = len(rows)
     # a URL shard was checked by the worker right after its pass (one HEAD); a local one again here
@@ -261,8 +316,15 @@ def _finish(shard: str, out: Path, pending: _Pending, before: dict[str, str], *,
         if pending.embeddings:
             emb[valid] = np.concatenate(pending.embeddings)
         # the sidecar first: an index that is current then always has its sidecar written
-        write_sidecar(sidecar_path_of_index(out), emb, valid, shard_meta=before,
-                      encoder=encoder_id, form=store[0], basis=store[1])
+        write_sidecar(
+            sidecar_path_of_index(out),
+            emb,
+            valid,
+            shard_meta=before,
+            encoder=encoder_id,
+            form=store[0],
+            basis=store[1],
+        )
     arrays = {
         "entropy": np.array([r.entropy for r in rows], dtype=np.float32),
         "nodata": np.array([r.nodata for r in rows], dtype=np.float32),
@@ -311,8 +373,15 @@ def _run(job: Job, numbers: list[int], workers: int) -> Iterator[dict[str, Any]]
         return
     for no, msg in supervised(shard_chunks, job, numbers, workers, _is_last):
         if isinstance(msg, Died):
-            yield {"shard": no, "rows": [], "images": None, "examples": {}, "done": True,
-                   "error": msg.reason(), "meta": None}
+            yield {
+                "shard": no,
+                "rows": [],
+                "images": None,
+                "examples": {},
+                "done": True,
+                "error": msg.reason(),
+                "meta": None,
+            }
         else:
             yield msg
 
@@ -397,8 +466,10 @@ def index_shards(
 
     if centroids is not None:
         if encoder is None:
-            raise IndexMismatchError("`encoder` is required with `centroids`: pass the encoder the "
-                                     f"centroids were built with ({centroids.encoder!r})")
+            raise IndexMismatchError(
+                "`encoder` is required with `centroids`: pass the encoder the "
+                f"centroids were built with ({centroids.encoder!r})"
+            )
         if encoder.name != centroids.encoder:
             raise IndexMismatchError(
                 f"encoder {encoder.name!r} differs from the centroids' encoder {centroids.encoder!r}: "
@@ -408,14 +479,19 @@ def index_shards(
         from .embeddings import FORMS
 
         if store_embeddings not in FORMS:
-            raise ConfigError(f"`store_embeddings` must be one of {list(FORMS)} or None, got "
-                              f"{store_embeddings!r}")
+            raise ConfigError(
+                f"`store_embeddings` must be one of {list(FORMS)} or None, got {store_embeddings!r}"
+            )
         if centroids is None:
-            raise ConfigError("store_embeddings needs centroids (embeddings are computed only for "
-                              "Stage II): pass --centroids FILE")
+            raise ConfigError(
+                "store_embeddings needs centroids (embeddings are computed only for "
+                "Stage II): pass --centroids FILE"
+            )
         if store_embeddings == "pca" and pca_basis is None:
-            raise ConfigError("store_embeddings='pca' needs pca_basis (--pca-basis FILE): fit one "
-                              "with rsprune_data.embeddings.fit_pca on a sample of embeddings")
+            raise ConfigError(
+                "store_embeddings='pca' needs pca_basis (--pca-basis FILE): fit one "
+                "with rsprune_data.embeddings.fit_pca on a sample of embeddings"
+            )
     store = None if store_embeddings is None else (store_embeddings, pca_basis)
     workers = check_int("workers", workers, 0)
     batch_size = check_int("batch_size", batch_size, 1)
@@ -423,41 +499,63 @@ def index_shards(
     if decode_budget is not None:
         decode_budget = check_int("decode_budget", decode_budget, 1)
     fields_ = check_meta_fields(meta_fields)
-    if image_key is not None and (not isinstance(image_key, str) or not image_key
-                                  or image_key.startswith("_")):
-        raise ConfigError(f"`image_key` must be a member name such as 'img_content' or "
-                          f"'rgb.npy', got {image_key!r}")
+    if image_key is not None and (
+        not isinstance(image_key, str) or not image_key or image_key.startswith("_")
+    ):
+        raise ConfigError(
+            f"`image_key` must be a member name such as 'img_content' or "
+            f"'rgb.npy', got {image_key!r}"
+        )
     names = [os.fspath(s) for s in shards]
     streams = [s for s in names if shard_kind(s) == "stream"]
     if streams:
-        raise ConfigError(f"cannot index the stream {streams[0]!r}: pass the URL it reads "
-                          "(https://, s3://, ... with --storage-options) or a local path")
+        raise ConfigError(
+            f"cannot index the stream {streams[0]!r}: pass the URL it reads "
+            "(https://, s3://, ... with --storage-options) or a local path"
+        )
     idx.check_distinct_index_paths(names, [idx.index_path_for(s, index_dir) for s in names])
     encoder_id = encoder.name if (encoder is not None and centroids is not None) else ""
     digest = centroids.digest if centroids is not None else ""
     fast_gray = fast_gray and centroids is None
     mode = "fast_gray" if fast_gray else "exact"
     cloud = (centroids is not None if cloud_score is None else bool(cloud_score)) and not fast_gray
-    optional = ([(CLOUD_COLUMN, idx.column_info("pixels:cloud_score", CLOUD_VERSION))]
-                if cloud else [])
+    optional = (
+        [(CLOUD_COLUMN, idx.column_info("pixels:cloud_score", CLOUD_VERSION))] if cloud else []
+    )
     optional += [(META_PREFIX + f, idx.column_info(f"json:{f}")) for f in fields_]
     wanted = [name for name, _ in optional]
     report = IndexReport()
     todo: list[tuple[str, Path]] = []
     for shard in shard_share(names, rank, world_size):
         out = idx.index_path_for(shard, index_dir)
-        if not force and index_is_current(shard, out, encoder=encoder_id, centroids_digest=digest,
-                                          entropy_mode=mode, columns=wanted,
-                                          image_key=image_key or "",
-                                          storage_options=storage_options) \
-                and (store is None or _sidecar_current(shard, out, encoder_id, store)):
+        if (
+            not force
+            and index_is_current(
+                shard,
+                out,
+                encoder=encoder_id,
+                centroids_digest=digest,
+                entropy_mode=mode,
+                columns=wanted,
+                image_key=image_key or "",
+                storage_options=storage_options,
+            )
+            and (store is None or _sidecar_current(shard, out, encoder_id, store))
+        ):
             report.skipped.append(shard)
         else:
             todo.append((shard, out))
     if not overwrite:
         k = centroids.centroids.shape[0] if centroids is not None else 0
-        _check_overwrite(todo, {"encoder": encoder_id, "centroids_digest": digest,
-                                "num_clusters": str(k), "entropy_mode": mode})
+        _check_overwrite(
+            todo,
+            {
+                "encoder": encoder_id,
+                "centroids_digest": digest,
+                "num_clusters": str(k),
+                "entropy_mode": mode,
+            },
+        )
     ready: list[tuple[str, Path]] = []
     for shard, out in todo:
         try:
@@ -472,10 +570,22 @@ def index_shards(
     preprocess = encoder.preprocess if centroids is not None and encoder is not None else None
     # entropy-only chunks carry no images: large chunks keep the per-chunk IPC off the hot path
     chunk_size = batch_size if preprocess is not None else max(batch_size, ENTROPY_CHUNK)
-    job = Job(tuple(s for s, _ in ready), chunk_size, preprocess, rgb_bands, fast_gray,
-              decode_budget, image_key, fields_, cloud, storage_options)
+    job = Job(
+        tuple(s for s, _ in ready),
+        chunk_size,
+        preprocess,
+        rgb_bands,
+        fast_gray,
+        decode_budget,
+        image_key,
+        fields_,
+        cloud,
+        storage_options,
+    )
     pending: dict[int, _Pending] = {}
-    broken: set[int] = set()  # shards whose main-process work failed; their later chunks are dropped
+    broken: set[int] = (
+        set()
+    )  # shards whose main-process work failed; their later chunks are dropped
     bar = tqdm(total=None, unit="img", desc=f"index 0/{len(ready)} shards", disable=not progress)
     for chunk in _run(job, list(range(len(ready))), min(workers, len(ready))):
         no = chunk["shard"]
@@ -502,9 +612,18 @@ def index_shards(
                     report.failed[shard] = chunk["error"]
                 else:
                     report.invalid += _finish(
-                        shard, out, p, chunk["meta"], encoder_id=encoder_id, centroids=centroids,
-                        entropy_mode=mode, optional=optional, image_key=image_key or "",
-                        missing=report.meta_missing, store=store)
+                        shard,
+                        out,
+                        p,
+                        chunk["meta"],
+                        encoder_id=encoder_id,
+                        centroids=centroids,
+                        entropy_mode=mode,
+                        optional=optional,
+                        image_key=image_key or "",
+                        missing=report.meta_missing,
+                        store=store,
+                    )
                     report.indexed.append(shard)
                     report.samples += len(p.rows)
         except Exception as exc:  # ENOSPC/EROFS writing the index, an encoder error: this shard
@@ -516,4 +635,3 @@ def index_shards(
     bar.close()
     report.failed = {s: report.failed[s] for s in names if s in report.failed}  # in shard order
     return report
-

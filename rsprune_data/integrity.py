@@ -34,8 +34,14 @@ def checksum(buf: bytes | bytearray | memoryview) -> int:
     return int(xxhash.xxh3_64_intdigest(buf))
 
 
-def check_sample(buf: bytes | bytearray | memoryview, expected: int, *, shard: str,
-                 key: str | Callable[[], str], offset: int) -> None:
+def check_sample(
+    buf: bytes | bytearray | memoryview,
+    expected: int,
+    *,
+    shard: str,
+    key: str | Callable[[], str],
+    offset: int,
+) -> None:
     """Refuse the bytes of one sample unless their checksum is the one in the index.
 
     Args:
@@ -55,7 +61,8 @@ def check_sample(buf: bytes | bytearray | memoryview, expected: int, *, shard: s
             f"shard {shard}: sample {key!r} (bytes [{offset}, {offset + len(buf)})) has checksum "
             f"{got:016x} but its index says {int(expected):016x}: the shard changed since "
             f"indexing; run `rsprune-data index {shard} --force ...` again (or pass verify=False "
-            "to skip the check)")
+            "to skip the check)"
+        )
 
 
 def check_key(got: str, expected: str, *, shard: str, offset: int) -> None:
@@ -70,7 +77,8 @@ def check_key(got: str, expected: str, *, shard: str, offset: int) -> None:
         raise StaleIndexError(
             f"shard {shard}: the sample at byte {offset} has key {got!r} but the index says "
             f"{expected!r}: the shard changed since indexing; run `rsprune-data index {shard}` "
-            "again")
+            "again"
+        )
 
 
 def range_checksums(path: str, ranges: Sequence[tuple[int, int]]) -> NDArray[np.uint64]:

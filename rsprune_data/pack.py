@@ -116,17 +116,27 @@ def pack_folder(
             "point it at the folder that contains the images"
         )
     out.mkdir(exist_ok=True)
-    settings = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
-                "src": os.path.realpath(src), "shard_size": shard_size, "prefix": prefix,
-                "follow_symlinks": bool(follow_symlinks), "listing": _listing_digest(files)}
+    settings = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "src": os.path.realpath(src),
+        "shard_size": shard_size,
+        "prefix": prefix,
+        "follow_symlinks": bool(follow_symlinks),
+        "listing": _listing_digest(files),
+    }
     manifest = _start(out, prefix, settings, overwrite)
     kept = len(manifest["shards"])
     if not manifest["complete"]:
         _write_shards(src, out, files, manifest, progress)
     shards = [out / e["name"] for e in manifest["shards"]]
     read_skips = [(str(r), str(w)) for r, w in manifest["skipped"]]
-    return PackResult(shards=shards, num_samples=sum(int(e["samples"]) for e in manifest["shards"]),
-                      skipped=sorted(skipped + read_skips), resumed_shards=kept)
+    return PackResult(
+        shards=shards,
+        num_samples=sum(int(e["samples"]) for e in manifest["shards"]),
+        skipped=sorted(skipped + read_skips),
+        resumed_shards=kept,
+    )
 
 
 def _shard_name(prefix: str, i: int) -> str:
@@ -142,8 +152,9 @@ def _manifest_path(out: Path, prefix: str) -> Path:
 
 
 def _save(out: Path, manifest: dict[str, Any]) -> None:
-    atomic_write_text(_manifest_path(out, manifest["settings"]["prefix"]),
-                      json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(
+        _manifest_path(out, manifest["settings"]["prefix"]), json.dumps(manifest, indent=1) + "\n"
+    )
 
 
 def _start(out: Path, prefix: str, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
@@ -167,12 +178,16 @@ def _start(out: Path, prefix: str, settings: dict[str, Any], overwrite: bool) ->
     fresh = {"settings": settings, "shards": [], "skipped": [], "files_end": 0, "complete": False}
     if manifest is None or manifest.get("settings") != settings:
         if old and not overwrite:
-            why = ("with other settings or source files" if manifest is not None else
-                   "by another run (no manifest)")
+            why = (
+                "with other settings or source files"
+                if manifest is not None
+                else "by another run (no manifest)"
+            )
             raise ConfigError(
                 f"out_dir={str(out)!r} already holds {len(old)} shard(s) named {prefix}-NNNNNN.tar "
                 f"(first: {old[0].name}) packed {why}; pass --overwrite (overwrite=True) to "
-                "replace them, or choose another out_dir or prefix")
+                "replace them, or choose another out_dir or prefix"
+            )
         for p in old:
             p.unlink()
         _save(out, fresh)
@@ -184,7 +199,8 @@ def _start(out: Path, prefix: str, settings: dict[str, Any], overwrite: bool) ->
         if size != e["size"]:
             raise ConfigError(
                 f"shard {str(shard)!r} of an earlier pack is {'missing' if size is None else 'changed'}"
-                " since pack wrote it; pass --overwrite (overwrite=True) to pack again")
+                " since pack wrote it; pass --overwrite (overwrite=True) to pack again"
+            )
     for p in old:
         if p.name not in listed:
             p.unlink()
@@ -198,8 +214,9 @@ def glob_escape(text: str) -> str:
     return glob.escape(text)
 
 
-def _write_shards(src: Path, out: Path, files: list[str], manifest: dict[str, Any],
-                  progress: bool) -> None:
+def _write_shards(
+    src: Path, out: Path, files: list[str], manifest: dict[str, Any], progress: bool
+) -> None:
     import webdataset as wds
     from tqdm.auto import tqdm
 
@@ -222,15 +239,22 @@ def _write_shards(src: Path, out: Path, files: list[str], manifest: dict[str, An
         f.close()
         final = out / _shard_name(prefix, len(manifest["shards"]))
         publish_file(f.name, final)  # fsync the shard, rename, fsync the folder
-        manifest["shards"].append({"name": final.name, "size": final.stat().st_size,
-                                   "samples": count})
+        manifest["shards"].append(
+            {"name": final.name, "size": final.stat().st_size, "samples": count}
+        )
         manifest["files_end"] = files_end
         _save(out, manifest)
         f, writer, count = None, None, 0
 
     try:
-        bar = tqdm(range(start, len(files)), desc=f"pack {src.name}", unit="img",
-                   disable=not progress, initial=start, total=len(files))
+        bar = tqdm(
+            range(start, len(files)),
+            desc=f"pack {src.name}",
+            unit="img",
+            disable=not progress,
+            initial=start,
+            total=len(files),
+        )
         for j in bar:
             rel = files[j]
             try:
@@ -266,7 +290,9 @@ def _write_shards(src: Path, out: Path, files: list[str], manifest: dict[str, An
 
 def _check_args(src: Path, shard_size: int, prefix: str) -> None:
     if not src.is_dir():
-        raise ConfigError(f"src_dir={str(src)!r} is not an existing folder; pass the folder of images")
+        raise ConfigError(
+            f"src_dir={str(src)!r} is not an existing folder; pass the folder of images"
+        )
     check_int("shard_size", shard_size, 1)
     check_prefix(prefix)
 
@@ -284,8 +310,9 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-def find_images(src: Path, *, follow_symlinks: bool = False
-                ) -> tuple[list[str], list[tuple[str, str]]]:
+def find_images(
+    src: Path, *, follow_symlinks: bool = False
+) -> tuple[list[str], list[tuple[str, str]]]:
     """Relative POSIX paths of the image files, sorted as strings, and ``(path, reason)`` of those
     left out: hidden ones, and (unless ``follow_symlinks``) links that lead out of ``src`` and
     linked folders, which are not walked."""
@@ -303,8 +330,11 @@ def find_images(src: Path, *, follow_symlinks: bool = False
                 seen.add(real)
                 continue
             dirs.remove(d)
-            why = ("linked folder already walked (a loop or a second link)" if follow_symlinks
-                   else f"symbolic link to the folder {real}, not followed: {_FOLLOW}")
+            why = (
+                "linked folder already walked (a loop or a second link)"
+                if follow_symlinks
+                else f"symbolic link to the folder {real}, not followed: {_FOLLOW}"
+            )
             skipped.append((Path(full).relative_to(src).as_posix() + "/", why))
         for name in names:
             if name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS and "." in name:
@@ -314,8 +344,9 @@ def find_images(src: Path, *, follow_symlinks: bool = False
                 if any(part.startswith(".") for part in rel.split("/")):
                     skipped.append((rel, "hidden file or folder"))
                 elif not follow_symlinks and not _inside(real, root_real):
-                    skipped.append((rel, f"symbolic link to {real}, outside the source folder: "
-                                    f"{_FOLLOW}"))
+                    skipped.append(
+                        (rel, f"symbolic link to {real}, outside the source folder: {_FOLLOW}")
+                    )
                 else:
                     found.append(rel)
     skipped.sort()

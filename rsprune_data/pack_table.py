@@ -55,9 +55,17 @@ FORMATS = ("parquet", "arrow", "hf", "csv")
 BATCH_ROWS = 256
 MANIFEST_SUFFIX = ".pack.json"
 _PARTIAL = ".partial"
-_MAGICS = ((b"\xff\xd8", "jpg"), (b"\x89PNG", "png"), (b"II*\x00", "tif"), (b"MM\x00*", "tif"),
-           (b"II+\x00", "tif"), (b"MM\x00+", "tif"), (b"\x93NUMPY", "npy"), (b"GIF8", "gif"),
-           (b"BM", "bmp"))
+_MAGICS = (
+    (b"\xff\xd8", "jpg"),
+    (b"\x89PNG", "png"),
+    (b"II*\x00", "tif"),
+    (b"MM\x00*", "tif"),
+    (b"II+\x00", "tif"),
+    (b"MM\x00+", "tif"),
+    (b"\x93NUMPY", "npy"),
+    (b"GIF8", "gif"),
+    (b"BM", "bmp"),
+)
 _UNSAFE_KEY = re.compile(r"[./\\\s]")
 
 
@@ -145,9 +153,15 @@ def pack_table(
     if total == 0:
         raise ConfigError(f"sources {list(spec.files)} hold no rows: nothing to pack")
     num_shards = math.ceil(total / shard_size)
-    manifest = {"format": "rsprune-pack", "version": "1", "spec": asdict(spec),
-                "inputs": [_stamp(f) for f in spec.files], "rows": counts,
-                "shard_size": shard_size, "num_shards": num_shards}
+    manifest = {
+        "format": "rsprune-pack",
+        "version": "1",
+        "spec": asdict(spec),
+        "inputs": [_stamp(f) for f in spec.files],
+        "rows": counts,
+        "shard_size": shard_size,
+        "num_shards": num_shards,
+    }
     _check_manifest(out, prefix, manifest, overwrite)
     r, size = distributed_rank(rank, world_size)
     mine = list(range(num_shards))[r::size]
@@ -159,8 +173,13 @@ def pack_table(
 
     skipped: list[tuple[str, str]] = []
     written = 0
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="shard",
-               desc=f"pack {spec.fmt}", disable=not progress)
+    bar = tqdm(
+        total=len(mine),
+        initial=len(mine) - len(todo),
+        unit="shard",
+        desc=f"pack {spec.fmt}",
+        disable=not progress,
+    )
     jobs = [(spec, _plan(counts, shard_size, i), str(names[i])) for i in todo]
     if workers == 1 or len(jobs) <= 1:
         results: Iterator[tuple[int, list[tuple[str, str]]]] = (_write_shard(*j) for j in jobs)
@@ -185,9 +204,15 @@ def pack_table(
 
 
 # --- inputs and plan -----------------------------------------------------------------------------
-def _spec(sources: Sequence[str | os.PathLike[str]] | str, fmt: str, image_column: str,
-          keep_columns: Sequence[str] | str, caption_column: str | None, key_column: str | None,
-          base_dir: str | os.PathLike[str] | None) -> TableSpec:
+def _spec(
+    sources: Sequence[str | os.PathLike[str]] | str,
+    fmt: str,
+    image_column: str,
+    keep_columns: Sequence[str] | str,
+    caption_column: str | None,
+    key_column: str | None,
+    base_dir: str | os.PathLike[str] | None,
+) -> TableSpec:
     if fmt not in FORMATS:
         raise ConfigError(f"`fmt` must be one of {list(FORMATS)}, got {fmt!r}")
     items = [sources] if isinstance(sources, str | os.PathLike) else list(sources)
@@ -202,16 +227,24 @@ def _spec(sources: Sequence[str | os.PathLike[str]] | str, fmt: str, image_colum
         hits = sorted(glob.glob(s)) if glob.has_magic(s) else [s]
         missing = [h for h in hits if not os.path.isfile(h)]
         if not hits or missing:
-            raise ConfigError(f"source {s!r} matches no {fmt} file{f' ({missing[0]})' if missing else ''}: "
-                              "pass existing files or a quoted glob such as 'data/*.parquet'")
+            raise ConfigError(
+                f"source {s!r} matches no {fmt} file{f' ({missing[0]})' if missing else ''}: "
+                "pass existing files or a quoted glob such as 'data/*.parquet'"
+            )
         files += hits
     if not files:
         raise ConfigError("`sources` is empty: pass at least one input file or pattern")
     if len(set(files)) < len(files):
         raise ConfigError(f"`sources` lists a file twice ({files}): each input may appear once")
-    spec = TableSpec(fmt, tuple(os.path.abspath(f) for f in files), image_column,
-                     tuple(keep_columns), caption_column, key_column,
-                     None if base_dir is None else os.path.abspath(base_dir))
+    spec = TableSpec(
+        fmt,
+        tuple(os.path.abspath(f) for f in files),
+        image_column,
+        tuple(keep_columns),
+        caption_column,
+        key_column,
+        None if base_dir is None else os.path.abspath(base_dir),
+    )
     _check_columns(spec)
     return spec
 
@@ -222,9 +255,11 @@ def _hf_files(folder: str) -> list[str]:
         doc = json.loads(state.read_text())
         names = [d["filename"] for d in doc["_data_files"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{folder!r} is not a dataset saved with `Dataset.save_to_disk` (reading "
-                          f"{state}: {exc}); pass the folder that holds state.json, or one split of "
-                          "a DatasetDict (e.g. data/train)") from None
+        raise ConfigError(
+            f"{folder!r} is not a dataset saved with `Dataset.save_to_disk` (reading "
+            f"{state}: {exc}); pass the folder that holds state.json, or one split of "
+            "a DatasetDict (e.g. data/train)"
+        ) from None
     return [str(Path(folder) / n) for n in names]
 
 
@@ -246,25 +281,35 @@ def _check_columns(spec: TableSpec) -> None:
         schema = _schema(spec, i)
         missing = [c for c in spec.columns if schema.get_field_index(c) < 0]
         if missing:
-            raise ConfigError(f"{path} has no column(s) {missing}; its columns are "
-                              f"{schema.names}: pass --image-column/--keep-columns that exist")
+            raise ConfigError(
+                f"{path} has no column(s) {missing}; its columns are "
+                f"{schema.names}: pass --image-column/--keep-columns that exist"
+            )
         if spec.fmt == "csv":
             continue
         t = schema.field(spec.image_column).type
-        ok = pa.types.is_binary(t) or pa.types.is_large_binary(t) or (
-            pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)
+        ok = (
+            pa.types.is_binary(t)
+            or pa.types.is_large_binary(t)
+            or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)
+        )
         if not ok:
-            raise ConfigError(f"image column {spec.image_column!r} of {path} is {t}; expected "
-                              "binary or a struct {bytes, path} (HF Image)")
+            raise ConfigError(
+                f"image column {spec.image_column!r} of {path} is {t}; expected "
+                "binary or a struct {bytes, path} (HF Image)"
+            )
         binary = [c for c in spec.keep_columns if _is_binary(pa, schema.field(c).type)]
         if binary:
-            raise ConfigError(f"keep_columns {binary} of {path} are binary and cannot go into the "
-                              ".json member: keep only text and numeric columns")
+            raise ConfigError(
+                f"keep_columns {binary} of {path} are binary and cannot go into the "
+                ".json member: keep only text and numeric columns"
+            )
 
 
 def _is_binary(pa: Any, t: Any) -> bool:
-    return bool(pa.types.is_binary(t) or pa.types.is_large_binary(t)
-                or pa.types.is_fixed_size_binary(t))
+    return bool(
+        pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+    )
 
 
 class _open_ipc:
@@ -341,9 +386,11 @@ def _check_manifest(out: Path, prefix: str, manifest: dict[str, Any], overwrite:
         return
     if shards and not overwrite:
         why = "another input or options" if old is not None else "an unknown earlier run"
-        raise ConfigError(f"out_dir={str(out)!r} already holds {len(shards)} shard(s) named "
-                          f"{prefix}-NNNNNN.tar from {why}: pass overwrite=True (--overwrite), or "
-                          "choose another out_dir or prefix")
+        raise ConfigError(
+            f"out_dir={str(out)!r} already holds {len(shards)} shard(s) named "
+            f"{prefix}-NNNNNN.tar from {why}: pass overwrite=True (--overwrite), or "
+            "choose another out_dir or prefix"
+        )
     for p in shards:
         p.unlink()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -376,8 +423,15 @@ def _rows(spec: TableSpec, sl: _Slice) -> Iterator[tuple[int, dict[str, Any]]]:
                 groups.append(g)
                 first = base if first is None else first
             base += n
-        yield from _expand(_clip(_offsets(first or 0, pf.iter_batches(
-            batch_size=BATCH_ROWS, row_groups=groups, columns=cols)), sl))
+        yield from _expand(
+            _clip(
+                _offsets(
+                    first or 0,
+                    pf.iter_batches(batch_size=BATCH_ROWS, row_groups=groups, columns=cols),
+                ),
+                sl,
+            )
+        )
         return
     with _open_ipc(path) as reader:
         yield from _expand(_clip(_offsets(0, (b.select(cols) for b in _ipc_batches(reader))), sl))
@@ -457,8 +511,9 @@ def safe_key(value: Any) -> str:
     return _UNSAFE_KEY.sub("_", str(value))
 
 
-def _write_shard(spec: TableSpec, plan: Sequence[_Slice], name: str
-                 ) -> tuple[int, list[tuple[str, str]]]:
+def _write_shard(
+    spec: TableSpec, plan: Sequence[_Slice], name: str
+) -> tuple[int, list[tuple[str, str]]]:
     """Write one shard atomically; returns (samples written, skipped rows)."""
     partial = name + _PARTIAL
     skipped: list[tuple[str, str]] = []
@@ -476,23 +531,33 @@ def _write_shard(spec: TableSpec, plan: Sequence[_Slice], name: str
                     if data is None:
                         skipped.append((where, why))
                         continue
-                    key = (safe_key(rec[spec.key_column]) if spec.key_column is not None
-                           else f"{safe_key(stem)}-{row}")
+                    key = (
+                        safe_key(rec[spec.key_column])
+                        if spec.key_column is not None
+                        else f"{safe_key(stem)}-{row}"
+                    )
                     if not key or key in keys:
-                        raise ConfigError(f"key {key!r} of row {where} is empty or repeats an "
-                                          f"earlier row of shard {os.path.basename(name)}: "
-                                          "choose a key column with unique values")
+                        raise ConfigError(
+                            f"key {key!r} of row {where} is empty or repeats an "
+                            f"earlier row of shard {os.path.basename(name)}: "
+                            "choose a key column with unique values"
+                        )
                     keys.add(key)
                     sample: dict[str, Any] = {"__key__": key, image_ext(data, hint): data}
                     if spec.keep_columns:
                         meta = {c: _json_value(rec[c]) for c in spec.keep_columns}
-                        sample["json"] = json.dumps(meta, ensure_ascii=False,
-                                                    allow_nan=False).encode("utf-8")
+                        sample["json"] = json.dumps(
+                            meta, ensure_ascii=False, allow_nan=False
+                        ).encode("utf-8")
                     if spec.caption_column is not None:
                         cap = rec[spec.caption_column]
                         sample["txt"] = ("" if cap is None else str(cap)).encode("utf-8")
-                    out = [p for m, v in sample.items() if m != "__key__"
-                           for p in writer.parts(f"{key}.{m}", v)]
+                    out = [
+                        p
+                        for m, v in sample.items()
+                        if m != "__key__"
+                        for p in writer.parts(f"{key}.{m}", v)
+                    ]
                     f.writelines(out)
                     n += 1
             writer.close()  # the end-of-archive blocks, before the fsync

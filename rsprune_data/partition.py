@@ -23,7 +23,9 @@ def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch)])
 
 
-def epoch_order(items: NDArray[np.int64], *, seed: int, epoch: int, shuffle: bool) -> NDArray[np.int64]:
+def epoch_order(
+    items: NDArray[np.int64], *, seed: int, epoch: int, shuffle: bool
+) -> NDArray[np.int64]:
     """``items`` permuted by ``(seed, epoch)``, or as given when ``shuffle`` is False."""
     if not shuffle:
         return items
@@ -43,8 +45,9 @@ def per_rank(n: int, num_replicas: int, drop_last: bool) -> int:
     return n // num_replicas if drop_last else -(-n // num_replicas)
 
 
-def rank_share(order: NDArray[np.int64], num_replicas: int, rank: int, *,
-               drop_last: bool = False) -> NDArray[np.int64]:
+def rank_share(
+    order: NDArray[np.int64], num_replicas: int, rank: int, *, drop_last: bool = False
+) -> NDArray[np.int64]:
     """Rank ``rank``'s items of ``order`` with DistributedSampler semantics (see module docstring).
 
     Example:

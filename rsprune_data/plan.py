@@ -127,7 +127,8 @@ def resolve_stage1(index: IndexArrays, config: PruneConfig) -> Stage1:
             raise ConfigError(
                 f"max_cloud={config.max_cloud} needs the score.cloud column, but the index has "
                 f"only {sorted(_columns(index)) or 'no optional columns'}: re-run `rsprune-data "
-                "index --cloud-score --force` (not --fast-gray) or pass max_cloud=None")
+                "index --cloud-score --force` (not --fast-gray) or pass max_cloud=None"
+            )
         eligible = eligible & ~(cloud > config.max_cloud)  # NaN (no score) is kept
     rule: tuple[float | None, float | None, str] = (None, None, "none")
     if not uses_stage1 or config.strategy == "entropy":
@@ -138,8 +139,13 @@ def resolve_stage1(index: IndexArrays, config: PruneConfig) -> Stage1:
         rule = (None, config.entropy_threshold, "threshold")
     elif config.entropy_filter == "auto":
         rule = (None, auto_entropy_threshold(index.entropy[eligible]), "auto")
-    return Stage1(eligible, *rule, nodata_dropped=n0 - n1, where_dropped=tuple(where_dropped),
-                  cloud_dropped=n2 - int(eligible.sum()))
+    return Stage1(
+        eligible,
+        *rule,
+        nodata_dropped=n0 - n1,
+        where_dropped=tuple(where_dropped),
+        cloud_dropped=n2 - int(eligible.sum()),
+    )
 
 
 def _check_clusters(index: IndexArrays, config: PruneConfig) -> None:
@@ -171,14 +177,17 @@ def stage1_survivors(entropy: NDArray[Any], st: Stage1) -> NDArray[np.bool_]:
 def _duplicates(index: IndexArrays, config: PruneConfig) -> NDArray[np.bool_]:
     getter = getattr(index, "duplicate_of", None)
     if getter is None:
-        raise ConfigError(f"dedup_threshold={config.dedup_threshold} needs an index with embeddings "
-                          "(PruneIndex loaded from files indexed with --store-embeddings, or "
-                          "PruneIndex.attach_embeddings): drop dedup_threshold or store embeddings")
+        raise ConfigError(
+            f"dedup_threshold={config.dedup_threshold} needs an index with embeddings "
+            "(PruneIndex loaded from files indexed with --store-embeddings, or "
+            "PruneIndex.attach_embeddings): drop dedup_threshold or store embeddings"
+        )
     return np.asarray(getter(config.dedup_threshold)) >= 0
 
 
-def _dedup_candidates(index: IndexArrays, config: PruneConfig, st: Stage1
-                      ) -> tuple[NDArray[np.bool_], int]:
+def _dedup_candidates(
+    index: IndexArrays, config: PruneConfig, st: Stage1
+) -> tuple[NDArray[np.bool_], int]:
     """Stage I survivors without the near-duplicates, and how many duplicates were dropped."""
     survivors = stage1_survivors(np.asarray(index.entropy), st)
     dup = _duplicates(index, config) & survivors
@@ -191,24 +200,38 @@ def select_with_config(index: IndexArrays, config: PruneConfig) -> NDArray[np.in
     st = resolve_stage1(index, config)
     if config.dedup_threshold is not None:
         if index.num_clusters < 1:
-            raise ConfigError("dedup_threshold needs cluster assignments (duplicates are found "
-                              "within clusters): index with --centroids FILE --store-embeddings")
+            raise ConfigError(
+                "dedup_threshold needs cluster assignments (duplicates are found "
+                "within clusters): index with --centroids FILE --store-embeddings"
+            )
         cand, _ = _dedup_candidates(index, config, st)
         return select_indices(
-            index.entropy, index.cluster_ids, index.similarity,
-            num_clusters=max(index.num_clusters, 1), prune_ratio=config.prune_ratio,
-            valid=cand, strategy=config.strategy, seed=config.seed,
+            index.entropy,
+            index.cluster_ids,
+            index.similarity,
+            num_clusters=max(index.num_clusters, 1),
+            prune_ratio=config.prune_ratio,
+            valid=cand,
+            strategy=config.strategy,
+            seed=config.seed,
         )
     return select_indices(
-        index.entropy, index.cluster_ids, index.similarity,
-        num_clusters=max(index.num_clusters, 1), prune_ratio=config.prune_ratio,
-        entropy_keep=st.entropy_keep, entropy_threshold=st.entropy_threshold,
-        valid=st.eligible, strategy=config.strategy, seed=config.seed,
+        index.entropy,
+        index.cluster_ids,
+        index.similarity,
+        num_clusters=max(index.num_clusters, 1),
+        prune_ratio=config.prune_ratio,
+        entropy_keep=st.entropy_keep,
+        entropy_threshold=st.entropy_threshold,
+        valid=st.eligible,
+        strategy=config.strategy,
+        seed=config.seed,
     )
 
 
-def selection_summary(index: IndexArrays, config: PruneConfig,
-                      selected: NDArray[np.int64] | None = None) -> dict[str, Any]:
+def selection_summary(
+    index: IndexArrays, config: PruneConfig, selected: NDArray[np.int64] | None = None
+) -> dict[str, Any]:
     """Per-stage counts of a selection, as plain JSON types.
 
     Keys: ``config``, ``samples``, ``budget``, ``invalid``, ``nodata_dropped``, ``where`` (one
@@ -247,8 +270,10 @@ def selection_summary(index: IndexArrays, config: PruneConfig,
         "budget": b,
         "invalid": n - n_valid,
         "nodata_dropped": st.nodata_dropped,
-        "where": [{"filter": format_clause(c), "dropped": d}
-                  for c, d in zip(config.where, st.where_dropped, strict=True)],
+        "where": [
+            {"filter": format_clause(c), "dropped": d}
+            for c, d in zip(config.where, st.where_dropped, strict=True)
+        ],
         "cloud_dropped": st.cloud_dropped,
         "stage1_rule": st.rule,
         "entropy_threshold": st.entropy_threshold,

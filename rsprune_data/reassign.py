@@ -67,9 +67,11 @@ class ReassignReport:
 
     def lines(self) -> list[str]:
         """A human summary, one line per fact."""
-        out = [f"reassigned {len(self.reassigned)} shard(s) ({self.samples:,} samples) in "
-               f"{self.seconds:.2f} s ({self.samples_per_second:,.0f} samples/s), "
-               f"{len(self.failed)} failed"]
+        out = [
+            f"reassigned {len(self.reassigned)} shard(s) ({self.samples:,} samples) in "
+            f"{self.seconds:.2f} s ({self.samples_per_second:,.0f} samples/s), "
+            f"{len(self.failed)} failed"
+        ]
         return out + [f"FAILED {shard}: {why}" for shard, why in self.failed.items()]
 
 
@@ -79,29 +81,41 @@ def _check_encoder(shard: str, index_path: os.PathLike[str] | str, centroids: Ce
     if not meta:
         raise IndexNotFoundError(
             f"no readable embeddings sidecar for shard {shard} (looked for {side}): index it once "
-            "with `rsprune-data index SHARDS --centroids FILE --store-embeddings`")
+            "with `rsprune-data index SHARDS --centroids FILE --store-embeddings`"
+        )
     if meta.get("encoder") != centroids.encoder:
         raise IndexMismatchError(
             f"shard {shard}'s embeddings come from encoder {meta.get('encoder')!r}, the centroids "
             f"from {centroids.encoder!r}: build the centroids with the same encoder "
-            f"(`rsprune-data centroids REF_DIR --encoder {meta.get('encoder')} ...`)")
+            f"(`rsprune-data centroids REF_DIR --encoder {meta.get('encoder')} ...`)"
+        )
 
 
-def reassign_shard(shard: str, index_path: os.PathLike[str] | str, centroids: Centroids, *,
-                   chunk_size: int = ASSIGN_CHUNK, check_stale: bool = True) -> int:
+def reassign_shard(
+    shard: str,
+    index_path: os.PathLike[str] | str,
+    centroids: Centroids,
+    *,
+    chunk_size: int = ASSIGN_CHUNK,
+    check_stale: bool = True,
+) -> int:
     """Reassign one shard's index in place; returns its number of samples."""
     arrays, meta = idx.read_index(index_path)
     if check_stale and not idx.is_remote(shard):
         why = idx.shard_is_stale(shard, meta)
         if why:
-            raise StaleIndexError(f"index {index_path} is stale: {why}; run `rsprune-data index "
-                                  f"{shard} --centroids ... --store-embeddings` again")
+            raise StaleIndexError(
+                f"index {index_path} is stale: {why}; run `rsprune-data index "
+                f"{shard} --centroids ... --store-embeddings` again"
+            )
     valid = arrays["valid"] != 0
     side = read_sidecar(sidecar_path_of_index(index_path), index_meta=meta, valid=valid)
     if side.encoder != centroids.encoder or meta.get("encoder", "") not in ("", side.encoder):
-        raise IndexMismatchError(f"shard {shard}: embeddings of {side.encoder!r}, index of "
-                                 f"{meta.get('encoder')!r}, centroids of {centroids.encoder!r}: "
-                                 "use centroids built with the indexing encoder")
+        raise IndexMismatchError(
+            f"shard {shard}: embeddings of {side.encoder!r}, index of "
+            f"{meta.get('encoder')!r}, centroids of {centroids.encoder!r}: "
+            "use centroids built with the indexing encoder"
+        )
     emb = side.embeddings()[valid]
     if side.form != "float16":  # reconstructions of the reduced forms are not unit rows
         emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
@@ -111,16 +125,27 @@ def reassign_shard(shard: str, index_path: os.PathLike[str] | str, centroids: Ce
     sim = np.zeros(n, np.float32)
     cluster[valid], sim[valid] = z, s
     arrays = {**arrays, "cluster_id": cluster, "similarity": sim}
-    meta = {**meta, "encoder": side.encoder, "centroids_digest": centroids.digest,
-            "num_clusters": str(centroids.k)}
+    meta = {
+        **meta,
+        "encoder": side.encoder,
+        "centroids_digest": centroids.digest,
+        "num_clusters": str(centroids.k),
+    }
     idx.write_index(index_path, arrays, meta)
     return n
 
 
-def reassign_shards(shards: Sequence[str | os.PathLike[str]], centroids: Centroids, *,
-                    index_dir: str | os.PathLike[str] | None = None, rank: int | None = None,
-                    world_size: int | None = None, chunk_size: int = ASSIGN_CHUNK,
-                    check_stale: bool = True, progress: bool = True) -> ReassignReport:
+def reassign_shards(
+    shards: Sequence[str | os.PathLike[str]],
+    centroids: Centroids,
+    *,
+    index_dir: str | os.PathLike[str] | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    chunk_size: int = ASSIGN_CHUNK,
+    check_stale: bool = True,
+    progress: bool = True,
+) -> ReassignReport:
     """Reassign this rank's share of ``shards`` to ``centroids`` (see the module docstring).
 
     Args:
@@ -151,15 +176,17 @@ def reassign_shards(shards: Sequence[str | os.PathLike[str]], centroids: Centroi
     mine = [(s, path_of[s]) for s in shard_share(names, rank, world_size)]
     for shard, path in mine:  # refuse a wrong encoder before rewriting a single index
         if not path.exists():
-            raise IndexNotFoundError(f"no index for shard {shard} (looked for {path}): run "
-                                     "`rsprune-data index` first")
+            raise IndexNotFoundError(
+                f"no index for shard {shard} (looked for {path}): run `rsprune-data index` first"
+            )
         _check_encoder(shard, path, centroids)
     report = ReassignReport()
     t0 = time.perf_counter()
     for shard, path in tqdm(mine, unit="shard", desc="reassign", disable=not progress):
         try:
-            report.samples += reassign_shard(shard, path, centroids, chunk_size=chunk_size,
-                                             check_stale=check_stale)
+            report.samples += reassign_shard(
+                shard, path, centroids, chunk_size=chunk_size, check_stale=check_stale
+            )
             report.reassigned.append(shard)
         except (RsPruneError, OSError) as exc:
             report.failed[shard] = str(exc)

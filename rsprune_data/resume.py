@@ -27,15 +27,22 @@ __all__ = ["check_config", "check_format", "check_same", "state_header"]
 COMMON_KEYS = frozenset({"format", "version", "epoch", "config", "index_fingerprint"})
 
 
-def state_header(fmt: str, version: int, epoch: int, config: PruneConfig,
-                 fingerprint: str) -> dict[str, Any]:
+def state_header(
+    fmt: str, version: int, epoch: int, config: PruneConfig, fingerprint: str
+) -> dict[str, Any]:
     """The keys every state starts with."""
-    return {"format": fmt, "version": version, "epoch": int(epoch), "config": config.to_dict(),
-            "index_fingerprint": str(fingerprint)}
+    return {
+        "format": fmt,
+        "version": version,
+        "epoch": int(epoch),
+        "config": config.to_dict(),
+        "index_fingerprint": str(fingerprint),
+    }
 
 
-def check_format(state: Mapping[str, Any], *, fmt: str, version: int, required: Iterable[str],
-                 what: str) -> dict[str, Any]:
+def check_format(
+    state: Mapping[str, Any], *, fmt: str, version: int, required: Iterable[str], what: str
+) -> dict[str, Any]:
     """A copy of ``state`` after checking its format, version and keys.
 
     Args:
@@ -45,18 +52,22 @@ def check_format(state: Mapping[str, Any], *, fmt: str, version: int, required: 
         what: the loader's name for messages (``"PrunedSampler"``).
     """
     if not isinstance(state, Mapping):
-        raise StateDictError(f"a {what} state must be a dict, got {type(state).__name__}: pass the "
-                             f"dict returned by {what}.state_dict()")
+        raise StateDictError(
+            f"a {what} state must be a dict, got {type(state).__name__}: pass the "
+            f"dict returned by {what}.state_dict()"
+        )
     sd = dict(state)
     missing = sorted((COMMON_KEYS | set(required)) - set(sd) - {"version"})
     if sd.get("format") != fmt or missing:
         raise StateDictError(
             f"not a {what} state (format={sd.get('format')!r}, missing keys {missing}): pass the "
-            f"dict returned by {what}.state_dict()")
+            f"dict returned by {what}.state_dict()"
+        )
     if sd.get("version") != version:
         raise StateDictError(
             f"{what} state version {sd.get('version')!r} is not supported (this version reads "
-            f"{version}): resume with the rsprune_data version that saved it")
+            f"{version}): resume with the rsprune_data version that saved it"
+        )
     return sd
 
 
@@ -64,10 +75,14 @@ def check_same(sd: Mapping[str, Any], mine: Mapping[str, Any], what: str) -> Non
     """Refuse a state whose plan settings differ from this loader's (``name -> value``)."""
     for name, value in mine.items():
         if sd[name] != value:
-            fix = ("load the same shards and index files that the state was saved with"
-                   if name == "index_fingerprint" else f"construct it with {name}={sd[name]!r}")
-            raise StateDictError(f"{what} state has {name}={sd[name]!r} but this one has "
-                                 f"{value!r}: {fix}")
+            fix = (
+                "load the same shards and index files that the state was saved with"
+                if name == "index_fingerprint"
+                else f"construct it with {name}={sd[name]!r}"
+            )
+            raise StateDictError(
+                f"{what} state has {name}={sd[name]!r} but this one has {value!r}: {fix}"
+            )
 
 
 def check_config(sd: Mapping[str, Any], ours: PruneConfig, what: str) -> None:
@@ -77,4 +92,5 @@ def check_config(sd: Mapping[str, Any], ours: PruneConfig, what: str) -> None:
         raise StateDictError(
             f"the {what} state was saved with config {theirs.to_dict()} in epoch {sd['epoch']}, "
             f"but this one would use {ours.to_dict()}: construct it with that config (or call "
-            "set_config(PruneConfig.from_dict(state['config']))) before loading")
+            "set_config(PruneConfig.from_dict(state['config']))) before loading"
+        )

@@ -198,15 +198,22 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
         self._config = self._resolve(self._source, self._epoch)
 
     def _guard(self) -> None:
-        refuse_wrapper(f"PrunedSampler(num_replicas={self.num_replicas})", self.num_replicas,
-                       always=LIGHTNING_SPLITTERS)
+        refuse_wrapper(
+            f"PrunedSampler(num_replicas={self.num_replicas})",
+            self.num_replicas,
+            always=LIGHTNING_SPLITTERS,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch``: evaluates the schedule and applies any pending config change."""
         check_int("epoch", epoch, 0)
         self._guard()
-        if (self._running and epoch != self._epoch and self._consumed < self._pass_len
-                and not self._warned):
+        if (
+            self._running
+            and epoch != self._epoch
+            and self._consumed < self._pass_len
+            and not self._warned
+        ):
             # Lightning with use_distributed_sampler=False keeps the first epoch's len() and stops
             # each later epoch there; the sampler only sees the next set_epoch arrive early.
             self._warned = True
@@ -214,8 +221,10 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
                 f"set_epoch({epoch}) while epoch {self._epoch} has handed out only "
                 f"{self._consumed} of its {self._pass_len} items: if the trainer cut the epoch "
                 "short (Lightning caches the first epoch's len()), the rest was never trained on; "
-                "use rsprune_data.integrations.lightning.PrunedDataModule", RuntimeWarning,
-                stacklevel=2)
+                "use rsprune_data.integrations.lightning.PrunedDataModule",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._epoch = int(epoch)
         self._running = False
         self._pass_started_in_epoch = False
@@ -237,8 +246,11 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
 
     def set_prune_ratio(self, prune_ratio: float) -> None:
         """Shorthand for ``set_config(config.replace(prune_ratio=...))`` (ends any schedule)."""
-        base = self._config if self._next_source is None else self._resolve(
-            self._next_source, self._epoch)
+        base = (
+            self._config
+            if self._next_source is None
+            else self._resolve(self._next_source, self._epoch)
+        )
         check_number("prune_ratio", prune_ratio, 0.0, 1.0, hi_open=True)
         self.set_config(base.replace(prune_ratio=prune_ratio))
 
@@ -255,8 +267,9 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
         if self._next_source is not None:  # a change made during the previous pass
             self._apply_pending()
         config = self._config
-        order = epoch_order(self._select(config), seed=self.seed, epoch=self._epoch,
-                            shuffle=self.shuffle)
+        order = epoch_order(
+            self._select(config), seed=self.seed, epoch=self._epoch, shuffle=self.shuffle
+        )
         share = rank_share(order, self.num_replicas, self.rank, drop_last=self.drop_last)
         n = int(share.shape[0])
         start = 0
@@ -301,7 +314,9 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
         if consumed is not None:
             done = check_int("consumed", consumed, 0, length)
         return {
-            **state_header(STATE_FORMAT, STATE_VERSION, self._epoch, config, self.index.fingerprint),
+            **state_header(
+                STATE_FORMAT, STATE_VERSION, self._epoch, config, self.index.fingerprint
+            ),
             "consumed": done,
             "num_samples": length,
             "seed": self.seed,
@@ -320,18 +335,28 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
                 shuffle, drop_last or world size, or (with items of its epoch left) config.
         """
         sd = check_sampler_state(state_dict, STATE_FORMAT, STATE_VERSION)  # field by field
-        check_same(sd, {"index_fingerprint": str(self.index.fingerprint), "seed": self.seed,
-                        "shuffle": self.shuffle, "drop_last": self.drop_last,
-                        "num_replicas": self.num_replicas}, "PrunedSampler")
+        check_same(
+            sd,
+            {
+                "index_fingerprint": str(self.index.fingerprint),
+                "seed": self.seed,
+                "shuffle": self.shuffle,
+                "drop_last": self.drop_last,
+                "num_replicas": self.num_replicas,
+            },
+            "PrunedSampler",
+        )
         epoch, consumed, length = int(sd["epoch"]), int(sd["consumed"]), int(sd["num_samples"])
         if consumed < length:  # items of that epoch remain: they must come from the same config
-            mine = self._resolve(self._source if self._next_source is None else self._next_source,
-                                 epoch)
+            mine = self._resolve(
+                self._source if self._next_source is None else self._next_source, epoch
+            )
             check_config(sd, mine, "PrunedSampler")
             if self._num_samples(mine) != length:
                 raise StateDictError(
                     f"the state's epoch has {length} items on this rank but the same config "
-                    f"selects {self._num_samples(mine)} here: the index changed")
+                    f"selects {self._num_samples(mine)} here: the index changed"
+                )
             self._epoch = epoch
             self._apply_pending()
         self._running = False
@@ -339,6 +364,8 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
         self._resume = (epoch, consumed, consumed >= length)
 
     def __repr__(self) -> str:
-        return (f"PrunedSampler(n={len(self)}, epoch={self._epoch}, rank={self.rank}/"
-                f"{self.num_replicas}, ratio={self.config.prune_ratio}, shuffle={self.shuffle}, "
-                f"seed={self.seed}, drop_last={self.drop_last})")
+        return (
+            f"PrunedSampler(n={len(self)}, epoch={self._epoch}, rank={self.rank}/"
+            f"{self.num_replicas}, ratio={self.config.prune_ratio}, shuffle={self.shuffle}, "
+            f"seed={self.seed}, drop_last={self.drop_last})"
+        )

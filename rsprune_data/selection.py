@@ -73,8 +73,9 @@ def _top_positions(values: NDArray[Any], m: int) -> Positions:
     return np.flatnonzero(_top_mask(values, m)).astype(np.int64, copy=False)
 
 
-def _group_by_cluster(z: NDArray[np.integer[Any]], counts: NDArray[np.intp]
-                      ) -> tuple[NDArray[np.intp], NDArray[np.int64]]:
+def _group_by_cluster(
+    z: NDArray[np.integer[Any]], counts: NDArray[np.intp]
+) -> tuple[NDArray[np.intp], NDArray[np.int64]]:
     """Order that groups ``z`` by cluster (stable: ascending index within a group), and group starts.
 
     Cluster ids are narrowed to int16 when K allows it, where numpy's stable sort is a radix sort.
@@ -87,8 +88,9 @@ def _group_by_cluster(z: NDArray[np.integer[Any]], counts: NDArray[np.intp]
     return order, starts
 
 
-def _stratified(z: NDArray[np.integer[Any]], s: NDArray[np.floating[Any]], num_clusters: int,
-                b: int) -> NDArray[np.bool_]:
+def _stratified(
+    z: NDArray[np.integer[Any]], s: NDArray[np.floating[Any]], num_clusters: int, b: int
+) -> NDArray[np.bool_]:
     """Stage II over candidates (arrays in ascending position order): mask of the B selected."""
     n = z.shape[0]
     if n <= b:
@@ -126,8 +128,14 @@ def _as_1d(name: str, a: ArrayLike, n: int | None) -> NDArray[Any]:
 class _Inputs:
     """Validated selection inputs shared by all strategies."""
 
-    def __init__(self, entropy: ArrayLike, cluster_ids: ArrayLike, similarity: ArrayLike,
-                 num_clusters: int, valid: ArrayLike | None) -> None:
+    def __init__(
+        self,
+        entropy: ArrayLike,
+        cluster_ids: ArrayLike,
+        similarity: ArrayLike,
+        num_clusters: int,
+        valid: ArrayLike | None,
+    ) -> None:
         self.entropy = _as_1d("entropy", entropy, None)
         n = self.entropy.shape[0]
         self.cluster_ids = _as_1d("cluster_ids", cluster_ids, n)
@@ -192,12 +200,20 @@ def _stage1(x: _Inputs, entropy_keep: float | None, entropy_threshold: float | N
 
 
 class Strategy(Protocol):
-    def __call__(self, x: _Inputs, b: int, *, entropy_keep: float | None,
-                 entropy_threshold: float | None, seed: int) -> Positions: ...
+    def __call__(
+        self,
+        x: _Inputs,
+        b: int,
+        *,
+        entropy_keep: float | None,
+        entropy_threshold: float | None,
+        seed: int,
+    ) -> Positions: ...
 
 
-def _rsprune(x: _Inputs, b: int, *, entropy_keep: float | None,
-             entropy_threshold: float | None, seed: int) -> Positions:
+def _rsprune(
+    x: _Inputs, b: int, *, entropy_keep: float | None, entropy_threshold: float | None, seed: int
+) -> Positions:
     pos = _stage1(x, entropy_keep, entropy_threshold)
     if pos.shape[0] <= b:
         return pos
@@ -206,25 +222,29 @@ def _rsprune(x: _Inputs, b: int, *, entropy_keep: float | None,
     return pos[_stratified(z, s, x.num_clusters, b)]
 
 
-def _stratified_only(x: _Inputs, b: int, *, entropy_keep: float | None,
-                     entropy_threshold: float | None, seed: int) -> Positions:
+def _stratified_only(
+    x: _Inputs, b: int, *, entropy_keep: float | None, entropy_threshold: float | None, seed: int
+) -> Positions:
     return _rsprune(x, b, entropy_keep=None, entropy_threshold=None, seed=seed)
 
 
-def _entropy_only(x: _Inputs, b: int, *, entropy_keep: float | None,
-                  entropy_threshold: float | None, seed: int) -> Positions:
+def _entropy_only(
+    x: _Inputs, b: int, *, entropy_keep: float | None, entropy_threshold: float | None, seed: int
+) -> Positions:
     pos = x.valid_positions()
     return pos[_top_mask(x.checked("entropy", x.entropy, pos), b)]
 
 
-def _nearest(x: _Inputs, b: int, *, entropy_keep: float | None,
-             entropy_threshold: float | None, seed: int) -> Positions:
+def _nearest(
+    x: _Inputs, b: int, *, entropy_keep: float | None, entropy_threshold: float | None, seed: int
+) -> Positions:
     pos = x.valid_positions()
     return pos[_top_mask(x.checked("similarity", x.similarity, pos), b)]
 
 
-def _random(x: _Inputs, b: int, *, entropy_keep: float | None,
-            entropy_threshold: float | None, seed: int) -> Positions:
+def _random(
+    x: _Inputs, b: int, *, entropy_keep: float | None, entropy_threshold: float | None, seed: int
+) -> Positions:
     pos = x.valid_positions()
     if pos.shape[0] <= b:
         return pos
@@ -232,8 +252,9 @@ def _random(x: _Inputs, b: int, *, entropy_keep: float | None,
     return np.sort(pos[rng.choice(pos.shape[0], size=b, replace=False)])
 
 
-def _moderate(x: _Inputs, b: int, *, entropy_keep: float | None,
-              entropy_threshold: float | None, seed: int) -> Positions:
+def _moderate(
+    x: _Inputs, b: int, *, entropy_keep: float | None, entropy_threshold: float | None, seed: int
+) -> Positions:
     """Moderate-DS (Xia et al., ICLR 2023): samples whose distance to their cluster's centroid is
     closest to that cluster's median distance. Distance is ``1 - s``, so ``|d - median(d)| =
     |s - median(s)|`` per cluster, computed in float64."""
@@ -246,7 +267,7 @@ def _moderate(x: _Inputs, b: int, *, entropy_keep: float | None,
     s_grouped = s[order]
     med = np.zeros(x.num_clusters, dtype=np.float64)
     for k in np.flatnonzero(np.diff(starts)).tolist():
-        med[k] = np.median(s_grouped[starts[k]:starts[k + 1]])
+        med[k] = np.median(s_grouped[starts[k] : starts[k + 1]])
     score = -np.abs(s - med[z])  # larger = closer to the median
     return pos[_top_mask(score, b)]
 
@@ -324,8 +345,13 @@ def select_indices(
     check_int("seed", seed, 0)
     fn = get_strategy(strategy)
     x = _Inputs(entropy, cluster_ids, similarity, num_clusters, valid)
-    out = fn(x, budget(x.n, ratio), entropy_keep=entropy_keep,
-             entropy_threshold=entropy_threshold, seed=seed)
+    out = fn(
+        x,
+        budget(x.n, ratio),
+        entropy_keep=entropy_keep,
+        entropy_threshold=entropy_threshold,
+        seed=seed,
+    )
     return out.astype(np.int64, copy=False)
 
 

@@ -116,9 +116,17 @@ class EpochPlan:
         return out
 
 
-def epoch_plan(selected: NDArray[np.int64], shard_starts: NDArray[np.int64], *, seed: int,
-               epoch: int, shuffle_shards: bool, world_size: int,
-               drop_last: bool, sample_window: int = 0) -> EpochPlan:
+def epoch_plan(
+    selected: NDArray[np.int64],
+    shard_starts: NDArray[np.int64],
+    *,
+    seed: int,
+    epoch: int,
+    shuffle_shards: bool,
+    world_size: int,
+    drop_last: bool,
+    sample_window: int = 0,
+) -> EpochPlan:
     """The :class:`EpochPlan` of one epoch (see the module docstring for the order and split).
 
     Args:
@@ -139,14 +147,25 @@ def epoch_plan(selected: NDArray[np.int64], shard_starts: NDArray[np.int64], *, 
     """
     selected = np.asarray(selected, dtype=np.int64)
     starts = np.asarray(shard_starts, dtype=np.int64)
-    order = epoch_order(np.arange(starts.shape[0] - 1, dtype=np.int64), seed=seed, epoch=epoch,
-                        shuffle=shuffle_shards)
+    order = epoch_order(
+        np.arange(starts.shape[0] - 1, dtype=np.int64),
+        seed=seed,
+        epoch=epoch,
+        shuffle=shuffle_shards,
+    )
     lo = np.searchsorted(selected, starts[:-1])
     hi = np.searchsorted(selected, starts[1:])
     ends = np.cumsum((hi - lo)[order]).astype(np.int64)
-    return EpochPlan(selected, lo[order].astype(np.int64), ends, world_size,
-                     per_rank(int(selected.shape[0]), world_size, drop_last), int(seed), int(epoch),
-                     int(sample_window))
+    return EpochPlan(
+        selected,
+        lo[order].astype(np.int64),
+        ends,
+        world_size,
+        per_rank(int(selected.shape[0]), world_size, drop_last),
+        int(seed),
+        int(epoch),
+        int(sample_window),
+    )
 
 
 def worker_batches(per_rank_samples: int, num_workers: int, batch_size: int) -> list[int]:

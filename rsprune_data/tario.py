@@ -478,8 +478,9 @@ def _iter_samples(
             stream = _Stream(f, size=size, record=record)
             yield from _samples(stream, name or os.fspath(source))
         return
-    yield from _samples(_Stream(source, record=record),
-                        name or str(getattr(source, "name", "<stream>")))
+    yield from _samples(
+        _Stream(source, record=record), name or str(getattr(source, "name", "<stream>"))
+    )
 
 
 def _samples(stream: _Stream, shard: str) -> Iterator[tuple[TarSample, dict[str, bytes], bytes]]:

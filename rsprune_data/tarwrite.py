@@ -50,8 +50,13 @@ class TarOut:
         else:
             size = b"%011o\0" % len(data)
             cks = b"%06o\0 " % (_HEADER_SUM + sum(base) + sum(size) + sum(prefix))
-            hdr = (base.ljust(100, b"\0") + _MID % size + _TAIL % cks
-                   + prefix.ljust(155, b"\0") + bytes(12))
+            hdr = (
+                base.ljust(100, b"\0")
+                + _MID % size
+                + _TAIL % cks
+                + prefix.ljust(155, b"\0")
+                + bytes(12)
+            )
         pad = -len(data) % 512
         return [hdr, data, bytes(pad)] if pad else [hdr, data]
 

@@ -107,7 +107,14 @@ from .stream_plan import EpochPlan, epoch_plan, shard_runs, worker_batches
 from .world import World, distributed_rank, get_world
 from .wrappers import refuse_wrapper
 
-__all__ = ["DEFAULT_MAX_GAP", "DEFAULT_SAMPLE_WINDOW", "EpochPlan", "PrunedWebDataset", "epoch_plan", "worker_batches"]
+__all__ = [
+    "DEFAULT_MAX_GAP",
+    "DEFAULT_SAMPLE_WINDOW",
+    "EpochPlan",
+    "PrunedWebDataset",
+    "epoch_plan",
+    "worker_batches",
+]
 
 #: Default ``max_gap`` of :class:`PrunedWebDataset`: merge samples that touch or are less than a
 #: page apart. Bridging wider gaps buys nothing on a local disk and reads far more bytes when tiles
@@ -155,10 +162,21 @@ def _complete(state: dict[str, Any]) -> bool:
 class _Source:
     """The pipeline's first stage: called with no argument, returns an iterator of sample dicts."""
 
-    def __init__(self, index: PruneIndex, load_args: tuple[Any, ...] | None, config: Any, *,
-                 seed: int, shuffle_shards: bool, drop_last: bool, rank: int | None,
-                 world_size: int | None, read: ReadOptions, sample_window: int,
-                 verify: bool = True) -> None:
+    def __init__(
+        self,
+        index: PruneIndex,
+        load_args: tuple[Any, ...] | None,
+        config: Any,
+        *,
+        seed: int,
+        shuffle_shards: bool,
+        drop_last: bool,
+        rank: int | None,
+        world_size: int | None,
+        read: ReadOptions,
+        sample_window: int,
+        verify: bool = True,
+    ) -> None:
         self._index: PruneIndex | None = index
         self.verify = verify
         self._load_args = load_args  # (shards, index_dir, check_stale) to reload after pickling
@@ -172,8 +190,16 @@ class _Source:
         self.rank, self.world_size = distributed_rank(rank, world_size)
         self._schedule: Schedule | None = None
         self._schedule_id = 0
-        self._control = _Control({"gen": 0, "epoch": 0, "epoch_set": False, "config": None,
-                                  "schedule": None, "resume": None})
+        self._control = _Control(
+            {
+                "gen": 0,
+                "epoch": 0,
+                "epoch_set": False,
+                "config": None,
+                "schedule": None,
+                "resume": None,
+            }
+        )
         self.set_config(config)
         self._selections: OrderedDict[PruneConfig, NDArray[np.int64]] = OrderedDict()
         self._plan_key: tuple[Any, ...] | None = None
@@ -247,10 +273,16 @@ class _Source:
     def plan(self, epoch: int, config: PruneConfig, world_size: int) -> EpochPlan:
         key = (epoch, config, world_size)
         if self._plan is None or self._plan_key != key:
-            self._plan = epoch_plan(self.selected(config), self.index.shard_starts,
-                                    seed=self.seed, epoch=epoch,
-                                    shuffle_shards=self.shuffle_shards, world_size=world_size,
-                                    drop_last=self.drop_last, sample_window=self.sample_window)
+            self._plan = epoch_plan(
+                self.selected(config),
+                self.index.shard_starts,
+                seed=self.seed,
+                epoch=epoch,
+                shuffle_shards=self.shuffle_shards,
+                world_size=world_size,
+                drop_last=self.drop_last,
+                sample_window=self.sample_window,
+            )
             self._plan_key = key
         return self._plan
 
@@ -274,11 +306,18 @@ class _Source:
                 f"PrunedWebDataset is iterated again at epoch {ctl['epoch']} without set_epoch(): "
                 "this pass repeats the last one's order and config. Call ds.set_epoch(epoch) "
                 "before every epoch, or use rsprune_data.integrations (PrunedLoader, "
-                "prepare_loader, PrunedDataModule), which do", RuntimeWarning, stacklevel=3)
+                "prepare_loader, PrunedDataModule), which do",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         epoch = int(ctl["epoch"])
         resume, self._pending = (self._pending or ctl["resume"]), None
-        if (resume is not None and int(resume["epoch"]) != epoch and not ctl["epoch_set"]
-                and not _complete(resume)):
+        if (
+            resume is not None
+            and int(resume["epoch"]) != epoch
+            and not ctl["epoch_set"]
+            and not _complete(resume)
+        ):
             # A fresh dataset handed a mid-epoch state (StatefulDataLoader loads it inside each
             # worker) and no set_epoch() call: the state's epoch is the one to continue.
             epoch = int(resume["epoch"])
@@ -287,19 +326,33 @@ class _Source:
                 warnings.warn(
                     f"a state loaded for epoch {resume['epoch']} is ignored: this pass is epoch "
                     f"{epoch}. Call set_epoch({resume['epoch']}) to resume it.",
-                    RuntimeWarning, stacklevel=3)
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             resume = None
         config = self.config_for(epoch, ctl)
         if resume is not None and PruneConfig.from_dict(resume["config"]) != config:
-            raise StateDictError(f"the loaded state's config {resume['config']} is not the "
-                                 f"config of epoch {epoch}, {config.to_dict()}")
+            raise StateDictError(
+                f"the loaded state's config {resume['config']} is not the "
+                f"config of epoch {epoch}, {config.to_dict()}"
+            )
         plan = self.plan(epoch, config, world.world_size)
         rotation, skip = (0, 0) if resume is None else self._resume_point(resume, world)
-        start, stop = plan.worker_span(world.rank, (world.worker + rotation) % world.num_workers,
-                                       world.num_workers)
+        start, stop = plan.worker_span(
+            world.rank, (world.worker + rotation) % world.num_workers, world.num_workers
+        )
         skip = min(skip, stop - start)
-        p = _Pass(epoch, int(ctl["gen"]), config, world, rotation, skip, stop - start,
-                  plan.positions(start + skip, stop), plan.blocks(start + skip, stop, self._block))
+        p = _Pass(
+            epoch,
+            int(ctl["gen"]),
+            config,
+            world,
+            rotation,
+            skip,
+            stop - start,
+            plan.positions(start + skip, stop),
+            plan.blocks(start + skip, stop, self._block),
+        )
         self._pass = p
         return p
 
@@ -308,15 +361,19 @@ class _Source:
         """``(rotation, samples to skip)`` of this worker for a loaded state."""
         w, nw = world.worker, world.num_workers
         if int(state["world_size"]) != world.world_size:
-            raise StateDictError(f"the state was saved with world_size={state['world_size']}, "
-                                 f"this run has {world.world_size}: resume on as many ranks")
+            raise StateDictError(
+                f"the state was saved with world_size={state['world_size']}, "
+                f"this run has {world.world_size}: resume on as many ranks"
+            )
         if "delivered" in state:  # items handed out by the loader, one per worker in turn
             k, b = int(state["delivered"]), int(state["batch_size"])
             if k == 0:
                 return 0, 0
             if int(state["num_workers"]) != nw:
-                raise StateDictError(f"the state was saved with num_workers={state['num_workers']}"
-                                     f", this loader has {nw}: resume with the same num_workers")
+                raise StateDictError(
+                    f"the state was saved with num_workers={state['num_workers']}"
+                    f", this loader has {nw}: resume with the same num_workers"
+                )
             s = k % nw
             v = (w + s) % nw
             return s, (k // nw + (1 if v < s else 0)) * b
@@ -324,7 +381,8 @@ class _Source:
             raise StateDictError(
                 f"the state is worker {state['worker']}'s of {state['num_workers']} worker(s); this "
                 f"is worker {w} of {nw}: resume with the same num_workers (or save a rank state with "
-                "state_dict(delivered=..., batch_size=..., num_workers=...))")
+                "state_dict(delivered=..., batch_size=..., num_workers=...))"
+            )
         return int(state["rotation"]), int(state["consumed"])
 
     def _deliver(self, p: _Pass) -> Iterator[Sample]:
@@ -373,26 +431,43 @@ class _Source:
         # webdataset's StreamingOpen: a local url's path (urlparse) is also __local_path__.
         path = local_path(url)
         index = self.index
-        for key, members in read_samples(url, (), index.offsets[part].tolist(),
-                                         index.lengths[part].tolist(), self._expected_keys(part),
-                                         self.read, sums=self._sums(part, shard)):
+        for key, members in read_samples(
+            url,
+            (),
+            index.offsets[part].tolist(),
+            index.lengths[part].tolist(),
+            self._expected_keys(part),
+            self.read,
+            sums=self._sums(part, shard),
+        ):
             yield {"__key__": key, "__url__": url, **members, "__local_path__": path}
 
     def _read_remote(self, url: str, part: NDArray[np.int64], shard: int) -> Iterator[Sample]:
         # fsspec URLs by byte range; `pipe:` streams in one pass, selecting by sample number
         index = self.index
         numbers = (part - int(index.shard_starts[shard])).tolist()
-        for key, members in read_samples(url, numbers, index.offsets[part].tolist(),
-                                         index.lengths[part].tolist(), self._expected_keys(part),
-                                         self.read, sums=self._sums(part, shard)):
+        for key, members in read_samples(
+            url,
+            numbers,
+            index.offsets[part].tolist(),
+            index.lengths[part].tolist(),
+            self._expected_keys(part),
+            self.read,
+            sums=self._sums(part, shard),
+        ):
             yield {"__key__": key, "__url__": url, **members}
 
     # -- state
     def _common(self, epoch: int, config: PruneConfig, world_size: int) -> dict[str, Any]:
-        return {**state_header(STATE_FORMAT, STATE_VERSION, epoch, config, self.index.fingerprint),
-                "seed": self.seed, "shuffle_shards": self.shuffle_shards,
-                "sample_window": self.sample_window, "drop_last": self.drop_last,
-                "world_size": world_size, "rank": self.rank}
+        return {
+            **state_header(STATE_FORMAT, STATE_VERSION, epoch, config, self.index.fingerprint),
+            "seed": self.seed,
+            "shuffle_shards": self.shuffle_shards,
+            "sample_window": self.sample_window,
+            "drop_last": self.drop_last,
+            "world_size": world_size,
+            "rank": self.rank,
+        }
 
     def state(self) -> dict[str, Any]:
         if self._pending is not None:
@@ -400,10 +475,15 @@ class _Source:
         ctl = self._control.read()
         p = self._pass
         if p is not None and p.gen == ctl["gen"]:
-            return {**self._common(p.epoch, p.config, p.world.world_size),
-                    "worker": p.world.worker, "num_workers": p.world.num_workers,
-                    "rotation": p.rotation, "consumed": p.consumed,
-                    "num_samples": p.num_samples, "finished": p.finished}
+            return {
+                **self._common(p.epoch, p.config, p.world.world_size),
+                "worker": p.world.worker,
+                "num_workers": p.world.num_workers,
+                "rotation": p.rotation,
+                "consumed": p.consumed,
+                "num_samples": p.num_samples,
+                "finished": p.finished,
+            }
         if ctl["resume"] is not None and int(ctl["resume"]["epoch"]) == int(ctl["epoch"]):
             return dict(ctl["resume"])
         return self.rank_state(0, 1, 0)
@@ -418,11 +498,18 @@ class _Source:
         plan = self.plan(epoch, config, self.world_size)
         items = sum(worker_batches(plan.per_rank, num_workers, batch_size))
         if delivered > items:
-            raise ConfigError(f"`delivered` must be at most {items} (items per rank in epoch "
-                              f"{epoch} with batch_size={batch_size}, num_workers={num_workers}), "
-                              f"got {delivered}")
-        return {**self._common(epoch, config, self.world_size), "delivered": delivered,
-                "batch_size": batch_size, "num_workers": max(1, num_workers), "items": items}
+            raise ConfigError(
+                f"`delivered` must be at most {items} (items per rank in epoch "
+                f"{epoch} with batch_size={batch_size}, num_workers={num_workers}), "
+                f"got {delivered}"
+            )
+        return {
+            **self._common(epoch, config, self.world_size),
+            "delivered": delivered,
+            "batch_size": batch_size,
+            "num_workers": max(1, num_workers),
+            "items": items,
+        }
 
     def load(self, state: dict[str, Any]) -> None:
         from torch.utils.data import get_worker_info
@@ -437,12 +524,26 @@ class _Source:
             self._control.update(resume=sd, epoch=int(sd["epoch"]))
 
     def _check_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        required = {"seed", "shuffle_shards", "sample_window", "drop_last", "world_size",
-                    "num_workers"}
-        required |= ({"delivered", "batch_size", "items"} if "delivered" in state else
-                     {"worker", "rotation", "consumed", "num_samples", "finished"})
-        check_format(state, fmt=STATE_FORMAT, version=STATE_VERSION, required=required,
-                     what="PrunedWebDataset")
+        required = {
+            "seed",
+            "shuffle_shards",
+            "sample_window",
+            "drop_last",
+            "world_size",
+            "num_workers",
+        }
+        required |= (
+            {"delivered", "batch_size", "items"}
+            if "delivered" in state
+            else {"worker", "rotation", "consumed", "num_samples", "finished"}
+        )
+        check_format(
+            state,
+            fmt=STATE_FORMAT,
+            version=STATE_VERSION,
+            required=required,
+            what="PrunedWebDataset",
+        )
         sd = check_wds_state(state, STATE_FORMAT, STATE_VERSION)  # every field: type and range
         sd["sample_window"] = state_int(sd, "sample_window", "PrunedWebDataset", 0)
         if sd.get("buffered"):
@@ -450,18 +551,28 @@ class _Source:
                 f"this PrunedWebDataset state was saved behind a .shuffle({sd['buffered']}) stage, "
                 "whose buffer held samples counted as delivered that the model never saw: resume "
                 "would lose them. Drop .shuffle(n): PrunedWebDataset already delivers a new "
-                "sample-level order every epoch (sample_window), and resume is exact without it")
-        check_same(sd, {"index_fingerprint": str(self.index.fingerprint), "seed": self.seed,
-                        "shuffle_shards": self.shuffle_shards, "sample_window": self.sample_window,
-                        "drop_last": self.drop_last, "world_size": self.world_size},
-                   "PrunedWebDataset")
+                "sample-level order every epoch (sample_window), and resume is exact without it"
+            )
+        check_same(
+            sd,
+            {
+                "index_fingerprint": str(self.index.fingerprint),
+                "seed": self.seed,
+                "shuffle_shards": self.shuffle_shards,
+                "sample_window": self.sample_window,
+                "drop_last": self.drop_last,
+                "world_size": self.world_size,
+            },
+            "PrunedWebDataset",
+        )
         if not _complete(sd):
             check_config(sd, self.config_for(int(sd["epoch"])), "PrunedWebDataset")
         return sd
 
 
-def _batched_exact_stage(data: Iterator[Any], batchsize: int, collation_fn: Any,
-                         partial: bool) -> Iterator[Any]:
+def _batched_exact_stage(
+    data: Iterator[Any], batchsize: int, collation_fn: Any, partial: bool
+) -> Iterator[Any]:
     batch: list[Any] = []
     for sample in data:
         batch.append(sample)
@@ -548,14 +659,26 @@ class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # u
         if isinstance(shards, PruneIndex):
             index, load_args = shards, None
         else:
-            names: str | list[str] = (os.fspath(shards) if isinstance(shards, str | os.PathLike)
-                                      else [os.fspath(s) for s in shards])
+            names: str | list[str] = (
+                os.fspath(shards)
+                if isinstance(shards, str | os.PathLike)
+                else [os.fspath(s) for s in shards]
+            )
             index = PruneIndex.load(names, index_dir, check_stale=check_stale)
             load_args = (names, index_dir, check_stale)
-        self._source = _Source(index, load_args, config, seed=int(seed),
-                               shuffle_shards=bool(shuffle_shards), drop_last=bool(drop_last),
-                               rank=rank, world_size=world_size, read=options,
-                               sample_window=int(sample_window), verify=bool(verify))
+        self._source = _Source(
+            index,
+            load_args,
+            config,
+            seed=int(seed),
+            shuffle_shards=bool(shuffle_shards),
+            drop_last=bool(drop_last),
+            rank=rank,
+            world_size=world_size,
+            read=options,
+            sample_window=int(sample_window),
+            verify=bool(verify),
+        )
         # DataPipeline.invoke (webdataset/pipeline.py) calls a plain callable first stage with no
         # argument and iterates what it returns; every later stage gets the previous iterator.
         self.append(self._source)
@@ -591,7 +714,9 @@ class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # u
     @property
     def num_samples(self) -> int:
         """Samples every rank delivers in the current epoch (padding or ``drop_last`` included)."""
-        return per_rank(int(self.selected.shape[0]), self._source.world_size, self._source.drop_last)
+        return per_rank(
+            int(self.selected.shape[0]), self._source.world_size, self._source.drop_last
+        )
 
     def num_batches(self, batch_size: int, num_workers: int = 0) -> int:
         """Items every rank's loader yields this epoch when each worker batches its own samples
@@ -600,8 +725,9 @@ class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # u
         return sum(worker_batches(self.num_samples, num_workers, batch_size))
 
     # -- stages whose look-ahead would break resume
-    def batched(self, batchsize: int, collation_fn: Any = default_collation_fn,
-                partial: bool = True) -> PrunedWebDataset:
+    def batched(
+        self, batchsize: int, collation_fn: Any = default_collation_fn, partial: bool = True
+    ) -> PrunedWebDataset:
         """Batches of ``batchsize`` samples, like ``wds.WebDataset.batched``, without look-ahead.
 
         webdataset's ``batched`` pulls sample ``n + 1`` before it yields a batch of ``n``, so a
@@ -631,8 +757,9 @@ class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # u
         self._source.guard()
         resume = self._source._control.read()["resume"]
         keep = resume is not None and int(resume["epoch"]) == int(epoch)
-        self._source._control.update(epoch=int(epoch), epoch_set=True,
-                                     resume=resume if keep else None)
+        self._source._control.update(
+            epoch=int(epoch), epoch_set=True, resume=resume if keep else None
+        )
 
     def set_config(self, config: PruneConfig | float | Schedule) -> None:
         """Use ``config`` (a PruneConfig, ratio or schedule) from the next pass on, everywhere.
@@ -647,8 +774,9 @@ class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # u
         self.set_config(self.config.replace(prune_ratio=prune_ratio))
 
     # -- state
-    def state_dict(self, *, delivered: int | None = None, batch_size: int = 1,
-                   num_workers: int = 0) -> dict[str, Any]:
+    def state_dict(
+        self, *, delivered: int | None = None, batch_size: int = 1, num_workers: int = 0
+    ) -> dict[str, Any]:
         """The resume position, JSON-serialisable (see the module docstring).
 
         Without arguments: the pass of this process (``num_workers=0``, or inside a worker, which is
@@ -661,8 +789,11 @@ class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # u
             batch_size: samples per item (``DataLoader(batch_size=...)`` or ``.batched(...)``).
             num_workers: the loader's ``num_workers``.
         """
-        state = (self._source.state() if delivered is None else
-                 self._source.rank_state(delivered, batch_size, num_workers))
+        state = (
+            self._source.state()
+            if delivered is None
+            else self._source.rank_state(delivered, batch_size, num_workers)
+        )
         if self._buffered:
             state["buffered"] = self._buffered
         return state
@@ -673,6 +804,8 @@ class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # u
 
     def __repr__(self) -> str:
         s = self._source
-        return (f"PrunedWebDataset({len(s.index.shards)} shards, epoch={self.epoch}, "
-                f"rank={s.rank}/{s.world_size}, seed={s.seed}, "
-                f"shuffle_shards={s.shuffle_shards}, drop_last={s.drop_last})")
+        return (
+            f"PrunedWebDataset({len(s.index.shards)} shards, epoch={self.epoch}, "
+            f"rank={s.rank}/{s.world_size}, seed={s.seed}, "
+            f"shuffle_shards={s.shuffle_shards}, drop_last={s.drop_last})"
+        )

@@ -26,21 +26,26 @@ from .errors import ConfigError
 __all__ = ["ACCELERATE_SPLITTERS", "LIGHTNING_SPLITTERS", "find_wrapper", "refuse_wrapper"]
 
 #: accelerate's classes that split a loader across processes.
-ACCELERATE_SPLITTERS = frozenset({"BatchSamplerShard", "IterableDatasetShard",
-                                  "DataLoaderDispatcher"})
+ACCELERATE_SPLITTERS = frozenset(
+    {"BatchSamplerShard", "IterableDatasetShard", "DataLoaderDispatcher"}
+)
 #: Lightning's classes that split a sampler across processes.
 LIGHTNING_SPLITTERS = frozenset({"DistributedSamplerWrapper", "_DatasetSamplerWrapper"})
 
 _DEPTH = 48
 
 _FIX = {
-    "accelerate": ("build the loader as usual and call "
-                   "`loader = rsprune_data.integrations.accelerate.prepare_loader(accelerator, loader)` "
-                   "instead of passing it to `accelerator.prepare` (device placement, set_epoch and "
-                   "checkpointing included, without a second split)"),
-    "lightning": ("return it from `rsprune_data.integrations.lightning.PrunedDataModule` (or wrap it "
-                  "with `rsprune_data.integrations.PrunedLoader`), which Lightning never re-wraps, and "
-                  "build the Trainer with `reload_dataloaders_every_n_epochs=1`"),
+    "accelerate": (
+        "build the loader as usual and call "
+        "`loader = rsprune_data.integrations.accelerate.prepare_loader(accelerator, loader)` "
+        "instead of passing it to `accelerator.prepare` (device placement, set_epoch and "
+        "checkpointing included, without a second split)"
+    ),
+    "lightning": (
+        "return it from `rsprune_data.integrations.lightning.PrunedDataModule` (or wrap it "
+        "with `rsprune_data.integrations.PrunedLoader`), which Lightning never re-wraps, and "
+        "build the Trainer with `reload_dataloaders_every_n_epochs=1`"
+    ),
 }
 
 
@@ -76,11 +81,15 @@ def refuse_wrapper(what: str, world_size: int, *, always: Iterable[str] = ()) ->
     if found == "_DatasetSamplerWrapper":  # the inner half of DistributedSamplerWrapper
         found = "DistributedSamplerWrapper (Trainer(use_distributed_sampler=True))"
     if world_size > 1:
-        why = (f"{what} already splits the selection over {world_size} ranks, and {framework}'s "
-               f"{found} splits it again: part of every epoch would never be trained on, without "
-               "a message")
+        why = (
+            f"{what} already splits the selection over {world_size} ranks, and {framework}'s "
+            f"{found} splits it again: part of every epoch would never be trained on, without "
+            "a message"
+        )
     else:
-        why = (f"{what} is wrapped in Lightning's {found}, which re-splits it and caches its length "
-               "when the loader is built: a ratio change then fails or is truncated to the first "
-               "epoch's length")
+        why = (
+            f"{what} is wrapped in Lightning's {found}, which re-splits it and caches its length "
+            "when the loader is built: a ratio change then fails or is truncated to the first "
+            "epoch's length"
+        )
     raise ConfigError(f"{why}. Fix: {_FIX[framework]}.")

@@ -12,8 +12,17 @@ from collections import defaultdict
 import numpy as np
 
 
-def reference_select(entropy, cluster_ids, similarity, *, num_clusters, prune_ratio,
-                     entropy_keep=None, entropy_threshold=None, valid=None) -> list[int]:
+def reference_select(
+    entropy,
+    cluster_ids,
+    similarity,
+    *,
+    num_clusters,
+    prune_ratio,
+    entropy_keep=None,
+    entropy_threshold=None,
+    valid=None,
+) -> list[int]:
     n = len(entropy)
     valid = [True] * n if valid is None else [bool(v) for v in valid]
     b = math.floor((1 - prune_ratio) * n + 0.5)
@@ -52,5 +61,7 @@ def reference_moderate(cluster_ids, similarity, *, num_clusters, prune_ratio, va
     for i in pos:
         groups[int(cluster_ids[i])].append(1.0 - float(similarity[i]))
     med = {k: float(np.median(v)) for k, v in groups.items()}
-    ranked = sorted(pos, key=lambda i: (abs((1.0 - float(similarity[i])) - med[int(cluster_ids[i])]), i))
+    ranked = sorted(
+        pos, key=lambda i: (abs((1.0 - float(similarity[i])) - med[int(cluster_ids[i])]), i)
+    )
     return sorted(ranked[:b])

@@ -33,7 +33,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_for(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 10.0) -> None:
+def _wait_for(
+    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 10.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -55,8 +57,10 @@ class Nginx:
         self.port = free_port()
         self.access_log = self.workdir / "access.log"
         rate = f"limit_rate {limit_rate};" if limit_rate else ""
-        temps = "\n".join(f"  {k}_temp_path {self.workdir}/{k};"
-                          for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        temps = "\n".join(
+            f"  {k}_temp_path {self.workdir}/{k};"
+            for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
         conf = f"""daemon off;
 master_process off;
 worker_processes 1;
@@ -86,9 +90,19 @@ http {{
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Nginx:
-        self.proc = subprocess.Popen([str(NGINX), "-e", str(self.workdir / "error.log"), "-p",
-                                      str(self.workdir), "-c", str(self.conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [
+                str(NGINX),
+                "-e",
+                str(self.workdir / "error.log"),
+                "-p",
+                str(self.workdir),
+                "-c",
+                str(self.conf),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         _wait_for(self.port, self.proc)
         return self
 
@@ -122,8 +136,14 @@ http {{
         self.stop()
 
 
-_FORWARD = ("Content-Length", "Content-Range", "Content-Type", "ETag", "Last-Modified",
-            "Accept-Ranges")
+_FORWARD = (
+    "Content-Length",
+    "Content-Range",
+    "Content-Type",
+    "ETag",
+    "Last-Modified",
+    "Accept-Ranges",
+)
 
 
 class FaultyProxy:
@@ -138,9 +158,16 @@ class FaultyProxy:
         delay: seconds added before every response (latency).
     """
 
-    def __init__(self, upstream: str, *, fault_rate: float = 0.0,
-                 faults: Sequence[str] = ("503", "drop", "truncate"), seed: int = 0,
-                 fail_paths: Sequence[str] = (), delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        fault_rate: float = 0.0,
+        faults: Sequence[str] = ("503", "drop", "truncate"),
+        seed: int = 0,
+        fail_paths: Sequence[str] = (),
+        delay: float = 0.0,
+    ) -> None:
         self.upstream = upstream
         self.fault_rate, self.faults = fault_rate, list(faults)
         self.rng = random.Random(seed)
@@ -179,8 +206,11 @@ class FaultyProxy:
                     return
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
                 try:
-                    headers = {k: v for k, v in self.headers.items()
-                               if k.lower() in ("range", "accept-encoding")}
+                    headers = {
+                        k: v
+                        for k, v in self.headers.items()
+                        if k.lower() in ("range", "accept-encoding")
+                    }
                     conn.request("HEAD" if head else "GET", self.path, headers=headers)
                     r = conn.getresponse()
                     body = r.read()
@@ -239,8 +269,11 @@ def moto_s3(bucket: str, files: Sequence[Path]) -> Iterator[dict[str, Any]]:
     import boto3
     from moto.server import ThreadedMotoServer
 
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -252,8 +285,12 @@ def moto_s3(bucket: str, files: Sequence[Path]) -> Iterator[dict[str, Any]]:
         s3.create_bucket(Bucket=bucket)
         for f in files:
             s3.upload_file(str(f), bucket, Path(f).name)
-        yield {"key": "testing", "secret": "testing", "skip_instance_cache": True,
-               "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+        yield {
+            "key": "testing",
+            "secret": "testing",
+            "skip_instance_cache": True,
+            "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        }
     finally:
         server.stop()
         for k, v in old.items():

@@ -35,8 +35,12 @@ class ProjectionEncoder:
     device = torch.device("cpu")
 
     def __init__(self) -> None:
-        self.preprocess = ImageTransform(size=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize_mode="squash")
-        self._w = torch.from_numpy(np.random.default_rng(0).normal(size=(192, self.dim)).astype(np.float32))
+        self.preprocess = ImageTransform(
+            size=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize_mode="squash"
+        )
+        self._w = torch.from_numpy(
+            np.random.default_rng(0).normal(size=(192, self.dim)).astype(np.float32)
+        )
 
     def encode(self, batch: torch.Tensor) -> np.ndarray:
         return torch.nn.functional.normalize(batch.flatten(1) @ self._w, dim=1).numpy()
@@ -62,7 +66,9 @@ def test_kmeans_is_deterministic_and_unit_norm() -> None:
     np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(a, spherical_kmeans(x, 12, seed=3))
     assert not np.array_equal(a, spherical_kmeans(x, 12, seed=4))
-    np.testing.assert_allclose(a, spherical_kmeans(x * 3.0, 12, seed=3), atol=1e-5)  # inputs are normalised
+    np.testing.assert_allclose(
+        a, spherical_kmeans(x * 3.0, 12, seed=3), atol=1e-5
+    )  # inputs are normalised
 
 
 def test_kmeans_finds_separated_groups() -> None:
@@ -100,7 +106,11 @@ def test_assign_is_argmax_of_cosine() -> None:
     assert ids.dtype == np.int16 and cos.dtype == np.float32
     np.testing.assert_array_equal(ids, sims.argmax(axis=1))
     np.testing.assert_allclose(cos, sims.max(axis=1), atol=1e-6)
-    for kwargs in ({"chunk_size": 7}, {"device": "cpu"}, {"device": torch.device("cpu"), "chunk_size": 64}):
+    for kwargs in (
+        {"chunk_size": 7},
+        {"device": "cpu"},
+        {"device": torch.device("cpu"), "chunk_size": 64},
+    ):
         ids2, cos2 = assign(emb, mu, **kwargs)  # type: ignore[arg-type]
         np.testing.assert_array_equal(ids2, ids)
         np.testing.assert_allclose(cos2, cos, atol=1e-6)
@@ -126,10 +136,17 @@ def test_assign_errors() -> None:
 
 
 def _centroids(**overrides) -> Centroids:
-    fields = dict(centroids=_unit_rows(4, 6), encoder="test-projection", seed=7, ref_dirs=["a", "b"],
-                  ref_counts=[3, 5], class_names=["x", "y", "z"],
-                  composition=np.array([[1, 0, 0], [0.5, 0.5, 0], [0, 0, 0], [0, 0.25, 0.75]], np.float32),
-                  encoder_spec="test-projection@8px", cluster_sizes=np.array([1, 2, 0, 4]))
+    fields = dict(
+        centroids=_unit_rows(4, 6),
+        encoder="test-projection",
+        seed=7,
+        ref_dirs=["a", "b"],
+        ref_counts=[3, 5],
+        class_names=["x", "y", "z"],
+        composition=np.array([[1, 0, 0], [0.5, 0.5, 0], [0, 0, 0], [0, 0.25, 0.75]], np.float32),
+        encoder_spec="test-projection@8px",
+        cluster_sizes=np.array([1, 2, 0, 4]),
+    )
     fields.update(overrides)
     return Centroids(**fields)  # type: ignore[arg-type]
 
@@ -143,7 +160,17 @@ def test_save_load_round_trip(tmp_path) -> None:
     np.testing.assert_array_equal(d.centroids, c.centroids)
     np.testing.assert_array_equal(d.composition, c.composition)
     np.testing.assert_array_equal(d.cluster_sizes, c.cluster_sizes)
-    for attr in ("encoder", "encoder_spec", "seed", "ref_dirs", "ref_counts", "class_names", "digest", "k", "dim"):
+    for attr in (
+        "encoder",
+        "encoder_spec",
+        "seed",
+        "ref_dirs",
+        "ref_counts",
+        "class_names",
+        "digest",
+        "k",
+        "dim",
+    ):
         assert getattr(d, attr) == getattr(c, attr), attr
     c.save(path)  # overwriting is atomic too
     assert Centroids.load(path).digest == c.digest
@@ -160,18 +187,32 @@ def test_digest_depends_on_centroids_and_encoder_only() -> None:
 def test_load_refuses_bad_files(tmp_path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         Centroids.load(tmp_path / "missing.safetensors")
-    save_file({"centroids": np.zeros((2, 2), np.float32)}, str(tmp_path / "index.safetensors"),
-              metadata={"format": "rsprune-index"})
+    save_file(
+        {"centroids": np.zeros((2, 2), np.float32)},
+        str(tmp_path / "index.safetensors"),
+        metadata={"format": "rsprune-index"},
+    )
     with pytest.raises(ConfigError, match="not an rsprune centroids file"):
         Centroids.load(tmp_path / "index.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ConfigError, match="safetensors"):
         Centroids.load(tmp_path / "junk.safetensors")
     c = _centroids()
-    meta = {"format": "rsprune-centroids", "version": "1", "encoder": c.encoder, "seed": "0", "ref_dirs": "[]",
-            "ref_counts": "[]", "class_names": '["x", "y", "z"]', "digest": "0" * 16}
-    save_file({"centroids": c.centroids, "composition": c.composition}, str(tmp_path / "edited.safetensors"),
-              metadata=meta)
+    meta = {
+        "format": "rsprune-centroids",
+        "version": "1",
+        "encoder": c.encoder,
+        "seed": "0",
+        "ref_dirs": "[]",
+        "ref_counts": "[]",
+        "class_names": '["x", "y", "z"]',
+        "digest": "0" * 16,
+    }
+    save_file(
+        {"centroids": c.centroids, "composition": c.composition},
+        str(tmp_path / "edited.safetensors"),
+        metadata=meta,
+    )
     with pytest.raises(ConfigError, match="damaged"):
         Centroids.load(tmp_path / "edited.safetensors")
 
@@ -196,12 +237,18 @@ def test_reference_layout(tmp_path) -> None:
     _copy_images(tmp_path / "ds1" / "beach", 2, "beach")
     _copy_images(tmp_path / "ds1" / "airplane" / "nested", 1)
     _copy_images(tmp_path / "ds2" / "airplane", 2)
-    _copy_images(tmp_path / "forest", 3, "forest")  # images directly in the folder: class = folder name
+    _copy_images(
+        tmp_path / "forest", 3, "forest"
+    )  # images directly in the folder: class = folder name
     (tmp_path / "ds2" / "airplane" / "notes.txt").write_text("not an image")
-    paths, labels, names, counts = reference_images([tmp_path / "ds1", tmp_path / "ds2", tmp_path / "forest"])
+    paths, labels, names, counts = reference_images(
+        [tmp_path / "ds1", tmp_path / "ds2", tmp_path / "forest"]
+    )
     assert names == ["airplane", "beach", "forest"]
     assert counts == [3, 2, 3]
-    assert [names[i] for i in labels] == ["airplane", "beach", "beach", "airplane", "airplane"] + ["forest"] * 3
+    assert [names[i] for i in labels] == ["airplane", "beach", "beach", "airplane", "airplane"] + [
+        "forest"
+    ] * 3
     assert paths[0].parent.name == "nested"
     with pytest.raises(ConfigError, match="does not exist"):
         reference_images([tmp_path / "nope"])
@@ -224,10 +271,13 @@ def test_embed_images_workers_and_item_kinds(enc) -> None:
     workers = embed_images(files, enc, batch_size=2, num_workers=1, progress=False)
     np.testing.assert_array_equal(workers, inline)
     data = [f.read_bytes() for f in files]
-    np.testing.assert_array_equal(embed_images(data, enc, batch_size=2, num_workers=0, progress=False), inline)
+    np.testing.assert_array_equal(
+        embed_images(data, enc, batch_size=2, num_workers=0, progress=False), inline
+    )
     pairs = [(d, "jpg") for d in data]
-    np.testing.assert_allclose(embed_images(pairs, enc, batch_size=3, num_workers=0, progress=False), inline,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        embed_images(pairs, enc, batch_size=3, num_workers=0, progress=False), inline, atol=1e-6
+    )
     assert embed_images([], enc, progress=False).shape == (0, enc.dim)
 
 
@@ -249,9 +299,15 @@ def test_embed_images_corrupt(enc, tmp_path) -> None:
 
 def test_build_centroids_on_sample_tiles(enc, tmp_path) -> None:
     c = build_centroids([UCM], enc, k=12, seed=0, num_workers=0, progress=False)
-    assert c.centroids.shape == (12, enc.dim) and c.encoder == enc.name and c.encoder_spec == enc.name
+    assert (
+        c.centroids.shape == (12, enc.dim) and c.encoder == enc.name and c.encoder_spec == enc.name
+    )
     np.testing.assert_allclose(np.linalg.norm(c.centroids, axis=1), 1.0, atol=1e-5)
-    assert len(c.class_names) == 21 and c.class_names == sorted(c.class_names) and c.ref_counts == [105]
+    assert (
+        len(c.class_names) == 21
+        and c.class_names == sorted(c.class_names)
+        and c.ref_counts == [105]
+    )
     assert c.cluster_sizes.sum() == 105
     sums = c.composition.sum(axis=1)
     np.testing.assert_allclose(sums[c.cluster_sizes > 0], 1.0, atol=1e-5)

@@ -39,8 +39,12 @@ def test_npy_members_decode_like_their_arrays() -> None:
     f32 = rng.normal(size=(16, 16, 3)).astype(">f4")  # big-endian float: stretched to 0..255
     out = decode_rgb(npy(f32), None)
     assert out.min() == 0 and out.max() == 255
-    for bad, reason in ((npy(rgbn)[:90], "truncated"), (npy(np.zeros((2, 2, 2, 2))), "bad_shape"),
-                        (npy(np.array(["a", "b"])), "bad_shape"), (b"not an array", "decode_error")):
+    for bad, reason in (
+        (npy(rgbn)[:90], "truncated"),
+        (npy(np.zeros((2, 2, 2, 2))), "bad_shape"),
+        (npy(np.array(["a", "b"])), "bad_shape"),
+        (b"not an array", "decode_error"),
+    ):
         with pytest.raises(CorruptImageError) as err:
             analyze(bad, "npy")
         assert err.value.reason == reason
@@ -78,8 +82,11 @@ def test_cloud_score_separates_flat_bright_grey_from_texture() -> None:
 
 
 def test_meta_values() -> None:
-    s = {"json": json.dumps({"cloud_cover": 0.2, "gsd": "1.5", "geo": {"lat": 3}, "ok": True,
-                             "txt": "x"}).encode()}
+    s = {
+        "json": json.dumps(
+            {"cloud_cover": 0.2, "gsd": "1.5", "geo": {"lat": 3}, "ok": True, "txt": "x"}
+        ).encode()
+    }
     got = meta_values(s, ["cloud_cover", "gsd", "geo.lat", "ok", "txt", "absent"])
     assert got[:4] == (0.2, 1.5, 3.0, 1.0) and np.isnan(got[4]) and np.isnan(got[5])
     assert np.isnan(meta_values({"json": b"{broken"}, ["a"])[0])
@@ -97,20 +104,44 @@ def _shard(path: Path, samples: list[dict[str, bytes | str]]) -> str:
 def test_index_stores_meta_and_cloud_columns(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     imgs = jpegs(6)
-    a = _shard(tmp_path / "a.tar", [
-        {"__key__": f"a{i}", "img_content": d,
-         **({"json": json.dumps({"cloud_cover": i / 10, "gsd": 0.5}).encode()} if i != 3 else {})}
-        for i, d in enumerate(imgs)])
-    b = _shard(tmp_path / "b.tar", [
-        {"__key__": "b0", "npy": npy(rng.integers(0, 255, (16, 16, 4), dtype=np.uint8)),
-         "json": b'{"cloud_cover": 0.9}'},
-        {"__key__": "b1", "npy": npy(rng.integers(0, 255, (16, 16), dtype=np.uint8))},
-    ])
-    rep = index_shards([a], workers=0, progress=False, image_key="img_content",
-                       meta_fields="cloud_cover,gsd", cloud_score=True)
+    a = _shard(
+        tmp_path / "a.tar",
+        [
+            {
+                "__key__": f"a{i}",
+                "img_content": d,
+                **(
+                    {"json": json.dumps({"cloud_cover": i / 10, "gsd": 0.5}).encode()}
+                    if i != 3
+                    else {}
+                ),
+            }
+            for i, d in enumerate(imgs)
+        ],
+    )
+    b = _shard(
+        tmp_path / "b.tar",
+        [
+            {
+                "__key__": "b0",
+                "npy": npy(rng.integers(0, 255, (16, 16, 4), dtype=np.uint8)),
+                "json": b'{"cloud_cover": 0.9}',
+            },
+            {"__key__": "b1", "npy": npy(rng.integers(0, 255, (16, 16), dtype=np.uint8))},
+        ],
+    )
+    rep = index_shards(
+        [a],
+        workers=0,
+        progress=False,
+        image_key="img_content",
+        meta_fields="cloud_cover,gsd",
+        cloud_score=True,
+    )
     assert rep.ok and rep.meta_missing == {"cloud_cover": 1, "gsd": 1}
-    rep = index_shards([b], workers=0, progress=False, meta_fields=["cloud_cover"],
-                       cloud_score=True)
+    rep = index_shards(
+        [b], workers=0, progress=False, meta_fields=["cloud_cover"], cloud_score=True
+    )
     assert rep.ok and not rep.invalid
     arrays, meta = read_index(a + ".rsidx.safetensors")
     info = json.loads(meta["columns"])
@@ -127,13 +158,26 @@ def test_index_stores_meta_and_cloud_columns(tmp_path: Path) -> None:
     assert np.isnan(idx.columns["meta.gsd"][6:]).all()  # b was indexed without gsd
     assert idx.valid.all()
     # current with the same options; another --meta list or image key indexes again
-    assert index_shards([a], workers=0, progress=False, image_key="img_content",
-                        meta_fields=["cloud_cover", "gsd"], cloud_score=True).skipped == [a]
-    assert index_shards([a], workers=0, progress=False, image_key="img_content",
-                        meta_fields=["gsd"], cloud_score=True).indexed == [a]
+    assert index_shards(
+        [a],
+        workers=0,
+        progress=False,
+        image_key="img_content",
+        meta_fields=["cloud_cover", "gsd"],
+        cloud_score=True,
+    ).skipped == [a]
+    assert index_shards(
+        [a],
+        workers=0,
+        progress=False,
+        image_key="img_content",
+        meta_fields=["gsd"],
+        cloud_score=True,
+    ).indexed == [a]
     assert sorted(PruneIndex.load([a]).columns) == ["meta.gsd", "score.cloud"]
-    assert index_shards([a], workers=0, progress=False, image_key="img_content",
-                        meta_fields=["gsd"]).indexed == [a]  # entropy-only default: no score
+    assert index_shards(
+        [a], workers=0, progress=False, image_key="img_content", meta_fields=["gsd"]
+    ).indexed == [a]  # entropy-only default: no score
     assert sorted(PruneIndex.load([a]).columns) == ["meta.gsd"]
     assert index_shards([a], workers=0, progress=False).indexed == [a]
     assert PruneIndex.load([a]).valid.sum() == 0  # no image member without the key
@@ -151,13 +195,22 @@ def test_write_index_checks_optional_columns(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="columns"):
         write_index(path, {**arrays, "meta.a": np.ones(1)}, meta)
     with pytest.raises(ConfigError, match="num_samples"):
-        write_index(path, {**arrays, "meta.a": np.ones(2)},
-                    {**meta, "columns": json.dumps({"meta.a": column_info("json:a")})})
-    write_index(path, {**arrays, "meta.a": np.ones(1)},
-                {**meta, "columns": json.dumps({"meta.a": column_info("json:a", "2")})})
+        write_index(
+            path,
+            {**arrays, "meta.a": np.ones(2)},
+            {**meta, "columns": json.dumps({"meta.a": column_info("json:a")})},
+        )
+    write_index(
+        path,
+        {**arrays, "meta.a": np.ones(1)},
+        {**meta, "columns": json.dumps({"meta.a": column_info("json:a", "2")})},
+    )
     other = tmp_path / "y.rsidx.safetensors"
-    write_index(other, {**arrays, "meta.a": np.ones(1)},
-                {**meta, "columns": json.dumps({"meta.a": column_info("json:a", "1")})})
+    write_index(
+        other,
+        {**arrays, "meta.a": np.ones(1)},
+        {**meta, "columns": json.dumps({"meta.a": column_info("json:a", "1")})},
+    )
     with pytest.raises(IndexMismatchError, match="version"):
         PruneIndex.load([str(path), str(other)], check_stale=False)
     bad = tmp_path / "z.rsidx.safetensors"
@@ -168,12 +221,25 @@ def test_write_index_checks_optional_columns(tmp_path: Path) -> None:
 def test_cli_cloud_score_and_max_cloud(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from rsprune_data.cli import main as cli_main
 
-    files = sorted((HARVEY / "bad_images").glob("*.jpeg"))[:10] + \
-        sorted((HARVEY / "damage").glob("*.jpeg"))[:10]
-    shard = _shard(tmp_path / "c.tar", [{"__key__": f"k{i}", "jpeg": f.read_bytes()}
-                                        for i, f in enumerate(files)])
-    args = ["select", shard, "--strategy", "entropy", "--prune-ratio", "0", "--max-cloud", "0.3",
-            "--json"]
+    files = (
+        sorted((HARVEY / "bad_images").glob("*.jpeg"))[:10]
+        + sorted((HARVEY / "damage").glob("*.jpeg"))[:10]
+    )
+    shard = _shard(
+        tmp_path / "c.tar",
+        [{"__key__": f"k{i}", "jpeg": f.read_bytes()} for i, f in enumerate(files)],
+    )
+    args = [
+        "select",
+        shard,
+        "--strategy",
+        "entropy",
+        "--prune-ratio",
+        "0",
+        "--max-cloud",
+        "0.3",
+        "--json",
+    ]
     assert cli_main(["index", shard, "--workers", "0", "-q"]) == 0
     assert cli_main(args) == 2  # entropy-only default: no score, a clear error
     assert "--cloud-score" in capsys.readouterr().err

@@ -25,12 +25,21 @@ from rsprune_data.plan import AUTO_MAX_BITS, AUTO_MIN_BITS, auto_entropy_thresho
         ({"prune_ratio": "0.5"}, r"`prune_ratio` must be a finite number, got '0.5'"),
         ({"prune_ratio": True}, r"`prune_ratio` must be a finite number, got True"),
         ({"prune_ratio": 0.5, "entropy_keep": 0.0}, r"`entropy_keep` must be in \(0, 1\], got 0.0"),
-        ({"prune_ratio": 0.5, "entropy_threshold": 9}, r"`entropy_threshold` must be in \[0, 8\], got 9"),
+        (
+            {"prune_ratio": 0.5, "entropy_threshold": 9},
+            r"`entropy_threshold` must be in \[0, 8\], got 9",
+        ),
         ({"prune_ratio": 0.5, "entropy_keep": 0.3, "entropy_threshold": 4.0}, "exclusive"),
-        ({"prune_ratio": 0.5, "strategy": "kmeans"}, r"`strategy` must be one of \['entropy', 'moderate'"),
+        (
+            {"prune_ratio": 0.5, "strategy": "kmeans"},
+            r"`strategy` must be one of \['entropy', 'moderate'",
+        ),
         ({"prune_ratio": 0.5, "seed": -1}, r"`seed` must be an integer >= 0, got -1"),
         ({"prune_ratio": 0.5, "max_nodata": 2.0}, r"`max_nodata` must be in \[0, 1\], got 2.0"),
-        ({"prune_ratio": 0.5, "entropy_filter": "otsu"}, r"`entropy_filter` must be one of \['auto', 'none'\]"),
+        (
+            {"prune_ratio": 0.5, "entropy_filter": "otsu"},
+            r"`entropy_filter` must be one of \['auto', 'none'\]",
+        ),
     ],
 )
 def test_validation_messages(kwargs, message):
@@ -108,8 +117,15 @@ def test_config_layer_equals_select_indices_with_explicit_arguments():
     nod = (rng.random(n) < 0.1) * rng.random(n)
     idx = Arrays(e, z, s, nodata=nod, k=5)
     cfg = PruneConfig(prune_ratio=0.85, entropy_keep=0.4, max_nodata=0.05)
-    want = reference_select(idx.entropy, idx.cluster_ids, idx.similarity, num_clusters=5,
-                            prune_ratio=0.85, entropy_keep=0.4, valid=idx.nodata <= 0.05)
+    want = reference_select(
+        idx.entropy,
+        idx.cluster_ids,
+        idx.similarity,
+        num_clusters=5,
+        prune_ratio=0.85,
+        entropy_keep=0.4,
+        valid=idx.nodata <= 0.05,
+    )
     assert select_with_config(idx, cfg).tolist() == want
 
 

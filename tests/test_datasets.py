@@ -58,17 +58,24 @@ def index_shard(shard: Path, *, seed: int = 0, index_dir: Path | None = None) ->
         "key_bytes": np.frombuffer(b"".join(raw), np.uint8),
         "key_offsets": key_offsets,
     }
-    meta = {"shard": shard.name, "shard_size": str(st.st_size),
-            "shard_mtime_ns": str(st.st_mtime_ns), "shard_fingerprint": shard_fingerprint(shard),
-            "encoder": "test", "centroids_digest": "d" * 16,
-            "num_clusters": str(NUM_CLUSTERS), "reasons": json.dumps(["ok"])}
+    meta = {
+        "shard": shard.name,
+        "shard_size": str(st.st_size),
+        "shard_mtime_ns": str(st.st_mtime_ns),
+        "shard_fingerprint": shard_fingerprint(shard),
+        "encoder": "test",
+        "centroids_digest": "d" * 16,
+        "num_clusters": str(NUM_CLUSTERS),
+        "reasons": json.dumps(["ok"]),
+    }
     path = index_path_for(shard, index_dir)
     write_index(path, arrays, meta)
     return path
 
 
-def make_indexed_shards(root: Path, sizes: tuple[int, ...] = (7, 5, 9), *,
-                        extra: bool = True) -> list[Path]:
+def make_indexed_shards(
+    root: Path, sizes: tuple[int, ...] = (7, 5, 9), *, extra: bool = True
+) -> list[Path]:
     """Tar shards of tiny real JPEGs (plus a ``cls`` and a ``json`` member), each indexed."""
     root.mkdir(parents=True, exist_ok=True)
     shards: list[Path] = []
@@ -130,8 +137,9 @@ def test_decode_rgb_callable_and_transform(shards: list[Path]) -> None:
     img = rgb[3]["jpg"]
     assert img.dtype == np.uint8 and img.shape == (8, 8, 3)
     np.testing.assert_array_equal(img, decode_rgb(raw[3]["jpg"], "jpg"))
-    fn = PrunedShardDataset([str(s) for s in shards], decode=lambda s: int(s["cls"]),
-                            transform=lambda c: c * 10)
+    fn = PrunedShardDataset(
+        [str(s) for s in shards], decode=lambda s: int(s["cls"]), transform=lambda c: c * 10
+    )
     assert fn[4] == int(raw[4]["cls"]) * 10
     tr = PrunedShardDataset([str(s) for s in shards], transform=lambda s: s["__key__"])
     assert tr[0] == raw[0]["__key__"]
@@ -173,9 +181,15 @@ def test_pickle_is_light_and_reloads_ranges(tmp_path: Path) -> None:
 def test_in_memory_index_keeps_ranges_when_pickled(shards: list[Path]) -> None:
     loaded = PruneIndex.load([str(s) for s in shards])
     mem = PruneIndex.from_arrays(
-        loaded.entropy, loaded.cluster_ids, loaded.similarity, num_clusters=loaded.num_clusters,
-        offsets=loaded.offsets, lengths=loaded.lengths, shard_ids=loaded.shard_ids,
-        shards=[str(s) for s in shards])
+        loaded.entropy,
+        loaded.cluster_ids,
+        loaded.similarity,
+        num_clusters=loaded.num_clusters,
+        offsets=loaded.offsets,
+        lengths=loaded.lengths,
+        shard_ids=loaded.shard_ids,
+        shards=[str(s) for s in shards],
+    )
     ds = pickle.loads(pickle.dumps(PrunedShardDataset(mem)))
     assert [ds[i]["__key__"] for i in range(len(ds))] == list(loaded.keys)
 
@@ -212,15 +226,21 @@ def test_truncated_shard_is_a_shard_error(tmp_path: Path) -> None:
 
 
 def test_stream_shards_refused() -> None:
-    index = PruneIndex.from_arrays([5.0], [0], [0.5], num_clusters=1,
-                                   shards=["pipe:curl -s https://example.com/shard-000000.tar"])
+    index = PruneIndex.from_arrays(
+        [5.0],
+        [0],
+        [0.5],
+        num_clusters=1,
+        shards=["pipe:curl -s https://example.com/shard-000000.tar"],
+    )
     with pytest.raises(ConfigError, match="random access"):
         PrunedShardDataset(index)
 
 
 def test_missing_shard_file(tmp_path: Path) -> None:
-    index = PruneIndex.from_arrays([5.0], [0], [0.5], num_clusters=1,
-                                   shards=[str(tmp_path / "gone.tar")])
+    index = PruneIndex.from_arrays(
+        [5.0], [0], [0.5], num_clusters=1, shards=[str(tmp_path / "gone.tar")]
+    )
     with pytest.raises(ShardError, match=r"cannot open shard .*gone\.tar"):
         PrunedShardDataset(index)[0]
 
@@ -228,9 +248,17 @@ def test_missing_shard_file(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- image folder
 def make_folder(root: Path) -> None:
     files = {
-        "b/z.jpg": 1, "a/x.JPG": 2, "a/sub/y.png": 3, "a/x.jpeg": 4, "top.tif": 5,
-        "a/dot.ted.jpg": 6, "a/dot_ted.jpg": 7, "B/upper.jpg": 8, ".hidden/h.jpg": 9,
-        "a/.h.jpg": 10, "a/notes.txt": 11,
+        "b/z.jpg": 1,
+        "a/x.JPG": 2,
+        "a/sub/y.png": 3,
+        "a/x.jpeg": 4,
+        "top.tif": 5,
+        "a/dot.ted.jpg": 6,
+        "a/dot_ted.jpg": 7,
+        "B/upper.jpg": 8,
+        ".hidden/h.jpg": 9,
+        "a/.h.jpg": 10,
+        "a/notes.txt": 11,
     }
     for rel, seed in files.items():
         p = root / rel
@@ -259,10 +287,12 @@ def test_image_folder_matches_pack_order_keys_and_bytes(tmp_path: Path) -> None:
         a, b = folder[i], packed[i]
         assert a["__key__"] == b["__key__"]
         assert {k: v for k, v in a.items() if not k.startswith("__")} == {
-            k: v for k, v in b.items() if not k.startswith("__")}
+            k: v for k, v in b.items() if not k.startswith("__")
+        }
     assert folder.files == sorted(folder.files)
-    assert "a/empty.jpg" not in folder.files and not any("/." in f or f.startswith(".")
-                                                          for f in folder.files)
+    assert "a/empty.jpg" not in folder.files and not any(
+        "/." in f or f.startswith(".") for f in folder.files
+    )
 
 
 def test_image_folder_decode_and_errors(tmp_path: Path) -> None:

@@ -38,8 +38,11 @@ def test_jpeg_beyond_the_budget_is_decoded_with_dct_scaling() -> None:
     # Pillow's path (CMYK JPEG) scales through draft()
     buf = io.BytesIO()
     Image.fromarray(rgb).convert("CMYK").save(buf, "JPEG")
-    assert analyze(buf.getvalue(), "jpg", want_rgb=True, max_decoded_bytes=2 * MIB).rgb.shape \
-        == (500, 400, 3)
+    assert analyze(buf.getvalue(), "jpg", want_rgb=True, max_decoded_bytes=2 * MIB).rgb.shape == (
+        500,
+        400,
+        3,
+    )
     with pytest.raises(CorruptImageError, match="even at 1/8 scale") as err:
         analyze(data, "jpg", max_decoded_bytes=10_000)
     assert err.value.reason == "too_large"
@@ -59,7 +62,11 @@ def test_tiff_beyond_the_budget_uses_the_largest_overview_that_fits() -> None:
     data = _pyramid(arr)
     assert analyze(data, "tif", want_rgb=True).rgb.shape == (1024, 1024, 3)
     assert analyze(data, "tif", want_rgb=True, max_decoded_bytes=2 * MIB).rgb.shape == (512, 512, 3)
-    assert analyze(data, "tif", want_rgb=True, max_decoded_bytes=MIB // 2).rgb.shape == (256, 256, 3)
+    assert analyze(data, "tif", want_rgb=True, max_decoded_bytes=MIB // 2).rgb.shape == (
+        256,
+        256,
+        3,
+    )
     with pytest.raises(CorruptImageError, match=r"2 overview\(s\) that fit none") as err:
         analyze(data, "tif", max_decoded_bytes=100_000)
     assert err.value.reason == "too_large"
@@ -105,8 +112,12 @@ print(json.dumps({"result": out, "peak_mib": status("VmHWM") - before}))
 
 
 def _peak(path: Path, ext: str, budget: int) -> dict[str, object]:
-    r = subprocess.run([sys.executable, "-c", CHILD, str(path), ext, str(budget)],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), ext, str(budget)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(r.stdout)
 
 
@@ -121,12 +132,14 @@ def test_peak_memory_stays_within_the_budget_for_huge_images(tmp_path: Path) -> 
         for i in range(24 * 24):
             yield np.full((512, 512), float(i % 7), np.float32)
 
-    tifffile.imwrite(tif, tiles(), shape=(12000, 12000), dtype=np.float32, tile=(512, 512),
-                     compression="zlib")
+    tifffile.imwrite(
+        tif, tiles(), shape=(12000, 12000), dtype=np.float32, tile=(512, 512), compression="zlib"
+    )
     assert tif.stat().st_size < 2 * MIB
     jpg = tmp_path / "big.jpg"
-    jpg.write_bytes(simplejpeg.encode_jpeg(np.zeros((8000, 8000, 1), np.uint8) + 90,
-                                           colorspace="GRAY"))
+    jpg.write_bytes(
+        simplejpeg.encode_jpeg(np.zeros((8000, 8000, 1), np.uint8) + 90, colorspace="GRAY")
+    )
     t = _peak(tif, "tif", 16 * MIB)
     assert t["result"] == "too_large" and t["peak_mib"] < 16, t
     j = _peak(jpg, "jpg", 16 * MIB)
@@ -147,14 +160,32 @@ def test_indexer_records_too_large_and_the_cli_checks_its_budget(tmp_path: Path,
         w.write({"__key__": "png", "png": png.getvalue()})
         w.write({"__key__": "jpg", "jpg": jpg})
     out = tmp_path / "r.json"
-    assert cli_main(["index", str(shard), "--workers", "0", "-q", "--decode-budget", "1",
-                     "--report-json", str(out)]) == 0
+    assert (
+        cli_main(
+            [
+                "index",
+                str(shard),
+                "--workers",
+                "0",
+                "-q",
+                "--decode-budget",
+                "1",
+                "--report-json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
-    assert report["invalid"] == {"too_large": 1} and "png" in report["invalid_examples"]["too_large"]
+    assert (
+        report["invalid"] == {"too_large": 1} and "png" in report["invalid_examples"]["too_large"]
+    )
     index = PruneIndex.load([str(shard)])
     assert index.valid.tolist() == [False, True]  # the JPEG was DCT-scaled, not refused
     assert cli_main(["index", str(shard), "--workers", "0", "-q", "--decode-budget", "0"]) == 2
     assert "--decode-budget must be > 0" in capsys.readouterr().err
-    assert cli_main(["index", str(shard), "-q", "--report-json",
-                     str(tmp_path / "missing" / "r.json")]) == 2
+    assert (
+        cli_main(["index", str(shard), "-q", "--report-json", str(tmp_path / "missing" / "r.json")])
+        == 2
+    )
     assert "its folder does not exist" in capsys.readouterr().err

@@ -40,8 +40,13 @@ def test_the_most_central_kept_sample_is_the_representative_and_ties_go_to_lower
 
 def test_clusters_invalid_and_unclustered_samples_are_separate():
     e = unit([1, 0], [1, 0], [1, 0], [1, 0], [1, 0])
-    dup = near_duplicates(e, np.array([0, 1, 0, -1, 0]), np.array([0.9, 0.9, 0.8, 0.9, 0.7]),
-                          0.95, valid=np.array([True, True, True, True, False]))
+    dup = near_duplicates(
+        e,
+        np.array([0, 1, 0, -1, 0]),
+        np.array([0.9, 0.9, 0.8, 0.9, 0.7]),
+        0.95,
+        valid=np.array([True, True, True, True, False]),
+    )
     assert dup.tolist() == [-1, -1, 0, -1, -1]
     assert duplicate_groups(dup) == [(0, [2])]
 
@@ -62,8 +67,8 @@ def planted_pool(n: int, d: int, k: int, copies: int, seed: int, spread: float =
     z = rng.integers(0, k, n)
     x = centers[z] + spread * rng.standard_normal((n, d)) / np.sqrt(d)
     src = rng.choice(n - copies, copies, replace=False)
-    x[n - copies:] = x[src] + 0.002 * rng.standard_normal((copies, d))
-    z[n - copies:] = z[src]
+    x[n - copies :] = x[src] + 0.002 * rng.standard_normal((copies, d))
+    z[n - copies :] = z[src]
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     sim = np.einsum("nd,nd->n", x, centers[z])
     return x.astype(np.float32), z, sim, src
@@ -86,8 +91,12 @@ def check_rule(x, z, sim, tau, dup, valid=None):
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(2, 60), k=st.integers(1, 4), seed=st.integers(0, 10_000),
-       tau=st.sampled_from([0.5, 0.8, 0.95, 0.99]))
+@given(
+    n=st.integers(2, 60),
+    k=st.integers(1, 4),
+    seed=st.integers(0, 10_000),
+    tau=st.sampled_from([0.5, 0.8, 0.95, 0.99]),
+)
 def test_property_rule_determinism_and_shard_order(n, k, seed, tau):
     copies = n // 3
     x, z, sim, _ = planted_pool(n, 8, k, copies, seed, spread=1.0)

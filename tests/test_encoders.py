@@ -40,12 +40,17 @@ def check_encoder(enc: Encoder, rgbs: list[np.ndarray]) -> np.ndarray:
     """The Encoder contract: shapes, dtype, unit rows, deterministic, a row independent of its batch."""
     assert isinstance(enc, Encoder)
     x = torch.stack([enc.preprocess(r) for r in rgbs])
-    assert x.dtype == torch.float32 and tuple(x.shape) == (len(rgbs), 3, enc.image_size, enc.image_size)
+    assert x.dtype == torch.float32 and tuple(x.shape) == (
+        len(rgbs),
+        3,
+        enc.image_size,
+        enc.image_size,
+    )
     emb = enc.encode(x)
     assert emb.dtype == np.float32 and emb.shape == (len(rgbs), enc.dim)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(enc.encode(x), emb)
-    single = np.concatenate([enc.encode(x[i:i + 1]) for i in range(len(rgbs))])
+    single = np.concatenate([enc.encode(x[i : i + 1]) for i in range(len(rgbs))])
     np.testing.assert_allclose(single, emb, atol=2e-5)
     assert enc.encode(x[:0]).shape == (0, enc.dim)
     return emb
@@ -60,7 +65,9 @@ def effnet():
 
 
 def test_efficientnet_contract(effnet) -> None:
-    assert (effnet.name, effnet.spec, effnet.dim, effnet.image_size) == ("efficientnet-lite0",) * 2 + (1280, 224)
+    assert (effnet.name, effnet.spec, effnet.dim, effnet.image_size) == (
+        "efficientnet-lite0",
+    ) * 2 + (1280, 224)
     assert effnet.device == torch.device("cpu")
     check_encoder(effnet, _sample_rgbs())
 
@@ -92,7 +99,10 @@ def test_efficientnet_weights_loaded_by_position(effnet) -> None:
 
 def test_efficientnet_size_is_part_of_the_id() -> None:
     enc = load_encoder("efficientnet-lite0@128px", device="cpu")
-    assert (enc.name, enc.spec, enc.image_size, enc.dim) == ("efficientnet-lite0@128px",) * 2 + (128, 1280)
+    assert (enc.name, enc.spec, enc.image_size, enc.dim) == ("efficientnet-lite0@128px",) * 2 + (
+        128,
+        1280,
+    )
     with pytest.raises(ConfigError, match="128px"):
         load_encoder("efficientnet-lite0@128px", image_size=96)
     with pytest.raises(ConfigError, match="checkpoint"):
@@ -105,9 +115,13 @@ def test_efficientnet_size_is_part_of_the_id() -> None:
 def test_transform_shapes_values_and_pickling() -> None:
     t = ImageTransform(size=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    np.testing.assert_allclose(t(rgb).numpy(), rgb.transpose(2, 0, 1) / 127.5 - 1.0, atol=1e-6)  # no resampling
+    np.testing.assert_allclose(
+        t(rgb).numpy(), rgb.transpose(2, 0, 1) / 127.5 - 1.0, atol=1e-6
+    )  # no resampling
     assert t(np.zeros((20, 10, 3), np.uint8)).shape == (3, 8, 8)  # shorter side + centre crop
-    squash = ImageTransform(size=8, mean=(0, 0, 0), std=(1, 1, 1), interpolation="bicubic", resize_mode="squash")
+    squash = ImageTransform(
+        size=8, mean=(0, 0, 0), std=(1, 1, 1), interpolation="bicubic", resize_mode="squash"
+    )
     flat = squash(np.full((13, 30, 3), 200, np.uint8))
     np.testing.assert_allclose(flat.numpy(), 200 / 255, atol=1e-5)
     assert pickle.loads(pickle.dumps(t)) == t  # DataLoader workers receive it, never the model
@@ -128,9 +142,17 @@ def tiny_clip(tmp_path_factory):
     import open_clip
 
     folder = tmp_path_factory.mktemp("open_clip")
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {
+            "image_size": 32,
+            "layers": 1,
+            "width": 32,
+            "patch_size": 8,
+            "head_width": 16,
+        },
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
+    }
     (folder / f"{TINY_CLIP}.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(folder / f"{TINY_CLIP}.json")
     torch.manual_seed(0)
@@ -185,8 +207,15 @@ def test_open_clip_tag_without_network_fails_fast() -> None:
 
 
 def _tiny_vision(**kw) -> dict:
-    return dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                image_size=32, patch_size=8, **kw)
+    return dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +224,17 @@ def tiny_siglip(tmp_path_factory):
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
 
     folder = tmp_path_factory.mktemp("siglip") / "tiny-siglip"
-    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
-                max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    text = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=64,
+        max_position_embeddings=16,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     model = SiglipModel(SiglipConfig(text_config=text, vision_config=_tiny_vision())).eval()
     model.save_pretrained(folder)
@@ -227,7 +265,9 @@ def test_hf_preprocess_matches_the_saved_image_processor(tiny_siglip) -> None:
     for rgb in _sample_rgbs(3):
         theirs = proc(images=[rgb], return_tensors="pt")["pixel_values"][0]
         diff = (theirs - enc.preprocess(rgb)).abs()
-        assert diff.mean() < 0.01 and diff.max() < 0.1  # PIL rounds to uint8 after resizing, we do not
+        assert (
+            diff.mean() < 0.01 and diff.max() < 0.1
+        )  # PIL rounds to uint8 after resizing, we do not
 
 
 def test_hf_clip_vision_model_with_crop(tmp_path) -> None:
@@ -236,7 +276,9 @@ def test_hf_clip_vision_model_with_crop(tmp_path) -> None:
     torch.manual_seed(0)
     model = CLIPVisionModel(CLIPVisionConfig(**_tiny_vision())).eval()
     model.save_pretrained(tmp_path)
-    CLIPImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    CLIPImageProcessor(
+        size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(tmp_path)
     enc = load_encoder(f"hf:{tmp_path}", device="cpu")
     t = enc.preprocess
     assert (t.size, t.resize_to, t.resize_mode, t.interpolation) == (32, 36, "shortest", "bicubic")
@@ -254,8 +296,14 @@ def test_input_size_override_is_part_of_the_id(tiny_siglip, tiny_clip) -> None:
     hf = load_encoder(f"hf:{folder}@48px", device="cpu")
     assert hf.image_size == 48 and hf.name.endswith("@48px") and hf.spec == f"hf:{folder}@48px"
     check_encoder(hf, rgbs)
-    oc = load_encoder(f"open_clip:{TINY_CLIP}", checkpoint=str(tiny_clip[1]), image_size=48, device="cpu")
-    assert oc.image_size == 48 and oc.name.endswith("@48px") and oc.spec == f"open_clip:{TINY_CLIP}@48px"
+    oc = load_encoder(
+        f"open_clip:{TINY_CLIP}", checkpoint=str(tiny_clip[1]), image_size=48, device="cpu"
+    )
+    assert (
+        oc.image_size == 48
+        and oc.name.endswith("@48px")
+        and oc.spec == f"open_clip:{TINY_CLIP}@48px"
+    )
     check_encoder(oc, rgbs)
 
 
@@ -324,7 +372,11 @@ def test_bad_device() -> None:
 
 
 def test_import_is_light() -> None:
-    code = ("import sys, rsprune_data.encoders, rsprune_data.centroids; "
-            "print(sorted(m for m in ('torch', 'timm', 'open_clip', 'transformers', 'faiss') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    code = (
+        "import sys, rsprune_data.encoders, rsprune_data.centroids; "
+        "print(sorted(m for m in ('torch', 'timm', 'open_clip', 'transformers', 'faiss') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "[]"

@@ -61,8 +61,11 @@ def _damage_strips(data: bytes) -> bytes:
 def tmpfs(path: Path, *options: str) -> Iterator[Path]:
     """A real, small tmpfs at ``path`` (needs root, as in CI); skips the test where not allowed."""
     path.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(["size=1m", *options]), "tmpfs",
-                        str(path)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", ",".join(["size=1m", *options]), "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     try:
@@ -110,8 +113,9 @@ def _forged_pax_tar(path: Path) -> None:
             t.addfile(info, io.BytesIO(data))
 
 
-def test_forged_header_fails_its_shard_by_name_and_the_rest_completes(tmp_path: Path,
-                                                                      capsys) -> None:
+def test_forged_header_fails_its_shard_by_name_and_the_rest_completes(
+    tmp_path: Path, capsys
+) -> None:
     shards = write_shards(tmp_path, harvey_files(20), 10)
     forged = tmp_path / "forged.tar"
     _forged_pax_tar(forged)
@@ -155,9 +159,23 @@ def test_worker_killed_by_sigkill_fails_only_its_shard(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     order = [shards[0], str(fifo), *shards[1:]]
     report_path = tmp_path / "report.json"
-    proc = subprocess.Popen([sys.executable, "-m", "rsprune_data.cli", "index", *order,
-                             "--workers", "2", "-q", "--report-json", str(report_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rsprune_data.cli",
+            "index",
+            *order,
+            "--workers",
+            "2",
+            "-q",
+            "--report-json",
+            str(report_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         wfd = None
@@ -265,31 +283,40 @@ def projection(tmp_path_factory):
     return enc, Centroids.load(path)
 
 
-def test_indexes_of_another_kind_are_not_replaced_without_overwrite(tmp_path: Path, projection,
-                                                                    capsys) -> None:
+def test_indexes_of_another_kind_are_not_replaced_without_overwrite(
+    tmp_path: Path, projection, capsys
+) -> None:
     enc, cents = projection
     shards = write_shards(tmp_path, harvey_files(20), 10)
     assert index_shards(shards, centroids=cents, encoder=enc, workers=0, progress=False).ok
     before = {s: idx.index_path_for(s).read_bytes() for s in shards}
     # entropy-only over embeddings: refused before any work, naming what it would replace
-    with pytest.raises(OverwriteError, match=r"replace 2 index\(es\) of another kind with "
-                       r"entropy-only .*test-projection.*--overwrite"):
+    with pytest.raises(
+        OverwriteError,
+        match=r"replace 2 index\(es\) of another kind with "
+        r"entropy-only .*test-projection.*--overwrite",
+    ):
         index_shards(shards, workers=0, progress=False)
     assert cli_main(["index", *shards, "--workers", "0", "-q"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     # other centroids (another K): refused as well
     import dataclasses
 
-    other = dataclasses.replace(cents, centroids=cents.centroids[:3],
-                                composition=cents.composition[:3],
-                                cluster_sizes=cents.cluster_sizes[:3])
+    other = dataclasses.replace(
+        cents,
+        centroids=cents.centroids[:3],
+        composition=cents.composition[:3],
+        cluster_sizes=cents.cluster_sizes[:3],
+    )
     assert other.digest != cents.digest
     with pytest.raises(OverwriteError, match="K=4"):
         index_shards(shards, centroids=other, encoder=enc, workers=0, progress=False)
     assert {s: idx.index_path_for(s).read_bytes() for s in shards} == before  # untouched
     # the same kind again is a no-op; --overwrite replaces
-    assert len(index_shards(shards, centroids=cents, encoder=enc, workers=0,
-                            progress=False).skipped) == 2
+    assert (
+        len(index_shards(shards, centroids=cents, encoder=enc, workers=0, progress=False).skipped)
+        == 2
+    )
     assert cli_main(["index", *shards, "--workers", "0", "-q", "--overwrite"]) == 0
     assert PruneIndex.load(shards).num_clusters == 0
     # entropy modes are kinds too
@@ -303,9 +330,10 @@ def test_indexes_of_another_kind_are_not_replaced_without_overwrite(tmp_path: Pa
 def _outside_fingerprint(size: int, start: int, stop: int) -> int:
     """A byte position in [start, stop) that shard_fingerprint does not read."""
     sampled = [(0, idx.FINGERPRINT_BYTES), (size - idx.FINGERPRINT_BYTES, size)]
-    sampled += [(size * i // (idx.FINGERPRINT_BLOCKS + 1),
-                 size * i // (idx.FINGERPRINT_BLOCKS + 1) + 4096)
-                for i in range(1, idx.FINGERPRINT_BLOCKS + 1)]
+    sampled += [
+        (size * i // (idx.FINGERPRINT_BLOCKS + 1), size * i // (idx.FINGERPRINT_BLOCKS + 1) + 4096)
+        for i in range(1, idx.FINGERPRINT_BLOCKS + 1)
+    ]
     for pos in range(start, stop):
         if not any(a <= pos < b for a, b in sampled):
             return pos
@@ -313,7 +341,8 @@ def _outside_fingerprint(size: int, start: int, stop: int) -> int:
 
 
 def test_loaders_refuse_a_shard_changed_in_the_middle_with_size_and_mtime_kept(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     shards = write_shards(tmp_path, harvey_files(120), 120)
     shard = shards[0]
     assert index_shards(shards, workers=0, progress=False).ok
@@ -360,11 +389,15 @@ def test_map_style_dataset_checks_keys_of_shifted_ranges(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match="offset"):
         idx.write_index(path, {**arrays, **rolled}, meta)
     # keys one sample off (ranges intact): the dataset compares every key it reads
-    keys = [bytes(arrays["key_bytes"][a:b]).decode() for a, b in
-            zip(arrays["key_offsets"][:-1], arrays["key_offsets"][1:], strict=True)]
+    keys = [
+        bytes(arrays["key_bytes"][a:b]).decode()
+        for a, b in zip(arrays["key_offsets"][:-1], arrays["key_offsets"][1:], strict=True)
+    ]
     idx.write_index(path, {**arrays, **idx.encode_keys(keys[1:] + keys[:1])}, meta)
     ds = PrunedShardDataset(shards)
-    with pytest.raises(StaleIndexError, match=r"has key .* but the index says .*rsprune-data index"):
+    with pytest.raises(
+        StaleIndexError, match=r"has key .* but the index says .*rsprune-data index"
+    ):
         ds[3]
 
 

@@ -85,7 +85,9 @@ def test_fast_gray_is_close_but_opt_in() -> None:
 
 def test_fast_gray_exact_for_grayscale_jpeg() -> None:
     data = encode(np.asarray(Image.open(SHIPPED[0]).convert("L")), "JPEG")
-    assert analyze(data, "jpg", fast_gray=True).entropy == pytest.approx(pil_entropy(data), abs=1e-12)
+    assert analyze(data, "jpg", fast_gray=True).entropy == pytest.approx(
+        pil_entropy(data), abs=1e-12
+    )
     assert analyze(data, "jpg").entropy == pytest.approx(pil_entropy(data), abs=1e-12)
 
 
@@ -173,7 +175,9 @@ def test_uint16_tolerance_is_in_8bit_levels() -> None:
 def test_uint16_png() -> None:
     v = (np.arange(32 * 32, dtype=np.uint16) * 60).reshape(32, 32)
     rgb = decode_rgb(encode(v, "PNG"), "png")
-    np.testing.assert_array_equal(rgb[..., 0], ((v.astype(np.uint32) + 128) // 257).astype(np.uint8))
+    np.testing.assert_array_equal(
+        rgb[..., 0], ((v.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    )
 
 
 def test_float_stretched_by_finite_min_max() -> None:
@@ -225,7 +229,9 @@ def test_palette_tiff_matches_pil() -> None:
     cmap = np.zeros((3, 256), np.uint16)
     cmap[:, :4] = np.array([[0, 65535, 0, 30000], [0, 0, 65535, 30000], [0, 0, 0, 65535]])
     data = tiff(idx, photometric="palette", colormap=cmap)
-    np.testing.assert_array_equal(decode_rgb(data, "tif"), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    np.testing.assert_array_equal(
+        decode_rgb(data, "tif"), np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    )
 
 
 def test_cmyk_and_progressive_jpeg_match_pil() -> None:
@@ -234,7 +240,9 @@ def test_cmyk_and_progressive_jpeg_match_pil() -> None:
     Image.fromarray(rgb).convert("CMYK").save(cmyk, "JPEG")
     for data in (cmyk.getvalue(), encode(rgb, "JPEG", progressive=True, quality=90)):
         assert analyze(data, "jpg").entropy == pytest.approx(pil_entropy(data), abs=1e-12)
-        np.testing.assert_array_equal(decode_rgb(data, "jpg"), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+        np.testing.assert_array_equal(
+            decode_rgb(data, "jpg"), np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        )
 
 
 def test_lzw_tiff_decodes_through_pillow_fallback() -> None:
@@ -247,8 +255,14 @@ def test_lzw_tiff_decodes_through_pillow_fallback() -> None:
 
 
 def test_half_black_jpeg_is_half_nodata() -> None:
-    rgb = np.asarray(Image.open(SAMPLE_DATA / "harvey" / "no_damage" / sorted(
-        p.name for p in (SAMPLE_DATA / "harvey" / "no_damage").iterdir())[0]).convert("RGB")).copy()
+    rgb = np.asarray(
+        Image.open(
+            SAMPLE_DATA
+            / "harvey"
+            / "no_damage"
+            / sorted(p.name for p in (SAMPLE_DATA / "harvey" / "no_damage").iterdir())[0]
+        ).convert("RGB")
+    ).copy()
     rgb[:, : rgb.shape[1] // 2] = 0
     data = encode(rgb, "JPEG", quality=90)
     assert analyze(data, "jpg").nodata == pytest.approx(0.5, abs=0.01)
@@ -281,10 +295,15 @@ def test_nodata_needs_all_bands() -> None:
     assert analyze(encode(rgb, "PNG"), "png").nodata == pytest.approx(0.25)
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(
-    arr=arrays(np.uint8, st.tuples(st.integers(1, 9), st.integers(1, 9), st.just(3)),
-               elements=st.sampled_from([0, 1, 3, 7, 8, 9, 12, 60, 128, 250, 255])),
+    arr=arrays(
+        np.uint8,
+        st.tuples(st.integers(1, 9), st.integers(1, 9), st.just(3)),
+        elements=st.sampled_from([0, 1, 3, 7, 8, 9, 12, 60, 128, 250, 255]),
+    ),
     value=st.sampled_from([0, 5, 128, 255]),
     tol=st.integers(0, 12),
 )
@@ -295,13 +314,17 @@ def test_nodata_matches_brute_force(arr: np.ndarray, value: int, tol: int) -> No
 
 
 @settings(max_examples=100, deadline=None, derandomize=True)
-@given(arr=arrays(np.uint8, st.tuples(st.integers(1, 12), st.integers(1, 12), st.sampled_from([1, 3]))))
+@given(
+    arr=arrays(np.uint8, st.tuples(st.integers(1, 12), st.integers(1, 12), st.sampled_from([1, 3])))
+)
 def test_entropy_equals_pil_and_is_bounded(arr: np.ndarray) -> None:
     data = encode(arr[..., 0] if arr.shape[2] == 1 else arr, "PNG")
     stats = analyze(data, "png")
     assert 0.0 <= stats.entropy <= 8.0
     assert stats.entropy == pytest.approx(pil_entropy(data), abs=1e-9)
-    assert stats.entropy == pytest.approx(gray_entropy(luma_u8(np.repeat(arr, 3 // arr.shape[2], 2))), abs=1e-9)
+    assert stats.entropy == pytest.approx(
+        gray_entropy(luma_u8(np.repeat(arr, 3 // arr.shape[2], 2))), abs=1e-9
+    )
 
 
 # errors --------------------------------------------------------------------------------------------
@@ -352,15 +375,25 @@ def test_bad_arguments_raise_config_error() -> None:
 def test_damaged_bytes_raise_only_corrupt_image_error(
     which: str, cuts: list[tuple[int, int]], truncate: int
 ) -> None:
-    base = {"jpg": SHIPPED[0].read_bytes()[:4000], "png": encode(noise(24, 24), "PNG"),
-            "tif": tiff(noise(24, 24), photometric="rgb")}[which]
+    base = {
+        "jpg": SHIPPED[0].read_bytes()[:4000],
+        "png": encode(noise(24, 24), "PNG"),
+        "tif": tiff(noise(24, 24), photometric="rgb"),
+    }[which]
     data = bytearray(base)
     for pos, val in cuts:
         data[pos % len(data)] = val
     try:
         stats = analyze(bytes(data[: max(truncate, 4)]), which)
     except CorruptImageError as err:
-        assert err.reason in ("empty", "truncated", "decode_error", "unsupported_format", "bad_shape", "too_large")
+        assert err.reason in (
+            "empty",
+            "truncated",
+            "decode_error",
+            "unsupported_format",
+            "bad_shape",
+            "too_large",
+        )
     else:
         assert isinstance(stats, ImageStats) and 0.0 <= stats.entropy <= 8.0
 
@@ -370,7 +403,10 @@ def test_damaged_bytes_raise_only_corrupt_image_error(
 
 def test_pick_image_member() -> None:
     assert pick_image_member({"__key__": "k", "cls.txt": b"a", "json": b"{}"}) is None
-    assert pick_image_member({"__key__": "k", "cls.txt": b"a", "TIF": b"1", "png": b"2"}) == ("TIF", b"1")
+    assert pick_image_member({"__key__": "k", "cls.txt": b"a", "TIF": b"1", "png": b"2"}) == (
+        "TIF",
+        b"1",
+    )
     assert pick_image_member({"__url__": "x.jpg", "rgb.jpeg": b"3"}) == ("rgb.jpeg", b"3")
     assert set(IMAGE_EXTS) == {"jpg", "jpeg", "png", "tif", "tiff"}
     assert isinstance(NODATA_TOLERANCE, int)

@@ -31,25 +31,40 @@ def make_shard(path: Path, n: int, tag: str = "s") -> Path:
     return path
 
 
-def index_shard(shard: Path, index_dir: Path | None = None, *, centroids: str = "c0",
-                reasons: list[str] | None = None, seed: int = 0) -> Path:
+def index_shard(
+    shard: Path,
+    index_dir: Path | None = None,
+    *,
+    centroids: str = "c0",
+    reasons: list[str] | None = None,
+    seed: int = 0,
+) -> Path:
     """A plausible index of a real shard: scores random, offsets/keys from scan_tar."""
     samples = scan_tar(shard)
     n = len(samples)
     rng = np.random.default_rng(seed)
     reasons = [] if reasons is None else reasons
     arrays: dict[str, Any] = {
-        "entropy": rng.uniform(0, 8, n), "nodata": np.zeros(n),
-        "cluster_id": rng.integers(0, 4, n), "similarity": rng.uniform(0, 1, n),
-        "valid": np.ones(n, bool), "reason": np.zeros(n, np.uint8),
-        "offset": [s.offset for s in samples], "length": [s.length for s in samples],
+        "entropy": rng.uniform(0, 8, n),
+        "nodata": np.zeros(n),
+        "cluster_id": rng.integers(0, 4, n),
+        "similarity": rng.uniform(0, 1, n),
+        "valid": np.ones(n, bool),
+        "reason": np.zeros(n, np.uint8),
+        "offset": [s.offset for s in samples],
+        "length": [s.length for s in samples],
         "checksum": range_checksums(str(shard), [(s.offset, s.length) for s in samples]),
         **idx.encode_keys([s.key for s in samples]),
     }
     if reasons and n:
         arrays["valid"][0], arrays["reason"][0], arrays["cluster_id"][0] = False, len(reasons), -1
-    meta = {**idx.shard_metadata(shard), "encoder": "enc", "centroids_digest": centroids,
-            "num_clusters": "4", "reasons": json.dumps(reasons)}
+    meta = {
+        **idx.shard_metadata(shard),
+        "encoder": "enc",
+        "centroids_digest": centroids,
+        "num_clusters": "4",
+        "reasons": json.dumps(reasons),
+    }
     out = index_path_for(shard, index_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_index(out, arrays, meta)
@@ -78,8 +93,10 @@ def test_write_read_round_trip(tmp_path: Path) -> None:
     # the byte ranges in the index read back exactly the samples webdataset yields
     ranges = list(zip(arrays["offset"].tolist(), arrays["length"].tolist(), strict=True))
     parsed = [parse_sample(b) for b in read_ranges(shard, ranges)]
-    ref = [(s["__key__"], {"jpg": s["jpg"], "cls": s["cls"]})
-           for s in wds.WebDataset(str(shard), shardshuffle=False)]
+    ref = [
+        (s["__key__"], {"jpg": s["jpg"], "cls": s["cls"]})
+        for s in wds.WebDataset(str(shard), shardshuffle=False)
+    ]
     assert parsed == ref
 
 
@@ -243,19 +260,31 @@ def test_reason_codes_are_joined(shards: list[Path]) -> None:
     index = PruneIndex.load([shards[0], shards[2]])
     assert index.reasons == ["ok", "truncated", "decode_error"]
     assert [index.reasons[c] for c in index.reason[[0, 1, 5, 6]]] == [
-        "truncated", "ok", "decode_error", "ok"]
+        "truncated",
+        "ok",
+        "decode_error",
+        "ok",
+    ]
     assert index.valid.tolist().count(False) == 2
 
 
 def test_from_arrays() -> None:
     z, s = [0, 1, -1, 1], [0.5, 0.6, 0.0, 0.9]
-    index = PruneIndex.from_arrays([1, 2, 3, 4], z, s, num_clusters=2, valid=[1, 1, 0, 1],
-                                   shard_ids=[0, 0, 1, 1], keys=list("abcd"))
+    index = PruneIndex.from_arrays(
+        [1, 2, 3, 4],
+        z,
+        s,
+        num_clusters=2,
+        valid=[1, 1, 0, 1],
+        shard_ids=[0, 0, 1, 1],
+        keys=list("abcd"),
+    )
     assert index.shards == ["<memory-0>", "<memory-1>"] and index.shard_starts.tolist() == [0, 2, 4]
     assert index.valid.tolist() == [True, True, False, True] and index.entropy.dtype == np.float32
     assert index.keys[2] == "c" and index.offsets.tolist() == [0, 0, 0, 0]
-    same = PruneIndex.from_arrays([1, 2, 3, 4], z, s, num_clusters=2, valid=[1, 1, 0, 1],
-                                  shard_ids=[0, 0, 1, 1])
+    same = PruneIndex.from_arrays(
+        [1, 2, 3, 4], z, s, num_clusters=2, valid=[1, 1, 0, 1], shard_ids=[0, 0, 1, 1]
+    )
     other = PruneIndex.from_arrays([1, 2, 3, 5], z, s, num_clusters=2)
     assert index.fingerprint == same.fingerprint != other.fingerprint
     with pytest.raises(ConfigError, match="cluster_ids"):

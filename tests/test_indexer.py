@@ -36,8 +36,14 @@ def harvey_files(n: int) -> list[Path]:
     return files[:: max(1, len(files) // n)][:n]
 
 
-def write_shards(tmp: Path, files: list[Path], per_shard: int, *, corrupt: set[int] = frozenset(),
-                 prefix: str = "s") -> list[str]:
+def write_shards(
+    tmp: Path,
+    files: list[Path],
+    per_shard: int,
+    *,
+    corrupt: set[int] = frozenset(),
+    prefix: str = "s",
+) -> list[str]:
     shards = []
     for s in range(0, len(files), per_shard):
         path = tmp / f"{prefix}-{s // per_shard:06d}.tar"
@@ -131,8 +137,11 @@ def test_index_dir_and_mixed_indexes_refused(tmp_path, shards):
     assert len(PruneIndex.load(shards[:2], index_dir=out)) == 40
     # an index built with other centroids beside the others is refused, naming the shard
     arrays, meta = read_index(index_path_for(shards[1], out))
-    write_index(index_path_for(shards[1], out), arrays,
-                {**meta, "centroids_digest": "ffff", "num_clusters": "4", "encoder": "x"})
+    write_index(
+        index_path_for(shards[1], out),
+        arrays,
+        {**meta, "centroids_digest": "ffff", "num_clusters": "4", "encoder": "x"},
+    )
     with pytest.raises(IndexMismatchError, match=r"s-000001\.tar"):
         PruneIndex.load(shards[:2], index_dir=out)
 
@@ -146,12 +155,23 @@ def test_resume_after_kill_9_gives_identical_result(tmp_path):
     shards = write_shards(tmp_path, files, 10)  # 30 shards: the kill lands well before the end
     clean_dir, killed_dir = tmp_path / "clean", tmp_path / "killed"
     index_shards(shards, workers=0, index_dir=clean_dir, progress=False)
-    cmd = [sys.executable, "-m", "rsprune_data.cli", "index", *shards, "--index-dir",
-           str(killed_dir), "--workers", "0", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rsprune_data.cli",
+        "index",
+        *shards,
+        "--index-dir",
+        str(killed_dir),
+        "--workers",
+        "0",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not any(
-            p.name.endswith(".rsidx.safetensors") for p in killed_dir.glob("*")):
+        p.name.endswith(".rsidx.safetensors") for p in killed_dir.glob("*")
+    ):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -162,8 +182,9 @@ def test_resume_after_kill_9_gives_identical_result(tmp_path):
     report = index_shards(shards, workers=0, index_dir=killed_dir, progress=False)
     assert len(report.skipped) == len(done_before)
     assert not [p for p in killed_dir.iterdir() if not p.name.endswith(".rsidx.safetensors")]
-    for (a_arr, a_meta), (b_arr, b_meta) in zip(_arrays(shards, clean_dir),
-                                                _arrays(shards, killed_dir), strict=True):
+    for (a_arr, a_meta), (b_arr, b_meta) in zip(
+        _arrays(shards, clean_dir), _arrays(shards, killed_dir), strict=True
+    ):
         assert a_meta == b_meta
         assert a_arr.keys() == b_arr.keys()
         for k in a_arr:
@@ -173,8 +194,21 @@ def test_resume_after_kill_9_gives_identical_result(tmp_path):
 def test_cli_exit_codes_and_select(tmp_path, capsys):
     shards = write_shards(tmp_path, harvey_files(30), 10)
     assert cli_main(["index", *shards, "--workers", "0", "-q"]) == 0
-    assert cli_main(["select", *shards, "--prune-ratio", "0.5", "--strategy", "entropy",
-                     "-o", str(tmp_path / "keys.txt")]) == 0
+    assert (
+        cli_main(
+            [
+                "select",
+                *shards,
+                "--prune-ratio",
+                "0.5",
+                "--strategy",
+                "entropy",
+                "-o",
+                str(tmp_path / "keys.txt"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "kept 15" in out
     keys = (tmp_path / "keys.txt").read_text().split()
@@ -231,8 +265,15 @@ def test_cluster_ids_are_the_argmax_of_similarities_to_the_stored_centroids(tmp_
     cents.save(tmp_path / "c.safetensors")
     stored = Centroids.load(tmp_path / "c.safetensors")
     out = tmp_path / "idx"
-    report = index_shards(shards[:1], centroids=stored, encoder=enc, index_dir=out, workers=2,
-                          batch_size=8, progress=False)
+    report = index_shards(
+        shards[:1],
+        centroids=stored,
+        encoder=enc,
+        index_dir=out,
+        workers=2,
+        batch_size=8,
+        progress=False,
+    )
     assert report.ok and report.samples == 20
     index = PruneIndex.load(shards[:1], index_dir=out)
     assert index.num_clusters == 8 and index.centroids_digest == stored.digest

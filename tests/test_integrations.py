@@ -46,8 +46,9 @@ EXAMPLES = REPO / "examples"
 def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     """130 real Harvey JPEG tiles in 11 indexed shards; returns a brace pattern."""
     root = tmp_path_factory.mktemp("integrations")
-    packed = pack_folder(SAMPLE_DATA / "harvey" / "damage", root / "shards", shard_size=12,
-                         progress=False)
+    packed = pack_folder(
+        SAMPLE_DATA / "harvey" / "damage", root / "shards", shard_size=12, progress=False
+    )
     assert index_shards([str(p) for p in packed.shards], workers=1, progress=False).ok
     return str(root / "shards" / f"shard-{{000000..{len(packed.shards) - 1:06d}}}.tar")
 
@@ -67,8 +68,10 @@ def test_accelerate_batch_sampler_shard_is_refused(shards: str) -> None:
     with pytest.raises(ConfigError, match=r"BatchSamplerShard.*prepare_loader"):
         list(wrapped)
     single = PrunedSampler(PruneIndex.load(shards), config(0.5), num_replicas=1, rank=0)
-    split = [list(BatchSamplerShard(BatchSampler(single, 4, False), num_processes=2,
-                                    process_index=r)) for r in range(2)]
+    split = [
+        list(BatchSamplerShard(BatchSampler(single, 4, False), num_processes=2, process_index=r))
+        for r in range(2)
+    ]
     # one global order dealt out by accelerate is exact (its even_batches padding aside)
     assert {i for part in split for b in part for i in b} == set(single.selected.tolist())
 
@@ -103,8 +106,13 @@ def test_lightning_datamodule_needs_reload_every_epoch(shards: str) -> None:
 
     from rsprune_data.integrations.lightning import PrunedDataModule
 
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_checkpointing=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
     module = PrunedDataModule(lambda: DataLoader(PrunedWebDataset(shards, 0.5), batch_size=4))
     module.trainer = trainer
     with pytest.raises(ConfigError, match="reload_dataloaders_every_n_epochs=1"):
@@ -142,14 +150,18 @@ def _schedule(epoch: int) -> PruneConfig:
 def _sampler_loader(shards: str, workers: int) -> PrunedLoader:
     index = PruneIndex.load(shards)
     ds = PrunedShardDataset(index, transform=lambda s: s["__key__"])
-    return PrunedLoader(DataLoader(ds, sampler=PrunedSampler(index, _schedule, seed=2),
-                                   batch_size=4, num_workers=workers))
+    return PrunedLoader(
+        DataLoader(
+            ds, sampler=PrunedSampler(index, _schedule, seed=2), batch_size=4, num_workers=workers
+        )
+    )
 
 
 def _stream_loader(shards: str, workers: int) -> PrunedLoader:
     pipeline = PrunedWebDataset(shards, _schedule, seed=2).map(lambda s: s["__key__"])
-    return PrunedLoader(DataLoader(pipeline.batched(4, collation_fn=None), batch_size=None,
-                                   num_workers=workers))
+    return PrunedLoader(
+        DataLoader(pipeline.batched(4, collation_fn=None), batch_size=None, num_workers=workers)
+    )
 
 
 @pytest.mark.parametrize("make", [_sampler_loader, _stream_loader])
@@ -165,9 +177,13 @@ def test_pruned_loader_len_and_epochs_follow_the_schedule(shards: str, make: Any
 
 @pytest.mark.parametrize("make", [_sampler_loader, _stream_loader])
 def test_pruned_loader_resume_conformance(shards: str, make: Any) -> None:
-    report = run_resume_conformance(lambda: make(shards, 2), set_epoch=lambda ld, e: ld.set_epoch(e),
-                                    key=tuple, transport=lambda s: json.loads(json.dumps(s)),
-                                    stop_points=("start", "middle", "last", "edge", "end"))
+    report = run_resume_conformance(
+        lambda: make(shards, 2),
+        set_epoch=lambda ld, e: ld.set_epoch(e),
+        key=tuple,
+        transport=lambda s: json.loads(json.dumps(s)),
+        stop_points=("start", "middle", "last", "edge", "end"),
+    )
     assert len(report.checked) == 10
 
 
@@ -175,10 +191,15 @@ def test_pruned_loader_resume_conformance(shards: str, make: Any) -> None:
 
 
 def run(cmd: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False, cwd=cwd,
-                          env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+    }
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=900, check=False, cwd=cwd, env=env
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout
 
@@ -207,53 +228,99 @@ def check_delivered(shards: str, log: Path, *, world: int = 2) -> None:
 
 
 def example_args(shards: str, loader: str, log: Path) -> list[str]:
-    return ["--shards", shards, "--loader", loader, "--ratios", *RATIOS, "--strategy", STRATEGY,
-            "--batch-size", "4", "--workers", "2", "--image-size", "16",
-            "--log-delivered", str(log)]
+    return [
+        "--shards",
+        shards,
+        "--loader",
+        loader,
+        "--ratios",
+        *RATIOS,
+        "--strategy",
+        STRATEGY,
+        "--batch-size",
+        "4",
+        "--workers",
+        "2",
+        "--image-size",
+        "16",
+        "--log-delivered",
+        str(log),
+    ]
 
 
-ACCELERATE = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu",
-              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "--main_process_port", "0"]
+ACCELERATE = [
+    str(Path(sys.executable).with_name("accelerate")),
+    "launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "--main_process_port",
+    "0",
+]
 TORCHRUN = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2"]
 
 
 def test_accelerate_launch_sampler(shards: str, tmp_path: Path) -> None:
-    run([*ACCELERATE, str(EXAMPLES / "train_accelerate.py"),
-         *example_args(shards, "sampler", tmp_path / "log")], tmp_path)
+    run(
+        [
+            *ACCELERATE,
+            str(EXAMPLES / "train_accelerate.py"),
+            *example_args(shards, "sampler", tmp_path / "log"),
+        ],
+        tmp_path,
+    )
     check_delivered(shards, tmp_path / "log")
 
 
 def test_accelerate_launch_stream_resumes_from_save_state(shards: str, tmp_path: Path) -> None:
     args = [*example_args(shards, "stream", tmp_path / "log"), "--checkpoint", str(tmp_path / "ck")]
-    out = run([*ACCELERATE, str(EXAMPLES / "train_accelerate.py"), *args, "--stop-after", "6"],
-              tmp_path)
+    out = run(
+        [*ACCELERATE, str(EXAMPLES / "train_accelerate.py"), *args, "--stop-after", "6"], tmp_path
+    )
     assert "epoch 2" not in out  # stopped inside epoch 1
     run([*ACCELERATE, str(EXAMPLES / "train_accelerate.py"), *args, "--resume"], tmp_path)
     check_delivered(shards, tmp_path / "log")
 
 
 def test_torchrun_sampler_resumes_from_save_state(shards: str, tmp_path: Path) -> None:
-    args = [*example_args(shards, "sampler", tmp_path / "log"), "--checkpoint", str(tmp_path / "ck")]
+    args = [
+        *example_args(shards, "sampler", tmp_path / "log"),
+        "--checkpoint",
+        str(tmp_path / "ck"),
+    ]
     run([*TORCHRUN, str(EXAMPLES / "train_accelerate.py"), *args, "--stop-after", "7"], tmp_path)
     run([*TORCHRUN, str(EXAMPLES / "train_accelerate.py"), *args, "--resume"], tmp_path)
     check_delivered(shards, tmp_path / "log")
 
 
 def test_lightning_ddp_sampler(shards: str, tmp_path: Path) -> None:
-    run([sys.executable, str(EXAMPLES / "train_lightning.py"),
-         *example_args(shards, "sampler", tmp_path / "log")], tmp_path)
+    run(
+        [
+            sys.executable,
+            str(EXAMPLES / "train_lightning.py"),
+            *example_args(shards, "sampler", tmp_path / "log"),
+        ],
+        tmp_path,
+    )
     check_delivered(shards, tmp_path / "log")
 
 
 def test_lightning_ddp_stream_resumes_from_checkpoint(shards: str, tmp_path: Path) -> None:
     args = [*example_args(shards, "stream", tmp_path / "log"), "--checkpoint", str(tmp_path / "ck")]
-    run([sys.executable, str(EXAMPLES / "train_lightning.py"), *args, "--stop-after", "9"], tmp_path)
+    run(
+        [sys.executable, str(EXAMPLES / "train_lightning.py"), *args, "--stop-after", "9"], tmp_path
+    )
     run([sys.executable, str(EXAMPLES / "train_lightning.py"), *args, "--resume"], tmp_path)
     check_delivered(shards, tmp_path / "log")
 
 
-NATURAL = '''
+NATURAL = """
 import sys
 sys.path.insert(0, {examples!r})
 from accelerate import Accelerator
@@ -265,17 +332,25 @@ accelerator = Accelerator(cpu=True)
 loader = accelerator.prepare(build_loader(args))   # the README of accelerate: prepare everything
 for batch in loader:
     pass
-'''
+"""
 
 
 @pytest.mark.parametrize("loader", ["sampler", "stream"])
-def test_accelerate_prepare_of_a_pruned_loader_fails_loudly(shards: str, tmp_path: Path,
-                                                            loader: str) -> None:
+def test_accelerate_prepare_of_a_pruned_loader_fails_loudly(
+    shards: str, tmp_path: Path, loader: str
+) -> None:
     script = tmp_path / "natural.py"
     script.write_text(NATURAL.format(examples=str(EXAMPLES), shards=shards, loader=loader))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*ACCELERATE, str(script)], capture_output=True, text=True, timeout=900,
-                          check=False, cwd=tmp_path, env=env)
+    proc = subprocess.run(
+        [*ACCELERATE, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        cwd=tmp_path,
+        env=env,
+    )
     assert proc.returncode != 0
     wrapper = "BatchSamplerShard" if loader == "sampler" else "DataLoaderDispatcher"
     assert f"{wrapper} splits it again" in proc.stderr and "prepare_loader" in proc.stderr

@@ -49,11 +49,19 @@ def test_order_keys_cls_and_round_trip(tmp_path: Path) -> None:
     assert isinstance(result, PackResult)
     assert result.num_samples == 6
     assert result.shards == [tmp_path / "out" / "shard-000000.tar"]
-    assert result.skipped == [(".hidden/z.jpg", "hidden file or folder"), ("a/._x.jpg", "hidden file or folder"),
-                              ("a/empty.jpg", "empty file")]
+    assert result.skipped == [
+        (".hidden/z.jpg", "hidden file or folder"),
+        ("a/._x.jpg", "hidden file or folder"),
+        ("a/empty.jpg", "empty file"),
+    ]
     samples = read_back(result.shards)
     assert [s["__key__"] for s in samples] == [
-        "a/deep/er/y", "a/x", "a/x_1", "b/-93_52_30_98", "b/-93_52_30_98_1", "top",
+        "a/deep/er/y",
+        "a/x",
+        "a/x_1",
+        "b/-93_52_30_98",
+        "b/-93_52_30_98_1",
+        "top",
     ]
     order = sorted(files)  # relative POSIX path as a string
     for sample, rel in zip(samples, order, strict=True):
@@ -74,7 +82,9 @@ def test_default_webdataset_decoding_works(tmp_path: Path) -> None:
 
 
 def test_shard_naming_and_split(tmp_path: Path) -> None:
-    result = pack_folder(SAMPLE_DATA / "ucmerced", tmp_path, shard_size=40, prefix="uc", progress=False)
+    result = pack_folder(
+        SAMPLE_DATA / "ucmerced", tmp_path, shard_size=40, prefix="uc", progress=False
+    )
     assert [p.name for p in result.shards] == ["uc-000000.tar", "uc-000001.tar", "uc-000002.tar"]
     counts = []
     for p in result.shards:
@@ -93,7 +103,9 @@ def test_same_folder_packs_to_identical_bytes(tmp_path: Path) -> None:
     assert a.shards[0].read_bytes() == b.shards[0].read_bytes()
 
 
-def test_interrupted_pack_leaves_only_complete_shards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_pack_leaves_only_complete_shards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = pack_mod.pack_sample
     calls = {"n": 0}
 
@@ -144,7 +156,12 @@ def test_percent_in_paths(tmp_path: Path) -> None:
     ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
-    args = {"src_dir": SAMPLE_DATA / "harvey", "out_dir": tmp_path / "out", "progress": False, **kwargs}
+    args = {
+        "src_dir": SAMPLE_DATA / "harvey",
+        "out_dir": tmp_path / "out",
+        "progress": False,
+        **kwargs,
+    }
     with pytest.raises(ConfigError, match=match):
         pack_folder(**args)
 
@@ -161,5 +178,9 @@ def test_all_files_skipped_writes_no_shard(tmp_path: Path) -> None:
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.jpg").write_bytes(b"")
     result = pack_folder(tmp_path / "src", tmp_path / "out", progress=False)
-    assert result.shards == [] and result.num_samples == 0 and result.skipped == [("a.jpg", "empty file")]
+    assert (
+        result.shards == []
+        and result.num_samples == 0
+        and result.skipped == [("a.jpg", "empty file")]
+    )
     assert shard_names(tmp_path / "out") == []

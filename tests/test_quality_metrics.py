@@ -55,7 +55,9 @@ def test_kcenter_radius_on_a_line() -> None:
 def test_nearest_distances_2d_and_chunking() -> None:
     points = np.array([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
     centers = np.array([[0.0, 0.0]])
-    np.testing.assert_allclose(qm.nearest_distances(points, centers, chunk=1), [0, 5, 10], atol=1e-5)
+    np.testing.assert_allclose(
+        qm.nearest_distances(points, centers, chunk=1), [0, 5, 10], atol=1e-5
+    )
 
 
 def test_occupancy_entropy_by_hand() -> None:

@@ -29,10 +29,14 @@ from rsprune_data.tario import iter_tar_samples, scan_tar
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 400)), max_size=40),
-       st.integers(0, 600), st.integers(1, 2000))
-def test_coalesce_covers_every_range_within_caps(spans: list[tuple[int, int]], gap: int,
-                                                 block: int) -> None:
+@given(
+    st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 400)), max_size=40),
+    st.integers(0, 600),
+    st.integers(1, 2000),
+)
+def test_coalesce_covers_every_range_within_caps(
+    spans: list[tuple[int, int]], gap: int, block: int
+) -> None:
     spans.sort()
     off = np.array([o for o, _ in spans], np.int64)
     ln = np.array([n for _, n in spans], np.int64)
@@ -41,15 +45,22 @@ def test_coalesce_covers_every_range_within_caps(spans: list[tuple[int, int]], g
     assert b[0] == 0 and b[-1] == len(spans) and all(x < y for x, y in itertools.pairwise(b))
     for r in range(len(runs)):
         s, e = int(runs.start[r]), int(runs.stop[r])
-        inside = spans[b[r]:b[r + 1]]
+        inside = spans[b[r] : b[r + 1]]
         assert all(s <= o and o + n <= e for o, n in inside)  # every range inside its run
         assert e == max(o + n for o, n in inside) and s == inside[0][0]  # nothing read around
-        assert e - s <= block or len(inside) == 1 or max(n for _, n in inside) > block or \
-            _needs(inside, block)
+        assert (
+            e - s <= block
+            or len(inside) == 1
+            or max(n for _, n in inside) > block
+            or _needs(inside, block)
+        )
     for r in range(len(runs) - 1):  # a run ends only at a gap wider than max_gap or the cap
         nxt = spans[b[r + 1]][0]
-        assert nxt - int(runs.stop[r]) > gap or int(runs.stop[r + 1]) - int(runs.start[r]) > block \
-            or _needs(spans[b[r]:b[r + 2]], block)
+        assert (
+            nxt - int(runs.stop[r]) > gap
+            or int(runs.stop[r + 1]) - int(runs.start[r]) > block
+            or _needs(spans[b[r] : b[r + 2]], block)
+        )
 
 
 def _needs(spans: list[tuple[int, int]], block: int) -> bool:
@@ -57,8 +68,9 @@ def _needs(spans: list[tuple[int, int]], block: int) -> bool:
 
 
 def test_coalesce_examples_and_errors() -> None:
-    r = coalesce(np.array([0, 512, 512, 10_000]), np.array([512, 100, 512, 10]), max_gap=0,
-                 max_block=1 << 20)
+    r = coalesce(
+        np.array([0, 512, 512, 10_000]), np.array([512, 100, 512, 10]), max_gap=0, max_block=1 << 20
+    )
     assert r.start.tolist() == [0, 10_000] and r.stop.tolist() == [1024, 10_010]
     assert r.bounds.tolist() == [0, 3, 4] and r.nbytes == 1034
     capped = coalesce(np.array([0, 100, 200]), np.array([100, 100, 100]), max_gap=0, max_block=150)
@@ -73,6 +85,7 @@ def test_coalesce_examples_and_errors() -> None:
 def _odd_shard(path: Path) -> None:
     """Plain members, GNU long names, upper-case extensions, pax paths and float mtimes."""
     with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+
         def add(name: str, data: bytes) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -97,15 +110,18 @@ def test_cut_runs_equals_webdataset(tmp_path: Path, name: str) -> None:
     path = tmp_path / name
     ts = scan_tar(path)
     want = [(s.key, d) for s, d in iter_tar_samples(path)]
-    plain = [(s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
-             for s in wds.WebDataset(str(path), shardshuffle=False)]
+    plain = [
+        (s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
+        for s in wds.WebDataset(str(path), shardshuffle=False)
+    ]
     assert want == plain
     offs, lens = [t.offset for t in ts], [t.length for t in ts]
     for gap in (0, 10**6):
         runs = coalesce(np.array(offs), np.array(lens), max_gap=gap, max_block=1 << 20)
         with LocalFile(str(path)) as f:
-            got = list(cut_runs(f.read_runs(runs), runs, offs, lens, [t.key for t in ts],
-                                str(path)))
+            got = list(
+                cut_runs(f.read_runs(runs), runs, offs, lens, [t.key for t in ts], str(path))
+            )
         assert got == want
 
 
@@ -117,17 +133,20 @@ def test_cut_refuses_a_stale_index(tmp_path: Path) -> None:
     with pytest.raises(StaleIndexError, match="the index says 'other'"):
         list(read_samples(path, [1], o, n, ["other"], ReadOptions()))
     with pytest.raises(ShardError, match="more than one sample"):  # a range over two samples
-        list(read_samples(path, [0], [ts[0].offset], [ts[0].length + ts[1].length], [None],
-                          ReadOptions()))
+        list(
+            read_samples(
+                path, [0], [ts[0].offset], [ts[0].length + ts[1].length], [None], ReadOptions()
+            )
+        )
     with pytest.raises(ShardError, match="changed since indexing"):  # past the end of the file
-        list(read_samples(path, [0], [os.path.getsize(path) - 512], [4096], [None],
-                          ReadOptions()))
+        list(read_samples(path, [0], [os.path.getsize(path) - 512], [4096], [None], ReadOptions()))
     with pytest.raises(ShardNotFoundError, match="cannot open shard"):
         list(read_samples(str(tmp_path / "gone.tar"), [0], [0], [512], [None], ReadOptions()))
 
 
-def test_planned_readahead_advises_exactly_the_runs(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_planned_readahead_advises_exactly_the_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "f.bin"
     path.write_bytes(os.urandom(1 << 16))
     calls: list[tuple[int, int, int]] = []
@@ -138,8 +157,9 @@ def test_planned_readahead_advises_exactly_the_runs(tmp_path: Path,
         real(fd, offset, length, advice)
 
     monkeypatch.setattr(os, "posix_fadvise", spy)
-    runs = coalesce(np.array([0, 5000, 40000]), np.array([100, 100, 8]), max_gap=0,
-                    max_block=1 << 20)
+    runs = coalesce(
+        np.array([0, 5000, 40000]), np.array([100, 100, 8]), max_gap=0, max_block=1 << 20
+    )
     with LocalFile(str(path), prefetch=1) as f:
         bufs = list(f.read_runs(runs))
     data = path.read_bytes()
@@ -160,17 +180,19 @@ def test_options_are_checked() -> None:
         ReadOptions(concurrency=0)
     with pytest.raises(ConfigError, match="attempts"):
         RetryPolicy(attempts=0)
-    assert [shard_kind(s) for s in ("a.tar", "file:///a.tar", "pipe:cat a", "s3://b/a.tar",
-                                    "https://h/a.tar")] == ["local", "local", "stream", "remote",
-                                                            "remote"]
+    assert [
+        shard_kind(s)
+        for s in ("a.tar", "file:///a.tar", "pipe:cat a", "s3://b/a.tar", "https://h/a.tar")
+    ] == ["local", "local", "stream", "remote", "remote"]
     import pickle
 
     opts = ReadOptions(storage_options={"anon": True})
     assert pickle.loads(pickle.dumps(opts)) == opts
 
 
-def test_map_style_batches_read_with_coalesced_runs(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_map_style_batches_read_with_coalesced_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from test_wds import write_shards
     from torch.utils.data import DataLoader
 

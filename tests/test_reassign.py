@@ -36,14 +36,28 @@ from rsprune_data.reassign import reassign_shards
 def _centroids(emb, k, seed, enc, ref):
     from rsprune_data.centroids import spherical_kmeans
 
-    return Centroids(centroids=spherical_kmeans(emb, k, seed=seed), encoder=enc.name, seed=seed,
-                     ref_dirs=[ref], ref_counts=[len(emb)], class_names=["all"],
-                     composition=np.ones((k, 1), np.float32))
+    return Centroids(
+        centroids=spherical_kmeans(emb, k, seed=seed),
+        encoder=enc.name,
+        seed=seed,
+        ref_dirs=[ref],
+        ref_counts=[len(emb)],
+        class_names=["all"],
+        composition=np.ones((k, 1), np.float32),
+    )
 
 
 def _index(shards, cents, enc, out, **kw):
-    report = index_shards(shards, centroids=cents, encoder=enc, index_dir=out, workers=0,
-                          batch_size=8, progress=False, **kw)
+    report = index_shards(
+        shards,
+        centroids=cents,
+        encoder=enc,
+        index_dir=out,
+        workers=0,
+        batch_size=8,
+        progress=False,
+        **kw,
+    )
     assert report.ok, report.failed
     return report
 
@@ -113,9 +127,15 @@ def test_reassign_refuses_another_encoder_before_writing(setup):
     tmp, shards, _enc, cents = setup
     out = _stored_copy(tmp, "enc_mismatch")
     c = cents["b"]
-    alien = Centroids(centroids=c.centroids, encoder="open_clip:ViT-B-32", seed=0,
-                      ref_dirs=c.ref_dirs, ref_counts=c.ref_counts, class_names=c.class_names,
-                      composition=c.composition)
+    alien = Centroids(
+        centroids=c.centroids,
+        encoder="open_clip:ViT-B-32",
+        seed=0,
+        ref_dirs=c.ref_dirs,
+        ref_counts=c.ref_counts,
+        class_names=c.class_names,
+        composition=c.composition,
+    )
     stamp = [index_path_for(s, out).stat().st_mtime_ns for s in shards]
     with pytest.raises(IndexMismatchError, match="same encoder"):
         reassign_shards(shards, alien, index_dir=out, progress=False)
@@ -126,8 +146,15 @@ def test_reassign_cli_rank_split_and_missing_sidecar(setup, capsys):
     tmp, shards, _enc, cents = setup
     out = _stored_copy(tmp, "cli")
     before = {s: read_index(index_path_for(s, out))[1]["centroids_digest"] for s in shards}
-    args = ["reassign", *shards, "--centroids", str(tmp / "b.safetensors"), "--index-dir", str(out),
-            "-q"]
+    args = [
+        "reassign",
+        *shards,
+        "--centroids",
+        str(tmp / "b.safetensors"),
+        "--index-dir",
+        str(out),
+        "-q",
+    ]
     assert cli_main([*args, "--rank", "1", "--world-size", "2"]) == 0
     after = {s: read_index(index_path_for(s, out))[1]["centroids_digest"] for s in shards}
     assert [after[s] == cents["b"].digest for s in shards] == [False, True, False]
@@ -172,8 +199,9 @@ def test_reduced_forms_are_within_their_stated_cosine_error(setup, tmp_path):
     side = read_sidecar(sidecar_path_for(shards[0], setup[0] / "stored"))
     rng = np.random.default_rng(0)
     # real embeddings of the shipped tiles plus random unit rows, so d' < n holds for the PCA
-    emb = np.concatenate([side.embeddings()[side.valid],
-                          rng.standard_normal((200, enc.dim)).astype(np.float32)])
+    emb = np.concatenate(
+        [side.embeddings()[side.valid], rng.standard_normal((200, enc.dim)).astype(np.float32)]
+    )
     ref = canonical(emb).astype(np.float32)
     assert cosine_error(emb, ref)[0] < 1e-6  # float16 itself
     err8 = cosine_error(ref, decode_form(encode_form(emb, "int8"), "int8"))
@@ -187,7 +215,9 @@ def test_reduced_forms_are_within_their_stated_cosine_error(setup, tmp_path):
     meta = shard_metadata(shards[0])
     for form, b, err in (("int8", None, err8), ("pca", basis, errp)):
         path = tmp_path / f"{form}.rsemb.safetensors"
-        stated = write_sidecar(path, emb, valid, shard_meta=meta, encoder=enc.name, form=form, basis=b)
+        stated = write_sidecar(
+            path, emb, valid, shard_meta=meta, encoder=enc.name, form=form, basis=b
+        )
         assert float(stated["cos_error_max"]) == pytest.approx(err[0], rel=1e-6, abs=1e-9)
         back = read_sidecar(path)
         assert cosine_error(ref, back.embeddings())[0] <= float(stated["cos_error_max"]) + 1e-9
@@ -209,7 +239,7 @@ def test_dedup_threshold_on_stored_embeddings_removes_planted_copies(setup, tmp_
     for s in range(2):
         path = tmp_path / f"d-{s:06d}.tar"
         with wds.TarWriter(str(path)) as w:
-            for i, f in enumerate(files[s * 12:(s + 1) * 12], start=s * 12):
+            for i, f in enumerate(files[s * 12 : (s + 1) * 12], start=s * 12):
                 w.write({"__key__": f"t{i:03d}", "jpeg": f.read_bytes()})
             for i in (s * 12 + 1, s * 12 + 4):
                 w.write({"__key__": f"copy{i:03d}", "jpeg": files[i].read_bytes()})
@@ -241,23 +271,46 @@ def test_dedup_threshold_on_stored_embeddings_removes_planted_copies(setup, tmp_
     # the CLI counts what it removed
     import json
 
-    assert cli_main(["select", *shards, "--prune-ratio", "0", "--no-entropy-filter", "--max-nodata",
-                     "-1", "--dedup-threshold", "0.95", "--json", "-q"]) == 0
+    assert (
+        cli_main(
+            [
+                "select",
+                *shards,
+                "--prune-ratio",
+                "0",
+                "--no-entropy-filter",
+                "--max-nodata",
+                "-1",
+                "--dedup-threshold",
+                "0.95",
+                "--json",
+                "-q",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["duplicates_dropped"] == len(groups) and printed["selected"] == len(kept)
     # a PCA basis from the stored embeddings, then a pca sidecar that reassigns nearly the same
     basis_path = tmp_path / "basis.safetensors"
     assert cli_main(["pca-basis", *shards, "-o", str(basis_path), "--dims", "16", "-q"]) == 0
     pca_dir = tmp_path / "pca"
-    _index(shards, cents["a"], enc, pca_dir, store_embeddings="pca",
-           pca_basis=PcaBasis.load(basis_path))
+    _index(
+        shards,
+        cents["a"],
+        enc,
+        pca_dir,
+        store_embeddings="pca",
+        pca_basis=PcaBasis.load(basis_path),
+    )
     assert read_sidecar(sidecar_path_for(shards[0], pca_dir)).tensors["codes"].shape[1] == 16
     assert reassign_shards(shards, cents["b"], index_dir=pca_dir, progress=False).ok
     # the report: ratio sweep from the stored embeddings and the near-duplicate sheet
     from rsprune_data.report import write_report
 
-    html = write_report(shards, tmp_path / "report", cfg.replace(prune_ratio=0.6),
-                        progress=False).read_text()
+    html = write_report(
+        shards, tmp_path / "report", cfg.replace(prune_ratio=0.6), progress=False
+    ).read_text()
     summary = json.loads((tmp_path / "report" / "summary.json").read_text())
     sweep = summary["ratio_sweep"]
     assert sweep["ratios"] == [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95] and sweep["chosen"] == 0.6

@@ -27,7 +27,9 @@ from rsprune_data.reading import (
 )
 from rsprune_data.reading.runs import Runs
 
-pytestmark = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx)")
+pytestmark = pytest.mark.skipif(
+    NGINX is None, reason="nginx is not installed (apt-get install nginx)"
+)
 COUNTS = [9, 4, 11, 6]
 FAST_RETRY = RetryPolicy(attempts=8, backoff=0.0, max_backoff=0.0)
 
@@ -68,8 +70,9 @@ def strip(samples: list[dict[str, Any]]) -> list[tuple[str, bytes, bytes]]:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_http_delivers_exactly_what_local_delivers(local: list[str], index_dir: str, nginx: Nginx,
-                                                   workers: int) -> None:
+def test_http_delivers_exactly_what_local_delivers(
+    local: list[str], index_dir: str, nginx: Nginx, workers: int
+) -> None:
     ref = strip(delivered(PrunedWebDataset(local, CFG, seed=3), workers))
     ds = PrunedWebDataset(urls(nginx.url, local), CFG, index_dir=index_dir, seed=3)
     got = delivered(ds, workers)
@@ -81,21 +84,37 @@ def test_http_delivers_exactly_what_local_delivers(local: list[str], index_dir: 
 
 
 def test_http_two_ranks_cover_the_selection(local: list[str], index_dir: str, nginx: Nginx) -> None:
-    parts = [strip(list(PrunedWebDataset(urls(nginx.url, local), CFG, index_dir=index_dir, rank=r,
-                                         world_size=2, drop_last=True)))
-             for r in range(2)]
-    ref = [strip(list(PrunedWebDataset(local, CFG, rank=r, world_size=2, drop_last=True)))
-           for r in range(2)]
+    parts = [
+        strip(
+            list(
+                PrunedWebDataset(
+                    urls(nginx.url, local),
+                    CFG,
+                    index_dir=index_dir,
+                    rank=r,
+                    world_size=2,
+                    drop_last=True,
+                )
+            )
+        )
+        for r in range(2)
+    ]
+    ref = [
+        strip(list(PrunedWebDataset(local, CFG, rank=r, world_size=2, drop_last=True)))
+        for r in range(2)
+    ]
     assert parts == ref and len(parts[0]) == len(parts[1])
     keys = [k for p in parts for k, _, _ in p]
     assert len(set(keys)) == len(keys)
 
 
-def test_http_reads_only_the_selected_ranges(local: list[str], index_dir: str,
-                                             nginx: Nginx) -> None:
+def test_http_reads_only_the_selected_ranges(
+    local: list[str], index_dir: str, nginx: Nginx
+) -> None:
     nginx.reset_log()
-    ds = PrunedWebDataset(urls(nginx.url, local), CFG, index_dir=index_dir,
-                          read=ReadOptions(remote_max_gap=0))
+    ds = PrunedWebDataset(
+        urls(nginx.url, local), CFG, index_dir=index_dir, read=ReadOptions(remote_max_gap=0)
+    )
     n = len(list(ds))
     requests, _ = nginx.bytes_sent()
     sel = ds.selected
@@ -107,8 +126,13 @@ def test_http_reads_only_the_selected_ranges(local: list[str], index_dir: str,
 def test_flaky_server_delivers_exactly(local: list[str], index_dir: str, nginx: Nginx) -> None:
     ref = strip(list(PrunedWebDataset(local, CFG, seed=1)))
     with FaultyProxy(f"127.0.0.1:{nginx.port}", fault_rate=0.3, seed=7) as proxy:
-        ds = PrunedWebDataset(urls(proxy.url, local), CFG, index_dir=index_dir, seed=1,
-                              read=ReadOptions(retry=FAST_RETRY, remote_max_gap=0, concurrency=3))
+        ds = PrunedWebDataset(
+            urls(proxy.url, local),
+            CFG,
+            index_dir=index_dir,
+            seed=1,
+            read=ReadOptions(retry=FAST_RETRY, remote_max_gap=0, concurrency=3),
+        )
         assert strip(list(ds)) == ref
     assert min(proxy.counts[k] for k in ("503", "drop", "truncate")) >= 1  # every fault happened
 
@@ -116,8 +140,12 @@ def test_flaky_server_delivers_exactly(local: list[str], index_dir: str, nginx: 
 def test_flaky_server_with_workers(local: list[str], index_dir: str, nginx: Nginx) -> None:
     ref = strip(delivered(PrunedWebDataset(local, CFG), 2))
     with FaultyProxy(f"127.0.0.1:{nginx.port}", fault_rate=0.25, seed=3) as proxy:
-        ds = PrunedWebDataset(urls(proxy.url, local), CFG, index_dir=index_dir,
-                              read=ReadOptions(retry=FAST_RETRY, remote_max_gap=0))
+        ds = PrunedWebDataset(
+            urls(proxy.url, local),
+            CFG,
+            index_dir=index_dir,
+            read=ReadOptions(retry=FAST_RETRY, remote_max_gap=0),
+        )
         assert strip(delivered(ds, 2)) == ref
     assert sum(proxy.counts[k] for k in ("503", "drop", "truncate")) >= 1
 
@@ -126,10 +154,14 @@ def test_dead_shard_fails_naming_the_url(local: list[str], index_dir: str, nginx
     name = Path(local[2]).name
     waits: list[float] = []
     with FaultyProxy(f"127.0.0.1:{nginx.port}", fail_paths=[f"/{name}"]) as proxy:
-        ds = PrunedWebDataset(urls(proxy.url, local), PruneConfig(prune_ratio=0.0,
-                                                                  entropy_filter="none"),
-                              index_dir=index_dir, shuffle_shards=False, sample_window=0,
-                              read=ReadOptions(retry=RetryPolicy(attempts=3, backoff=0.01)))
+        ds = PrunedWebDataset(
+            urls(proxy.url, local),
+            PruneConfig(prune_ratio=0.0, entropy_filter="none"),
+            index_dir=index_dir,
+            shuffle_shards=False,
+            sample_window=0,
+            read=ReadOptions(retry=RetryPolicy(attempts=3, backoff=0.01)),
+        )
         got: list[str] = []
         with pytest.raises(RemoteReadError, match=rf"{proxy.url}/{name}.*failed 3 time"):
             for s in ds:
@@ -147,8 +179,9 @@ def test_retry_waits_with_backoff(local: list[str], nginx: Nginx) -> None:
     waits: list[float] = []
     name = Path(local[0]).name
     with FaultyProxy(f"127.0.0.1:{nginx.port}", fail_paths=[f"/{name}"]) as proxy:
-        f = RemoteFile(f"{proxy.url}/{name}", retry=RetryPolicy(attempts=4, backoff=0.1),
-                       sleep=waits.append)
+        f = RemoteFile(
+            f"{proxy.url}/{name}", retry=RetryPolicy(attempts=4, backoff=0.1), sleep=waits.append
+        )
         with pytest.raises(RemoteReadError, match="503"):
             list(f.read_runs(Runs(np.array([0]), np.array([512]), np.array([0, 1]))))
     assert waits == [0.1, 0.2, 0.4]
@@ -175,8 +208,9 @@ def test_map_style_over_http(local: list[str], index_dir: str, nginx: Nginx) -> 
     assert got == want and len(got) == len(sampler)
 
 
-def test_remote_metadata_and_index_on_http(local: list[str], index_dir: str, nginx: Nginx,
-                                           tmp_path: Path) -> None:
+def test_remote_metadata_and_index_on_http(
+    local: list[str], index_dir: str, nginx: Nginx, tmp_path: Path
+) -> None:
     meta = remote_metadata(urls(nginx.url, local)[0])
     assert meta["shard_size"] == str(Path(local[0]).stat().st_size)
     assert meta["shard_fingerprint"].startswith("etag:")
@@ -203,24 +237,57 @@ def test_s3_through_moto(local: list[str], index_dir: str, tmp_path: Path) -> No
         assert strip(list(ds)) == ref
         meta = remote_metadata(s3[0], so)
         assert meta["shard_fingerprint"].startswith("etag:")
-        report = index_shards(s3[:1], index_dir=tmp_path, workers=0, progress=False,
-                              storage_options=so)
+        report = index_shards(
+            s3[:1], index_dir=tmp_path, workers=0, progress=False, storage_options=so
+        )
         assert report.ok
-        assert json.loads(idx.read_metadata(tmp_path / (Path(local[0]).name
-                                                        + idx.INDEX_SUFFIX))["reasons"]) == []
+        assert (
+            json.loads(
+                idx.read_metadata(tmp_path / (Path(local[0]).name + idx.INDEX_SUFFIX))["reasons"]
+            )
+            == []
+        )
 
 
-def test_cli_index_on_urls(local: list[str], nginx: Nginx, tmp_path: Path,
-                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_index_on_urls(
+    local: list[str], nginx: Nginx, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from rsprune_data.cli import main
 
     out = tmp_path / "cli-idx"
-    assert main(["index", *urls(nginx.url, local), "--index-dir", str(out), "--workers", "0",
-                 "-q", "--storage-options", '{"block_size": 65536}']) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(Path(s).name + idx.INDEX_SUFFIX
-                                                           for s in local)
-    assert main(["index", urls(nginx.url, local)[0], "--index-dir", str(out),
-                 "--storage-options", "[1]"]) == 2
+    assert (
+        main(
+            [
+                "index",
+                *urls(nginx.url, local),
+                "--index-dir",
+                str(out),
+                "--workers",
+                "0",
+                "-q",
+                "--storage-options",
+                '{"block_size": 65536}',
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        Path(s).name + idx.INDEX_SUFFIX for s in local
+    )
+    assert (
+        main(
+            [
+                "index",
+                urls(nginx.url, local)[0],
+                "--index-dir",
+                str(out),
+                "--storage-options",
+                "[1]",
+            ]
+        )
+        == 2
+    )
     assert "--storage-options must be a JSON object" in capsys.readouterr().err
-    assert main(["index", f"pipe:curl -s {urls(nginx.url, local)[0]}", "--index-dir",
-                 str(out)]) == 2
+    assert (
+        main(["index", f"pipe:curl -s {urls(nginx.url, local)[0]}", "--index-dir", str(out)]) == 2
+    )

@@ -81,8 +81,9 @@ def cluster_index(shards, tmp_path_factory) -> tuple[Path, Path]:
     enc = load_encoder("efficientnet-lite0", image_size=64, device="cpu")
     cents = build_centroids([UCMERCED], enc, k=12, num_workers=0, progress=False)
     cents.save(tmp / "ucm.centroids.safetensors")
-    report = index_shards(shards, centroids=cents, encoder=enc, index_dir=tmp, workers=0,
-                          progress=False)
+    report = index_shards(
+        shards, centroids=cents, encoder=enc, index_dir=tmp, workers=0, progress=False
+    )
     assert report.ok
     print(f"centroids + cluster index: {time.perf_counter() - t0:.1f} s")
     return tmp, tmp / "ucm.centroids.safetensors"
@@ -92,15 +93,17 @@ def check_summary(summary: dict, index: PruneIndex, config: PruneConfig, shards:
     """The numbers in summary.json agree with the index and the selection."""
     sel = index.select(config)
     assert summary["selected"] == len(sel)
-    assert {k: summary[k] for k in selection_summary(index, config)} == \
-        json.loads(json.dumps(selection_summary(index, config, sel)))
+    assert {k: summary[k] for k in selection_summary(index, config)} == json.loads(
+        json.dumps(selection_summary(index, config, sel))
+    )
     assert summary["bytes_to_read"] == int(index.lengths[sel].sum())
     assert summary["bytes_total"] == sum(os.path.getsize(s) for s in shards)
     assert summary["shards_touched"] == len(np.unique(index.shard_ids[sel]))
     assert summary["num_shards"] == len(shards)
     per_shard = summary["shards"]
-    assert [s["selected"] for s in per_shard] == \
-        np.bincount(index.shard_ids[sel], minlength=len(shards)).tolist()
+    assert [s["selected"] for s in per_shard] == np.bincount(
+        index.shard_ids[sel], minlength=len(shards)
+    ).tolist()
     assert sum(s["bytes_to_read"] for s in per_shard) == summary["bytes_to_read"]
     status = summary["status_counts"]
     assert sum(status.values()) == summary["samples"] == len(index)
@@ -130,8 +133,12 @@ def test_entropy_only_report(shards, entropy_index, tmp_path):
     assert summary["stage1_cut"] == pytest.approx(float(index.entropy[index.select(cfg)].min()))
     html = page.read_text()
     srcs = report_images(html)
-    assert {"img/entropy.png", "img/nodata.png", "img/stage1-dropped.png",
-            "img/nodata-dropped.png"} <= set(srcs)
+    assert {
+        "img/entropy.png",
+        "img/nodata.png",
+        "img/stage1-dropped.png",
+        "img/nodata-dropped.png",
+    } <= set(srcs)
     assert "img/clusters.png" not in srcs and "without centroids" in html
     for src in srcs:
         assert (tmp_path / "rep" / src).stat().st_size > 1000
@@ -146,8 +153,15 @@ def test_entropy_only_report(shards, entropy_index, tmp_path):
 def test_cluster_report_with_composition(shards, cluster_index, tmp_path):
     idx_dir, cents_path = cluster_index
     cfg = PruneConfig(prune_ratio=0.7)  # rsprune, auto Stage I cut
-    page = write_report(shards, tmp_path / "rep", cfg, index_dir=idx_dir, centroids=cents_path,
-                        max_clusters_shown=5, progress=False)
+    page = write_report(
+        shards,
+        tmp_path / "rep",
+        cfg,
+        index_dir=idx_dir,
+        centroids=cents_path,
+        max_clusters_shown=5,
+        progress=False,
+    )
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     index = PruneIndex.load(shards, idx_dir)
     check_summary(summary, index, cfg, shards)
@@ -160,8 +174,10 @@ def test_cluster_report_with_composition(shards, cluster_index, tmp_path):
     assert sum(c["candidates"] for c in clusters) == summary["candidates"]
     assert sum(c["selected"] > 0 for c in clusters) == summary["clusters_covered"]
     assert all(c["selected"] <= c["candidates"] <= c["pool"] for c in clusters)
-    assert all(re.match(r"\d+% \w", c["composition"]) or c["composition"] == "no reference images"
-               for c in clusters)
+    assert all(
+        re.match(r"\d+% \w", c["composition"]) or c["composition"] == "no reference images"
+        for c in clusters
+    )
     html = page.read_text()
     srcs = report_images(html)
     assert {"img/clusters.png", "img/similarity.png", "img/least-covered.png"} <= set(srcs)
@@ -169,11 +185,13 @@ def test_cluster_report_with_composition(shards, cluster_index, tmp_path):
     assert 1 <= len(cluster_sheets) <= 5
     top = max(clusters, key=lambda c: (c["pool"], -c["cluster"]))
     assert f"Cluster {top['cluster']}: {top['composition']}" in html
-    assert sorted(p.name for p in (tmp_path / "rep" / "img").glob("*.png")) == \
-        sorted(Path(s).name for s in srcs)
+    assert sorted(p.name for p in (tmp_path / "rep" / "img").glob("*.png")) == sorted(
+        Path(s).name for s in srcs
+    )
     # a second report into the same folder leaves no sheet of the first one behind
-    page = write_report(shards, tmp_path / "rep", cfg, index_dir=idx_dir, max_clusters_shown=1,
-                        progress=False)
+    page = write_report(
+        shards, tmp_path / "rep", cfg, index_dir=idx_dir, max_clusters_shown=1, progress=False
+    )
     assert len(list((tmp_path / "rep" / "img").glob("cluster-*.png"))) == 1
     assert "% " not in page.read_text().split("Cluster ", 1)[1].split("</h3>")[0]  # no centroids
 
@@ -186,12 +204,16 @@ def test_stats_match_the_selection_for_every_stage1_rule():
     valid = rng.random(n) > 0.03
     z = rng.integers(0, 10, n)
     s = rng.uniform(0.2, 0.9, n)
-    index = PruneIndex.from_arrays(entropy, z, s, num_clusters=10, valid=valid, nodata=nodata,
-                                   lengths=np.full(n, 1024))
-    for cfg in (PruneConfig(prune_ratio=0.8), PruneConfig(prune_ratio=0.5, entropy_keep=0.6),
-                PruneConfig(prune_ratio=0.2, entropy_threshold=5.0),
-                PruneConfig(prune_ratio=0.5, entropy_filter="none", max_nodata=None),
-                PruneConfig(prune_ratio=0.5, strategy="nearest")):
+    index = PruneIndex.from_arrays(
+        entropy, z, s, num_clusters=10, valid=valid, nodata=nodata, lengths=np.full(n, 1024)
+    )
+    for cfg in (
+        PruneConfig(prune_ratio=0.8),
+        PruneConfig(prune_ratio=0.5, entropy_keep=0.6),
+        PruneConfig(prune_ratio=0.2, entropy_threshold=5.0),
+        PruneConfig(prune_ratio=0.5, entropy_filter="none", max_nodata=None),
+        PruneConfig(prune_ratio=0.5, strategy="nearest"),
+    ):
         sel = select_with_config(index, cfg)
         st = compute_stats(index, cfg, sel)
         summ = selection_summary(index, cfg, sel)
@@ -212,19 +234,41 @@ def test_stats_match_the_selection_for_every_stage1_rule():
 def test_centroids_must_be_those_of_the_index(shards, entropy_index, cluster_index, tmp_path):
     _, cents_path = cluster_index
     with pytest.raises(IndexMismatchError, match="without centroids"):
-        write_report(shards, tmp_path / "a", PruneConfig(prune_ratio=0.5, strategy="entropy"),
-                     index_dir=entropy_index, centroids=cents_path, progress=False)
+        write_report(
+            shards,
+            tmp_path / "a",
+            PruneConfig(prune_ratio=0.5, strategy="entropy"),
+            index_dir=entropy_index,
+            centroids=cents_path,
+            progress=False,
+        )
     with pytest.raises(ConfigError, match="max_clusters_shown"):
-        write_report(shards, tmp_path / "b", PruneConfig(prune_ratio=0.5, strategy="entropy"),
-                     index_dir=entropy_index, max_clusters_shown=-1, progress=False)
+        write_report(
+            shards,
+            tmp_path / "b",
+            PruneConfig(prune_ratio=0.5, strategy="entropy"),
+            index_dir=entropy_index,
+            max_clusters_shown=-1,
+            progress=False,
+        )
     with pytest.raises(ConfigError, match="without centroids"):  # rsprune needs clusters
-        write_report(shards, tmp_path / "c", PruneConfig(prune_ratio=0.5),
-                     index_dir=entropy_index, progress=False)
+        write_report(
+            shards,
+            tmp_path / "c",
+            PruneConfig(prune_ratio=0.5),
+            index_dir=entropy_index,
+            progress=False,
+        )
 
 
 def test_page_is_self_contained(shards, entropy_index, tmp_path):
-    page = write_report(shards, tmp_path / "rep", PruneConfig(prune_ratio=0.5, strategy="entropy",
-                        max_nodata=None), index_dir=entropy_index, progress=False)
+    page = write_report(
+        shards,
+        tmp_path / "rep",
+        PruneConfig(prune_ratio=0.5, strategy="entropy", max_nodata=None),
+        index_dir=entropy_index,
+        progress=False,
+    )
     html = page.read_text()
     assert "<script" not in html.lower()
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|data:)""", html)
@@ -237,18 +281,36 @@ def test_page_is_self_contained(shards, entropy_index, tmp_path):
 
 
 def test_sheet_draws_placeholders_and_fits_captions(tmp_path):
-    thumbs: dict[int, np.ndarray | str] = {0: np.full((96, 60, 3), 200, np.uint8),
-                                           1: "decode_error"}
-    tiles = [Tile(0, "H 1.00 bits\n" + "a-very-long-key/" * 6, SELECTED), Tile(1, "x", INVALID),
-             Tile(2, "", NOT_SELECTED)]
+    thumbs: dict[int, np.ndarray | str] = {
+        0: np.full((96, 60, 3), 200, np.uint8),
+        1: "decode_error",
+    }
+    tiles = [
+        Tile(0, "H 1.00 bits\n" + "a-very-long-key/" * 6, SELECTED),
+        Tile(1, "x", INVALID),
+        Tile(2, "", NOT_SELECTED),
+    ]
     path = render_sheet(tiles, thumbs, tmp_path / "s.png", columns=2)
     img = np.asarray(Image.open(path))
     assert img.shape[1] == 2 * (96 + 6) + 3 * 6 and img.shape[0] > 2 * 96
 
 
 def test_cli_report(shards, entropy_index, tmp_path, capsys):
-    rc = cli_main(["report", *shards, "-o", str(tmp_path / "cli"), "--index-dir",
-                   str(entropy_index), "--strategy", "entropy", "--prune-ratio", "0.6", "-q"])
+    rc = cli_main(
+        [
+            "report",
+            *shards,
+            "-o",
+            str(tmp_path / "cli"),
+            "--index-dir",
+            str(entropy_index),
+            "--strategy",
+            "entropy",
+            "--prune-ratio",
+            "0.6",
+            "-q",
+        ]
+    )
     assert rc == 0
     assert (tmp_path / "cli" / "index.html").is_file()
     summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
@@ -281,18 +343,33 @@ def browser_check(page: Path, tmp: Path) -> dict:
     probe = page.with_name("_probe.html")
     probe.write_text(page.read_text().replace("<head>", "<head>\n" + _PROBE, 1))
     assert CHROMIUM is not None
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-           "--disable-quic", "--no-first-run", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--disable-extensions",
-           f"--user-data-dir={tmp / 'chromium-profile'}", "--enable-logging=stderr", "--v=0",
-           "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-extensions",
+        f"--user-data-dir={tmp / 'chromium-profile'}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        probe.as_uri(),
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     finally:
         probe.unlink()
     found = re.search(r'<pre id="rs-probe">(.*?)</pre>', proc.stdout, re.S)
-    assert found, f"chromium did not finish loading the page (rc {proc.returncode}):\n" \
-        f"{proc.stderr[-3000:]}"
+    assert found, (
+        f"chromium did not finish loading the page (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
+    )
     import html as _html
 
     result = json.loads(_html.unescape(found.group(1)))
@@ -303,11 +380,19 @@ def browser_check(page: Path, tmp: Path) -> dict:
 def test_page_renders_in_headless_chromium(shards, cluster_index, tmp_path):
     if CHROMIUM is None:
         if os.environ.get("CI") == "true":
-            pytest.fail("chromium is required in CI (Debian package `chromium`, installed by .ci/run)")
+            pytest.fail(
+                "chromium is required in CI (Debian package `chromium`, installed by .ci/run)"
+            )
         pytest.skip("chromium not installed (apt-get install chromium)")
     idx_dir, cents_path = cluster_index
-    page = write_report(shards, tmp_path / "rep", PruneConfig(prune_ratio=0.7), index_dir=idx_dir,
-                        centroids=cents_path, progress=False)
+    page = write_report(
+        shards,
+        tmp_path / "rep",
+        PruneConfig(prune_ratio=0.7),
+        index_dir=idx_dir,
+        centroids=cents_path,
+        progress=False,
+    )
     result = browser_check(page, tmp_path)
     assert result["errors"] == [] and result["console"] == [], result
     images = result["images"]

@@ -47,8 +47,9 @@ class FixedIndex:
 
 def random_index(n: int = 300, seed: int = 0) -> PruneIndex:
     rng = np.random.default_rng(seed)
-    return PruneIndex.from_arrays(rng.uniform(3, 8, n), rng.integers(0, 6, n), rng.uniform(0, 1, n),
-                                  num_clusters=6)
+    return PruneIndex.from_arrays(
+        rng.uniform(3, 8, n), rng.integers(0, 6, n), rng.uniform(0, 1, n), num_clusters=6
+    )
 
 
 def json_roundtrip(state: dict[str, Any]) -> dict[str, Any]:
@@ -60,7 +61,9 @@ def set_epoch(obj: Any, epoch: int) -> None:
 
 
 def shares(index: Any, config: Any, world: int, **kw: Any) -> list[list[int]]:
-    return [list(PrunedSampler(index, config, num_replicas=world, rank=r, **kw)) for r in range(world)]
+    return [
+        list(PrunedSampler(index, config, num_replicas=world, rank=r, **kw)) for r in range(world)
+    ]
 
 
 # ------------------------------------------------------------------ properties over (n, R, ...)
@@ -81,11 +84,26 @@ def check_partition(parts: list[list[int]], selected: list[int], drop_last: bool
 
 
 @settings(max_examples=120, deadline=None)
-@given(n=st.integers(0, 60), pool=st.integers(0, 40), world=st.integers(1, 5),
-       drop_last=st.booleans(), shuffle=st.booleans(), seed=st.integers(0, 2**31),
-       epoch=st.integers(0, 1000), ratio=st.sampled_from([0.0, 0.3, 0.85]))
-def test_partition_properties(n: int, pool: int, world: int, drop_last: bool, shuffle: bool,
-                              seed: int, epoch: int, ratio: float) -> None:
+@given(
+    n=st.integers(0, 60),
+    pool=st.integers(0, 40),
+    world=st.integers(1, 5),
+    drop_last=st.booleans(),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 2**31),
+    epoch=st.integers(0, 1000),
+    ratio=st.sampled_from([0.0, 0.3, 0.85]),
+)
+def test_partition_properties(
+    n: int,
+    pool: int,
+    world: int,
+    drop_last: bool,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    ratio: float,
+) -> None:
     rng = np.random.default_rng(n)
     selected = np.sort(rng.choice(n + pool, size=n, replace=False)).astype(np.int64)
     index = FixedIndex(n + pool, selected)
@@ -110,10 +128,14 @@ def test_partition_properties(n: int, pool: int, world: int, drop_last: bool, sh
 def test_same_layout_as_distributed_sampler(n: int, world: int, drop_last: bool) -> None:
     ds = list(range(n))
     for rank in range(world):
-        ref: list[int] = list(DistributedSampler(
-            ds, num_replicas=world, rank=rank, shuffle=False, drop_last=drop_last))  # type: ignore[arg-type]
-        ours = PrunedSampler(FixedIndex(n), 0.0, num_replicas=world, rank=rank, shuffle=False,
-                             drop_last=drop_last)
+        ref: list[int] = list(
+            DistributedSampler(
+                ds, num_replicas=world, rank=rank, shuffle=False, drop_last=drop_last
+            )
+        )  # type: ignore[arg-type]
+        ours = PrunedSampler(
+            FixedIndex(n), 0.0, num_replicas=world, rank=rank, shuffle=False, drop_last=drop_last
+        )
         assert list(ours) == ref
         assert len(ours) == len(ref)
 
@@ -241,15 +263,21 @@ def test_explicit_rank_beats_environment(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 # ------------------------------------------------------------------ state
-@pytest.mark.parametrize("world,rank,drop_last,shuffle", [
-    (1, 0, False, True), (3, 2, False, True), (3, 1, True, True), (2, 0, False, False)])
+@pytest.mark.parametrize(
+    "world,rank,drop_last,shuffle",
+    [(1, 0, False, True), (3, 2, False, True), (3, 1, True, True), (2, 0, False, False)],
+)
 def test_resume_conformance_sampler(world: int, rank: int, drop_last: bool, shuffle: bool) -> None:
     index = random_index(101)
     report = run_resume_conformance(
-        lambda: PrunedSampler(index, 0.4, num_replicas=world, rank=rank, drop_last=drop_last,
-                              shuffle=shuffle, seed=9),
-        set_epoch=set_epoch, epochs=2, transport=json_roundtrip,
-        stop_points=("start", "middle", "last", "edge", "end", 1))
+        lambda: PrunedSampler(
+            index, 0.4, num_replicas=world, rank=rank, drop_last=drop_last, shuffle=shuffle, seed=9
+        ),
+        set_epoch=set_epoch,
+        epochs=2,
+        transport=json_roundtrip,
+        stop_points=("start", "middle", "last", "edge", "end", 1),
+    )
     assert len(report.checked) == 12
 
 
@@ -257,7 +285,10 @@ def test_resume_conformance_with_a_schedule() -> None:
     index = random_index(150)
     report = run_resume_conformance(
         lambda: PrunedSampler(index, lambda e: (0.2, 0.7, 0.5)[e % 3], num_replicas=2, rank=1),
-        set_epoch=set_epoch, epochs=3, transport=json_roundtrip)
+        set_epoch=set_epoch,
+        epochs=3,
+        transport=json_roundtrip,
+    )
     assert report.epoch_lengths == [60, 23, 38, 60]
 
 
@@ -330,7 +361,9 @@ def test_load_refuses_other_index_config_seed_world() -> None:
     next(it)
     state = s.state_dict()
     with pytest.raises(StateDictError, match="index_fingerprint"):
-        PrunedSampler(random_index(seed=9), 0.5, num_replicas=2, rank=0, seed=1).load_state_dict(state)
+        PrunedSampler(random_index(seed=9), 0.5, num_replicas=2, rank=0, seed=1).load_state_dict(
+            state
+        )
     with pytest.raises(StateDictError, match=r"prune_ratio.*set_config"):
         PrunedSampler(index, 0.6, num_replicas=2, rank=0, seed=1).load_state_dict(state)
     with pytest.raises(StateDictError, match="seed=1"):
@@ -341,7 +374,8 @@ def test_load_refuses_other_index_config_seed_world() -> None:
         PrunedSampler(index, 0.5).load_state_dict({"yielded": 3})
     with pytest.raises(StateDictError, match="version"):
         PrunedSampler(index, 0.5, num_replicas=2, rank=0, seed=1).load_state_dict(
-            {**state, "version": 99})
+            {**state, "version": 99}
+        )
     # rank is informational: rank 0's state resumes rank 1 (ranks step in lockstep)
     other = PrunedSampler(index, 0.5, num_replicas=2, rank=1, seed=1)
     other.load_state_dict(state)
@@ -357,14 +391,19 @@ def shard_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Pr
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_dataloader_delivers_each_selected_sample_once(
-        shard_index: tuple[list[str], PruneIndex], num_workers: int) -> None:
+    shard_index: tuple[list[str], PruneIndex], num_workers: int
+) -> None:
     _, index = shard_index
     keys = list(index.keys)
     ds = PrunedShardDataset(index, transform=sample_key)
     world = 2
     samplers = [PrunedSampler(index, 0.3, num_replicas=world, rank=r, seed=5) for r in range(world)]
-    loaders = [DataLoader(ds, batch_size=4, sampler=s, num_workers=num_workers,
-                          persistent_workers=num_workers > 0) for s in samplers]
+    loaders = [
+        DataLoader(
+            ds, batch_size=4, sampler=s, num_workers=num_workers, persistent_workers=num_workers > 0
+        )
+        for s in samplers
+    ]
     for epoch, ratio in enumerate([0.3, 0.3, 0.6]):
         for s in samplers:
             s.set_prune_ratio(ratio)  # between epochs: in effect for this epoch
@@ -380,26 +419,36 @@ def test_dataloader_delivers_each_selected_sample_once(
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_stateful_dataloader_resume_is_exact(
-        shard_index: tuple[list[str], PruneIndex], num_workers: int) -> None:
+    shard_index: tuple[list[str], PruneIndex], num_workers: int
+) -> None:
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     _, index = shard_index
     ds = PrunedShardDataset(index, transform=sample_key)
 
     def make() -> StatefulDataLoader:
-        sampler = PrunedSampler(index, lambda e: (0.2, 0.5)[e % 2], num_replicas=2, rank=1,
-                                seed=11)
-        return StatefulDataLoader(ds, batch_size=2, sampler=sampler, num_workers=num_workers,
-                                  persistent_workers=num_workers > 0)
+        sampler = PrunedSampler(index, lambda e: (0.2, 0.5)[e % 2], num_replicas=2, rank=1, seed=11)
+        return StatefulDataLoader(
+            ds,
+            batch_size=2,
+            sampler=sampler,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
+        )
 
     report = run_resume_conformance(
-        make, set_epoch=lambda dl, e: dl.sampler.set_epoch(e), key=tuple, epochs=2,
-        stop_points=("start", 1, "middle", "last", "edge", "end"))
+        make,
+        set_epoch=lambda dl, e: dl.sampler.set_epoch(e),
+        key=tuple,
+        epochs=2,
+        stop_points=("start", 1, "middle", "last", "edge", "end"),
+    )
     assert report.epoch_lengths == [7, 5, 7]  # batches of 2 from 13 and 9 items per rank
 
 
 def test_plain_dataloader_with_workers_resumes_with_consumed_override(
-        shard_index: tuple[list[str], PruneIndex]) -> None:
+    shard_index: tuple[list[str], PruneIndex],
+) -> None:
     _, index = shard_index
     ds = PrunedShardDataset(index, transform=sample_key)
     sampler = PrunedSampler(index, 0.1, seed=2)
@@ -428,15 +477,22 @@ def ddp_schedule(epoch: int) -> float:
 
 
 def _ddp_worker(rank: int, world: int, port: int, shards: list[str], out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         index = PruneIndex.load(shards)
         ds = PrunedShardDataset(index, transform=sample_key)
         sampler = PrunedSampler(index, ddp_schedule, seed=13)  # rank/world from the process group
         # fork: a process started by mp.spawn would spawn its workers too (seconds each)
-        loader = DataLoader(ds, batch_size=3, sampler=sampler, num_workers=2,
-                            persistent_workers=True, multiprocessing_context="fork")
+        loader = DataLoader(
+            ds,
+            batch_size=3,
+            sampler=sampler,
+            num_workers=2,
+            persistent_workers=True,
+            multiprocessing_context="fork",
+        )
         epochs: list[dict[str, Any]] = []
         result = {"rank": sampler.rank, "world": sampler.num_replicas, "epochs": epochs}
         for epoch in range(3):
@@ -444,8 +500,7 @@ def _ddp_worker(rank: int, world: int, port: int, shards: list[str], out: str) -
                 sampler.set_config(PruneConfig(prune_ratio=0.2))  # replaces the schedule
             sampler.set_epoch(epoch)
             keys = [k for batch in loader for k in batch]
-            epochs.append({"keys": keys, "len": len(sampler),
-                                     "ratio": sampler.config.prune_ratio})
+            epochs.append({"keys": keys, "len": len(sampler), "ratio": sampler.config.prune_ratio})
         del loader  # shut the persistent workers down now, not at interpreter exit
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, result)

@@ -16,8 +16,9 @@ from rsprune_data.selection import STRATEGIES, budget
 
 def sel(e, z, s, **kw):
     kw.setdefault("num_clusters", int(max(z) + 1) if len(z) else 1)
-    return select_indices(np.asarray(e, float), np.asarray(z, np.int64), np.asarray(s, float),
-                          **kw).tolist()
+    return select_indices(
+        np.asarray(e, float), np.asarray(z, np.int64), np.asarray(s, float), **kw
+    ).tolist()
 
 
 # --- hand-checked cases ------------------------------------------------------------------------
@@ -96,8 +97,14 @@ def test_fewer_candidates_than_budget_returns_all_candidates():
 def test_invalid_never_selected_and_all_invalid_is_empty():
     e, z, s = [5.0] * 4, [0, 0, 1, 1], [0.9, 0.1, 0.9, 0.1]
     assert sel(e, z, s, prune_ratio=0.0, valid=[False, True, False, True]) == [1, 3]
-    out = select_indices(np.array(e), np.array(z), np.array(s), num_clusters=2,
-                         prune_ratio=0.0, valid=np.zeros(4, bool))
+    out = select_indices(
+        np.array(e),
+        np.array(z),
+        np.array(s),
+        num_clusters=2,
+        prune_ratio=0.0,
+        valid=np.zeros(4, bool),
+    )
     assert out.dtype == np.int64 and out.size == 0
 
 
@@ -106,21 +113,29 @@ def test_ratio_zero_keeps_every_valid_sample():
 
 
 def test_empty_input():
-    out = select_indices(np.array([]), np.array([], np.int16), np.array([]), num_clusters=3,
-                         prune_ratio=0.5)
+    out = select_indices(
+        np.array([]), np.array([], np.int16), np.array([]), num_clusters=3, prune_ratio=0.5
+    )
     assert out.tolist() == []
     assert select_indices([], [], [], num_clusters=3, prune_ratio=0.5).tolist() == []  # lists
 
 
 def test_invalid_samples_may_carry_garbage():
     # cluster id -1 and NaN similarity on an invalid sample are fine: it is never a candidate
-    out = select_indices(np.array([5.0, 5.0]), np.array([-1, 0]), np.array([np.nan, 0.5]),
-                         num_clusters=1, prune_ratio=0.0, valid=np.array([False, True]))
+    out = select_indices(
+        np.array([5.0, 5.0]),
+        np.array([-1, 0]),
+        np.array([np.nan, 0.5]),
+        num_clusters=1,
+        prune_ratio=0.0,
+        valid=np.array([False, True]),
+    )
     assert out.tolist() == [1]
 
 
-@pytest.mark.parametrize("dtype_f,dtype_i", [(np.float16, np.int16), (np.float32, np.int32),
-                                             (np.float64, np.int64)])
+@pytest.mark.parametrize(
+    "dtype_f,dtype_i", [(np.float16, np.int16), (np.float32, np.int32), (np.float64, np.int64)]
+)
 def test_natural_dtypes_agree(dtype_f, dtype_i):
     rng = np.random.default_rng(3)
     e = rng.integers(0, 8, 500).astype(dtype_f)
@@ -136,8 +151,9 @@ def test_bad_arguments_name_the_argument_value_and_range():
     with pytest.raises(ConfigError, match=r"`prune_ratio` must be in \[0, 1\), got 1.2"):
         select_indices(e, z, s, num_clusters=1, prune_ratio=1.2)
     with pytest.raises(ConfigError, match="exclusive"):
-        select_indices(e, z, s, num_clusters=1, prune_ratio=0.5, entropy_keep=0.5,
-                       entropy_threshold=3.0)
+        select_indices(
+            e, z, s, num_clusters=1, prune_ratio=0.5, entropy_keep=0.5, entropy_threshold=3.0
+        )
     with pytest.raises(ConfigError, match=r"`cluster_ids` of valid samples must be in \[0, 1\)"):
         select_indices(e, np.array([0, 0, 5]), s, num_clusters=1, prune_ratio=0.5)
     with pytest.raises(ConfigError, match="`similarity` must have 3 entries"):
@@ -162,8 +178,9 @@ def test_baselines_hand_checked():
     assert sel(e, z, s, prune_ratio=0.5, strategy="entropy") == [1, 3, 5]
     assert sel(e, z, s, prune_ratio=0.5, strategy="nearest") == [0, 3, 5]
     # stratified ignores Stage I arguments
-    assert sel(e, z, s, prune_ratio=0.5, strategy="stratified", entropy_threshold=6.5) == \
-        sel(e, z, s, prune_ratio=0.5)
+    assert sel(e, z, s, prune_ratio=0.5, strategy="stratified", entropy_threshold=6.5) == sel(
+        e, z, s, prune_ratio=0.5
+    )
     # moderate: medians 0.5 (cluster 0) and 0.6 (cluster 1) -> scores 0.4,0.4,0,0.35,0.3,0
     assert sel(e, z, s, prune_ratio=0.5, strategy="moderate") == [2, 4, 5]
 
@@ -172,9 +189,15 @@ def test_random_is_seeded_uniform_over_valid():
     n = 1000
     args = (np.ones(n), np.zeros(n, np.int64), np.ones(n))
     valid = np.arange(n) % 3 != 0
-    a = select_indices(*args, num_clusters=1, prune_ratio=0.9, valid=valid, strategy="random", seed=1)
-    b = select_indices(*args, num_clusters=1, prune_ratio=0.9, valid=valid, strategy="random", seed=1)
-    c = select_indices(*args, num_clusters=1, prune_ratio=0.9, valid=valid, strategy="random", seed=2)
+    a = select_indices(
+        *args, num_clusters=1, prune_ratio=0.9, valid=valid, strategy="random", seed=1
+    )
+    b = select_indices(
+        *args, num_clusters=1, prune_ratio=0.9, valid=valid, strategy="random", seed=1
+    )
+    c = select_indices(
+        *args, num_clusters=1, prune_ratio=0.9, valid=valid, strategy="random", seed=2
+    )
     assert a.tolist() == b.tolist() and a.tolist() != c.tolist()
     assert len(a) == 100 and valid[a].all()
 
@@ -206,23 +229,26 @@ def pools(draw):
 def test_matches_independent_reference(pool):
     e, z, s, valid, k, ratio, kw = pool
     got = select_indices(e, z, s, num_clusters=k, prune_ratio=ratio, valid=valid, **kw)
-    assert got.tolist() == reference_select(e, z, s, num_clusters=k, prune_ratio=ratio,
-                                            valid=valid, **kw)
+    assert got.tolist() == reference_select(
+        e, z, s, num_clusters=k, prune_ratio=ratio, valid=valid, **kw
+    )
 
 
 @settings(max_examples=200, deadline=None)
 @given(pools())
 def test_moderate_matches_reference(pool):
     e, z, s, valid, k, ratio, _ = pool
-    got = select_indices(e, z, s, num_clusters=k, prune_ratio=ratio, valid=valid,
-                         strategy="moderate")
+    got = select_indices(
+        e, z, s, num_clusters=k, prune_ratio=ratio, valid=valid, strategy="moderate"
+    )
     assert got.tolist() == reference_moderate(z, s, num_clusters=k, prune_ratio=ratio, valid=valid)
 
 
 def check_selection(e, z, s, valid, k, ratio, kw, strategy):
     """The shared property check every strategy must pass."""
-    got = select_indices(e, z, s, num_clusters=k, prune_ratio=ratio, valid=valid,
-                         strategy=strategy, **kw)
+    got = select_indices(
+        e, z, s, num_clusters=k, prune_ratio=ratio, valid=valid, strategy=strategy, **kw
+    )
     b = budget(len(e), ratio)
     assert got.dtype == np.int64
     assert np.all(np.diff(got) > 0)  # sorted, no duplicates
@@ -230,8 +256,9 @@ def check_selection(e, z, s, valid, k, ratio, kw, strategy):
     assert len(got) <= b
     if strategy not in ("rsprune",):  # Stage-I-free strategies fill the budget when they can
         assert len(got) == min(b, int(valid.sum()))
-    again = select_indices(e, z, s, num_clusters=k, prune_ratio=ratio, valid=valid,
-                           strategy=strategy, **kw)
+    again = select_indices(
+        e, z, s, num_clusters=k, prune_ratio=ratio, valid=valid, strategy=strategy, **kw
+    )
     assert got.tolist() == again.tolist()  # deterministic
     return got
 
@@ -272,5 +299,7 @@ def test_permutation_invariant_with_distinct_scores(pool, rnd):
     rnd.shuffle(perm)
     p = np.array(perm, dtype=np.int64)
     base = select_indices(e, z, s, num_clusters=k, prune_ratio=ratio, valid=valid, **kw)
-    moved = select_indices(e[p], z[p], s[p], num_clusters=k, prune_ratio=ratio, valid=valid[p], **kw)
+    moved = select_indices(
+        e[p], z[p], s[p], num_clusters=k, prune_ratio=ratio, valid=valid[p], **kw
+    )
     assert sorted(p[moved].tolist()) == base.tolist()

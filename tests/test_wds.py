@@ -46,8 +46,14 @@ def _jpeg(rng: np.random.Generator) -> bytes:
     return buf.getvalue()
 
 
-def write_shards(root: Path, counts: list[int], *, seed: int = 0, clusters: int = 3,
-                 blank_shards: tuple[int, ...] = ()) -> list[str]:
+def write_shards(
+    root: Path,
+    counts: list[int],
+    *,
+    seed: int = 0,
+    clusters: int = 3,
+    blank_shards: tuple[int, ...] = (),
+) -> list[str]:
     """Shards of tiny real JPEGs, and index files with real byte ranges and random scores."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -59,14 +65,25 @@ def write_shards(root: Path, counts: list[int], *, seed: int = 0, clusters: int 
                 w.write({"__key__": f"s{s}/k{i:03d}", "jpg": _jpeg(rng), "cls.txt": b"%d" % i})
         ts = scan_tar(path)
         entropy = np.zeros(n) if s in blank_shards else rng.uniform(5, 8, n)
-        arrays = {"entropy": entropy, "nodata": np.zeros(n),
-                  "cluster_id": rng.integers(0, clusters, n), "similarity": rng.uniform(0, 1, n),
-                  "valid": np.ones(n), "reason": np.zeros(n),
-                  "offset": [t.offset for t in ts], "length": [t.length for t in ts],
-                  "checksum": range_checksums(str(path), [(t.offset, t.length) for t in ts]),
-                  **idx.encode_keys([t.key for t in ts])}
-        meta = {**idx.shard_metadata(path), "encoder": "", "centroids_digest": "",
-                "num_clusters": str(clusters), "reasons": json.dumps(["ok"])}
+        arrays = {
+            "entropy": entropy,
+            "nodata": np.zeros(n),
+            "cluster_id": rng.integers(0, clusters, n),
+            "similarity": rng.uniform(0, 1, n),
+            "valid": np.ones(n),
+            "reason": np.zeros(n),
+            "offset": [t.offset for t in ts],
+            "length": [t.length for t in ts],
+            "checksum": range_checksums(str(path), [(t.offset, t.length) for t in ts]),
+            **idx.encode_keys([t.key for t in ts]),
+        }
+        meta = {
+            **idx.shard_metadata(path),
+            "encoder": "",
+            "centroids_digest": "",
+            "num_clusters": str(clusters),
+            "reasons": json.dumps(["ok"]),
+        }
         idx.write_index(idx.index_path_for(path), arrays, meta)
         shards.append(str(path))
     return shards
@@ -101,36 +118,78 @@ def keys_of(loader: Any) -> list[str]:
 # --- the plan (pure numpy) ----------------------------------------------------------------------
 
 
-def reference_split(selected: np.ndarray, starts: np.ndarray, *, seed: int, epoch: int,
-                    shuffle: bool, ranks: int, workers: int, drop_last: bool) -> list[list[np.ndarray]]:
+def reference_split(
+    selected: np.ndarray,
+    starts: np.ndarray,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    ranks: int,
+    workers: int,
+    drop_last: bool,
+) -> list[list[np.ndarray]]:
     """The documented split, built the slow obvious way."""
     nshards = len(starts) - 1
     order = np.random.default_rng([seed, epoch]).permutation(nshards) if shuffle else range(nshards)
-    seq = np.concatenate([np.zeros(0, np.int64)] + [
-        selected[(selected >= starts[s]) & (selected < starts[s + 1])] for s in order])
+    seq = np.concatenate(
+        [np.zeros(0, np.int64)]
+        + [selected[(selected >= starts[s]) & (selected < starts[s + 1])] for s in order]
+    )
     n = len(seq)
     each = n // ranks if drop_last else -(-n // ranks)
     full = np.resize(seq, each * ranks) if each * ranks > n else seq[: each * ranks]
-    return [np.array_split(full[r * each:(r + 1) * each], workers) for r in range(ranks)]
+    return [np.array_split(full[r * each : (r + 1) * each], workers) for r in range(ranks)]
 
 
 @settings(max_examples=150, deadline=None)
-@given(counts=st.lists(st.integers(0, 9), min_size=1, max_size=7), data=st.data(),
-       ranks=st.integers(1, 4), workers=st.integers(1, 4), drop_last=st.booleans(),
-       shuffle=st.booleans(), seed=st.integers(0, 3), epoch=st.integers(0, 3))
-def test_plan_matches_reference_split(counts: list[int], data: Any, ranks: int, workers: int,
-                                      drop_last: bool, shuffle: bool, seed: int,
-                                      epoch: int) -> None:
+@given(
+    counts=st.lists(st.integers(0, 9), min_size=1, max_size=7),
+    data=st.data(),
+    ranks=st.integers(1, 4),
+    workers=st.integers(1, 4),
+    drop_last=st.booleans(),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 3),
+    epoch=st.integers(0, 3),
+)
+def test_plan_matches_reference_split(
+    counts: list[int],
+    data: Any,
+    ranks: int,
+    workers: int,
+    drop_last: bool,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+) -> None:
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     total = int(starts[-1])
     mask = data.draw(st.lists(st.booleans(), min_size=total, max_size=total))
     selected = np.flatnonzero(mask).astype(np.int64)
-    plan = epoch_plan(selected, starts, seed=seed, epoch=epoch, shuffle_shards=shuffle,
-                      world_size=ranks, drop_last=drop_last)
-    want = reference_split(selected, starts, seed=seed, epoch=epoch, shuffle=shuffle, ranks=ranks,
-                           workers=workers, drop_last=drop_last)
-    got = [[plan.positions(*plan.worker_span(r, w, workers)) for w in range(workers)]
-           for r in range(ranks)]
+    plan = epoch_plan(
+        selected,
+        starts,
+        seed=seed,
+        epoch=epoch,
+        shuffle_shards=shuffle,
+        world_size=ranks,
+        drop_last=drop_last,
+    )
+    want = reference_split(
+        selected,
+        starts,
+        seed=seed,
+        epoch=epoch,
+        shuffle=shuffle,
+        ranks=ranks,
+        workers=workers,
+        drop_last=drop_last,
+    )
+    got = [
+        [plan.positions(*plan.worker_span(r, w, workers)) for w in range(workers)]
+        for r in range(ranks)
+    ]
     for r in range(ranks):
         for w in range(workers):
             assert got[r][w].tolist() == want[r][w].tolist()
@@ -149,9 +208,20 @@ def test_plan_matches_reference_split(counts: list[int], data: Any, ranks: int, 
 def test_worker_batches_and_plan_docstring() -> None:
     assert worker_batches(10, 3, 2) == [2, 2, 2]
     assert worker_batches(7, 0, 3) == [3]
-    plan = epoch_plan(np.array([0, 2, 3, 5]), np.array([0, 3, 6]), seed=0, epoch=0,
-                      shuffle_shards=False, world_size=3, drop_last=False)
-    assert [plan.positions(*plan.rank_span(r)).tolist() for r in range(3)] == [[0, 2], [3, 5], [0, 2]]
+    plan = epoch_plan(
+        np.array([0, 2, 3, 5]),
+        np.array([0, 3, 6]),
+        seed=0,
+        epoch=0,
+        shuffle_shards=False,
+        world_size=3,
+        drop_last=False,
+    )
+    assert [plan.positions(*plan.rank_span(r)).tolist() for r in range(3)] == [
+        [0, 2],
+        [3, 5],
+        [0, 2],
+    ]
 
 
 # --- samples and pipeline stages ----------------------------------------------------------------
@@ -166,8 +236,9 @@ def test_samples_are_webdataset_samples(shards: list[str], reference: dict[str, 
     assert 0 < len(got) < len(reference)
 
 
-def test_stream_shards_drop_unselected_by_position(shards: list[str], reference: dict[str, Any],
-                                                   tmp_path: Path) -> None:
+def test_stream_shards_drop_unselected_by_position(
+    shards: list[str], reference: dict[str, Any], tmp_path: Path
+) -> None:
     local = PrunedWebDataset(shards, CFG, seed=1)
     urls = [f"pipe:cat {s}" for s in shards]
     stream = PrunedWebDataset(urls, CFG, seed=1, index_dir=str(Path(shards[0]).parent))
@@ -197,7 +268,9 @@ def budget_shortfall(cfg: PruneConfig) -> int:
     return 12 - min(12, int(np.floor((1 - cfg.prune_ratio) * 18 + 0.5)))
 
 
-def test_reads_only_selected_byte_ranges(shards: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reads_only_selected_byte_ranges(
+    shards: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import rsprune_data.reading.local as local
 
     asked: list[tuple[str, int, int]] = []  # (shard, offset, length) of every pread
@@ -212,12 +285,15 @@ def test_reads_only_selected_byte_ranges(shards: list[str], monkeypatch: pytest.
     n = len(list(ds))
     sel = ds.selected
     index = ds.index
-    want = {(index.shards[index.shard_ids[g]], int(index.offsets[g]), int(index.lengths[g]))
-            for g in sel.tolist()}
+    want = {
+        (index.shards[index.shard_ids[g]], int(index.offsets[g]), int(index.lengths[g]))
+        for g in sel.tolist()
+    }
     # max_gap=0: one read per run of touching samples, covering exactly the selected bytes
     assert n == len(sel) and sum(a[2] for a in asked) == sum(w[2] for w in want)
-    assert all(any(s == t and o <= wo and wo + wn <= o + m for t, o, m in asked)
-               for s, wo, wn in want)
+    assert all(
+        any(s == t and o <= wo and wo + wn <= o + m for t, o, m in asked) for s, wo, wn in want
+    )
 
 
 def test_chains_like_webdataset(shards: list[str]) -> None:
@@ -256,8 +332,9 @@ def test_stale_index_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("ranks", [1, 2, 5])  # 5 ranks x 2 workers = 10 workers > 6 shards
-def test_loader_delivers_each_selected_sample_once(shards: list[str], num_workers: int,
-                                                   ranks: int) -> None:
+def test_loader_delivers_each_selected_sample_once(
+    shards: list[str], num_workers: int, ranks: int
+) -> None:
     per_rank: list[list[str]] = []
     for rank in range(ranks):
         ds = PrunedWebDataset(shards, CFG, seed=4, rank=rank, world_size=ranks)
@@ -291,17 +368,25 @@ def test_streams_split_inside_shards_across_ranks_and_workers(shards: list[str])
 
 
 def test_drop_last_delivers_no_duplicates(shards: list[str]) -> None:
-    got = [keys_of(DataLoader(PrunedWebDataset(shards, CFG, rank=r, world_size=4,
-                                                drop_last=True).map(sample_key),
-                              batch_size=None, num_workers=2)) for r in range(4)]
+    got = [
+        keys_of(
+            DataLoader(
+                PrunedWebDataset(shards, CFG, rank=r, world_size=4, drop_last=True).map(sample_key),
+                batch_size=None,
+                num_workers=2,
+            )
+        )
+        for r in range(4)
+    ]
     flat = [k for g in got for k in g]
     assert len(set(flat)) == len(flat) and len({len(g) for g in got}) == 1
 
 
 def test_persistent_workers_see_epoch_and_ratio_changes(shards: list[str]) -> None:
     ds = PrunedWebDataset(shards, CFG, seed=7)
-    persistent = DataLoader(ds.map(sample_key), batch_size=3, num_workers=2,
-                            persistent_workers=True)
+    persistent = DataLoader(
+        ds.map(sample_key), batch_size=3, num_workers=2, persistent_workers=True
+    )
     fresh = PrunedWebDataset(shards, CFG, seed=7)
     ratios = [0.5, 0.5, 0.8, 0.2]
     for epoch, ratio in enumerate(ratios):
@@ -339,8 +424,13 @@ def _schedule(epoch: int) -> PruneConfig:
 
 def test_spawned_persistent_workers(shards: list[str]) -> None:
     ds = PrunedWebDataset(shards, CFG, seed=2)
-    loader = DataLoader(ds.map(sample_key), batch_size=4, num_workers=2, persistent_workers=True,
-                        multiprocessing_context="spawn")  # pickled dataset, index re-opened
+    loader = DataLoader(
+        ds.map(sample_key),
+        batch_size=4,
+        num_workers=2,
+        persistent_workers=True,
+        multiprocessing_context="spawn",
+    )  # pickled dataset, index re-opened
     for epoch, ratio in ((0, 0.5), (1, 0.8)):
         ds.set_epoch(epoch)
         ds.set_prune_ratio(ratio)
@@ -370,8 +460,12 @@ def _set_epoch(obj: Any, epoch: int) -> None:
 
 def test_resume_dataset_in_process(shards: list[str]) -> None:
     report = run_resume_conformance(
-        lambda: PrunedWebDataset(shards, CFG, seed=3), set_epoch=_set_epoch, key=sample_key,
-        transport=_json, stop_points=("start", "middle", "last", "edge", "end", 1))
+        lambda: PrunedWebDataset(shards, CFG, seed=3),
+        set_epoch=_set_epoch,
+        key=sample_key,
+        transport=_json,
+        stop_points=("start", "middle", "last", "edge", "end", 1),
+    )
     assert len(report.checked) == 12
 
 
@@ -380,8 +474,7 @@ class PlainLoader:
 
     def __init__(self, ds: PrunedWebDataset, batch_size: int, num_workers: int) -> None:
         self.ds, self.batch_size, self.num_workers = ds, batch_size, num_workers
-        self.loader = DataLoader(ds.map(sample_key), batch_size=batch_size,
-                                 num_workers=num_workers)
+        self.loader = DataLoader(ds.map(sample_key), batch_size=batch_size, num_workers=num_workers)
         self.delivered = 0
         self._start = 0
 
@@ -397,8 +490,9 @@ class PlainLoader:
     def state_dict(self) -> dict[str, Any]:
         if self.num_workers == 0:
             return self.ds.state_dict()  # the dataset is iterated in this process
-        return self.ds.state_dict(delivered=self.delivered, batch_size=self.batch_size,
-                                  num_workers=self.num_workers)
+        return self.ds.state_dict(
+            delivered=self.delivered, batch_size=self.batch_size, num_workers=self.num_workers
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ds.load_state_dict(state)
@@ -410,25 +504,37 @@ class PlainLoader:
 def test_resume_plain_dataloader(shards: list[str], num_workers: int) -> None:
     run_resume_conformance(
         lambda: PlainLoader(PrunedWebDataset(shards, CFG, seed=5), 2, num_workers),
-        set_epoch=_set_epoch, key=tuple, transport=_json,
-        stop_points=("start", "middle", "last", "edge", "end", 1, 3))
+        set_epoch=_set_epoch,
+        key=tuple,
+        transport=_json,
+        stop_points=("start", "middle", "last", "edge", "end", 1, 3),
+    )
 
 
 def test_resume_plain_dataloader_rank_of_two(shards: list[str]) -> None:
     run_resume_conformance(
         lambda: PlainLoader(PrunedWebDataset(shards, CFG, seed=5, rank=1, world_size=2), 2, 2),
-        set_epoch=_set_epoch, key=tuple, transport=_json, stop_points=("middle", "last", "end"))
+        set_epoch=_set_epoch,
+        key=tuple,
+        transport=_json,
+        stop_points=("middle", "last", "end"),
+    )
 
 
 def test_resume_stateful_dataloader(shards: list[str]) -> None:
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     def make() -> Any:
-        return StatefulDataLoader(PrunedWebDataset(shards, CFG, seed=6).map(sample_key),
-                                  batch_size=2, num_workers=2)
+        return StatefulDataLoader(
+            PrunedWebDataset(shards, CFG, seed=6).map(sample_key), batch_size=2, num_workers=2
+        )
 
-    run_resume_conformance(make, set_epoch=lambda dl, e: dl.dataset.set_epoch(e), key=tuple,
-                           stop_points=("start", "middle", "last", "edge", "end", 1))
+    run_resume_conformance(
+        make,
+        set_epoch=lambda dl, e: dl.dataset.set_epoch(e),
+        key=tuple,
+        stop_points=("start", "middle", "last", "edge", "end", 1),
+    )
 
 
 def test_state_mismatch_is_refused(shards: list[str]) -> None:
@@ -436,8 +542,12 @@ def test_state_mismatch_is_refused(shards: list[str]) -> None:
     it = iter(ds)
     next(it)
     state = ds.state_dict()
-    for kwargs in ({"seed": 4}, {"shuffle_shards": False}, {"drop_last": True},
-                   {"world_size": 2, "rank": 0}):
+    for kwargs in (
+        {"seed": 4},
+        {"shuffle_shards": False},
+        {"drop_last": True},
+        {"world_size": 2, "rank": 0},
+    ):
         with pytest.raises(StateDictError):
             PrunedWebDataset(shards, CFG, **{"seed": 3, **kwargs}).load_state_dict(state)
     with pytest.raises(StateDictError, match="config"):
@@ -479,21 +589,34 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world: int, port: int, shards: list[str], out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         result = {}
-        for name, cfg, workers, drop_last in (("half", 0.5, 2, False), ("most", 0.0, 2, False),
-                                              ("drop", 0.3, 2, True)):
-            ds = PrunedWebDataset(shards, CFG.replace(prune_ratio=cfg), seed=11,
-                                  drop_last=drop_last)  # rank from the process group
+        for name, cfg, workers, drop_last in (
+            ("half", 0.5, 2, False),
+            ("most", 0.0, 2, False),
+            ("drop", 0.3, 2, True),
+        ):
+            ds = PrunedWebDataset(
+                shards, CFG.replace(prune_ratio=cfg), seed=11, drop_last=drop_last
+            )  # rank from the process group
             ds.set_epoch(1)
             # fork: a process started by spawn would spawn its workers too (slow imports)
-            keys = keys_of(DataLoader(ds.map(sample_key), batch_size=3, num_workers=workers,
-                                      multiprocessing_context="fork"))
+            keys = keys_of(
+                DataLoader(
+                    ds.map(sample_key),
+                    batch_size=3,
+                    num_workers=workers,
+                    multiprocessing_context="fork",
+                )
+            )
             gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, {"keys": keys, "rank": ds.state_dict()["rank"],
-                                              "selected": selected_keys(ds)})
+            dist.all_gather_object(
+                gathered,
+                {"keys": keys, "rank": ds.state_dict()["rank"], "selected": selected_keys(ds)},
+            )
             result[name] = gathered
         if rank == 0:
             Path(out).write_text(json.dumps(result))
@@ -525,25 +648,56 @@ def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(counts=st.lists(st.integers(0, 9), min_size=1, max_size=7), data=st.data(),
-       ranks=st.integers(1, 3), workers=st.integers(1, 4), window=st.integers(1, 3),
-       block=st.integers(0, 5), seed=st.integers(0, 3), epoch=st.integers(0, 3))
+@given(
+    counts=st.lists(st.integers(0, 9), min_size=1, max_size=7),
+    data=st.data(),
+    ranks=st.integers(1, 3),
+    workers=st.integers(1, 4),
+    window=st.integers(1, 3),
+    block=st.integers(0, 5),
+    seed=st.integers(0, 3),
+    epoch=st.integers(0, 3),
+)
 def test_sample_window_order_is_a_split_of_one_permutation(
-        counts: list[int], data: Any, ranks: int, workers: int, window: int, block: int,
-        seed: int, epoch: int) -> None:
+    counts: list[int],
+    data: Any,
+    ranks: int,
+    workers: int,
+    window: int,
+    block: int,
+    seed: int,
+    epoch: int,
+) -> None:
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     mask = data.draw(st.lists(st.booleans(), min_size=int(starts[-1]), max_size=int(starts[-1])))
     selected = np.flatnonzero(mask).astype(np.int64)
-    plan = epoch_plan(selected, starts, seed=seed, epoch=epoch, shuffle_shards=True,
-                      world_size=ranks, drop_last=False, sample_window=window)
-    flat = epoch_plan(selected, starts, seed=seed, epoch=epoch, shuffle_shards=True,
-                      world_size=ranks, drop_last=False)
+    plan = epoch_plan(
+        selected,
+        starts,
+        seed=seed,
+        epoch=epoch,
+        shuffle_shards=True,
+        world_size=ranks,
+        drop_last=False,
+        sample_window=window,
+    )
+    flat = epoch_plan(
+        selected,
+        starts,
+        seed=seed,
+        epoch=epoch,
+        shuffle_shards=True,
+        world_size=ranks,
+        drop_last=False,
+    )
     n = len(selected)
     seq = plan.positions(0, n)
     assert sorted(seq.tolist()) == selected.tolist()  # a permutation of the selection
     shard_of = np.searchsorted(starts, seq, side="right") - 1
     flat_shards = np.searchsorted(starts, flat.positions(0, n), side="right") - 1
-    for a, b in itertools.pairwise(plan.window_bounds.tolist()):  # windows: same shards as tar order
+    for a, b in itertools.pairwise(
+        plan.window_bounds.tolist()
+    ):  # windows: same shards as tar order
         assert sorted(shard_of[a:b].tolist()) == sorted(flat_shards[a:b].tolist())
         assert len(set(shard_of[a:b].tolist())) <= window
     for r in range(ranks):  # the worker count only cuts the same rank sequence
@@ -555,8 +709,16 @@ def test_sample_window_order_is_a_split_of_one_permutation(
         assert [x for a, b in cuts for x in range(a, b)] == list(range(hi - lo))
         for a, b in cuts:
             assert block == 0 or b - a <= block
-            assert len(set(np.searchsorted(plan.window_bounds, np.arange(lo + a, lo + b) % n,
-                                           side="right").tolist())) == 1  # never across a window
+            assert (
+                len(
+                    set(
+                        np.searchsorted(
+                            plan.window_bounds, np.arange(lo + a, lo + b) % n, side="right"
+                        ).tolist()
+                    )
+                )
+                == 1
+            )  # never across a window
 
 
 def test_new_sample_order_every_epoch_with_one_shard(tmp_path: Path) -> None:
@@ -571,13 +733,15 @@ def test_new_sample_order_every_epoch_with_one_shard(tmp_path: Path) -> None:
     again = PrunedWebDataset(one, PruneConfig(prune_ratio=0.0, entropy_filter="none"), seed=1)
     again.set_epoch(1)
     assert [s["__key__"] for s in again] == orders[1]  # seeded by (seed, epoch)
-    flat = PrunedWebDataset(one, PruneConfig(prune_ratio=0.0, entropy_filter="none"),
-                            sample_window=0)
+    flat = PrunedWebDataset(
+        one, PruneConfig(prune_ratio=0.0, entropy_filter="none"), sample_window=0
+    )
     assert [s["__key__"] for s in flat] == sorted(orders[0])  # tar order when turned off
 
 
-def test_sample_order_reads_sorted_coalesced_blocks(shards: list[str],
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sample_order_reads_sorted_coalesced_blocks(
+    shards: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import rsprune_data.wds as wmod
 
     calls: list[list[int]] = []
@@ -612,12 +776,17 @@ def test_resume_stateful_dataloader_batched(shards: list[str], num_workers: int)
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     def make() -> Any:
-        pipeline = PrunedWebDataset(shards, CFG, seed=6).map(sample_key).batched(2, collation_fn=None)
+        pipeline = (
+            PrunedWebDataset(shards, CFG, seed=6).map(sample_key).batched(2, collation_fn=None)
+        )
         return StatefulDataLoader(pipeline, batch_size=None, num_workers=num_workers)
 
-    report = run_resume_conformance(make, set_epoch=lambda dl, e: dl.dataset.set_epoch(e),
-                                    key=tuple, stop_points=("start", "middle", "last", "edge",
-                                                            "end", 1))
+    report = run_resume_conformance(
+        make,
+        set_epoch=lambda dl, e: dl.dataset.set_epoch(e),
+        key=tuple,
+        stop_points=("start", "middle", "last", "edge", "end", 1),
+    )
     assert len(report.checked) == 12
 
 
@@ -625,7 +794,9 @@ def test_stateful_dataloader_state_restores_its_epoch(shards: list[str]) -> None
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     def make() -> Any:
-        pipeline = PrunedWebDataset(shards, CFG, seed=4).map(sample_key).batched(2, collation_fn=None)
+        pipeline = (
+            PrunedWebDataset(shards, CFG, seed=4).map(sample_key).batched(2, collation_fn=None)
+        )
         return StatefulDataLoader(pipeline, batch_size=None, num_workers=2)
 
     ref = make()
@@ -680,12 +851,19 @@ def test_repeated_epoch_warns_with_fresh_workers(shards: list[str]) -> None:
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", REPEAT_WITHOUT_SET_EPOCH, json.dumps(shards)],
-                          capture_output=True, text=True, timeout=300, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", REPEAT_WITHOUT_SET_EPOCH, json.dumps(shards)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     lines = proc.stderr.splitlines()
     first = next(i for i, line in enumerate(lines) if line.startswith("0 "))
     second = next(i for i, line in enumerate(lines) if line.startswith("1 "))
     after = next(i for i, line in enumerate(lines) if line.startswith("set "))
     warned = [i for i, line in enumerate(lines) if "iterated again at epoch 0 without" in line]
-    assert warned and all(first < i < second for i in warned)  # raised in the second epoch's workers
+    assert warned and all(
+        first < i < second for i in warned
+    )  # raised in the second epoch's workers
     assert not any(i > after for i in warned) and len(lines) - after == 1

@@ -80,8 +80,13 @@ def available_families() -> list[str]:
     return sorted(form for _, form in _FAMILIES.values())
 
 
-def load_encoder(spec: str = DEFAULT_ENCODER, *, checkpoint: str | None = None, device: str = "auto",
-                 image_size: int | None = None) -> TorchEncoder:
+def load_encoder(
+    spec: str = DEFAULT_ENCODER,
+    *,
+    checkpoint: str | None = None,
+    device: str = "auto",
+    image_size: int | None = None,
+) -> TorchEncoder:
     """Build the encoder that ``spec`` names, with its weights loaded and in eval mode.
 
     Args:
@@ -108,19 +113,27 @@ def load_encoder(spec: str = DEFAULT_ENCODER, *, checkpoint: str | None = None, 
         (1, 1280)
     """
     if not isinstance(spec, str) or not spec:
-        raise ConfigError(f"`spec` must be a non-empty string, got {spec!r}; "
-                          f"available encoders: {', '.join(available_families())}")
+        raise ConfigError(
+            f"`spec` must be a non-empty string, got {spec!r}; "
+            f"available encoders: {', '.join(available_families())}"
+        )
     sized = _SIZE_SUFFIX.fullmatch(spec)
     if sized:  # "efficientnet-lite0@128px": the size is part of the spec (see Encoder.name)
         if image_size is not None and image_size != int(sized.group(2)):
-            raise ConfigError(f"`spec` {spec!r} says {sized.group(2)}px but `image_size` is {image_size}: "
-                              "drop one of them")
+            raise ConfigError(
+                f"`spec` {spec!r} says {sized.group(2)}px but `image_size` is {image_size}: "
+                "drop one of them"
+            )
         spec, image_size = sized.group(1), int(sized.group(2))
     family, _, arg = spec.partition(":")
     if family not in _FAMILIES or (family == "efficientnet-lite0") == bool(arg):
-        raise ConfigError(f"unknown encoder spec {spec!r}; available: {', '.join(available_families())}")
+        raise ConfigError(
+            f"unknown encoder spec {spec!r}; available: {', '.join(available_families())}"
+        )
     if image_size is not None:
         image_size = check_int("image_size", image_size, 16, 4096)
     module = importlib.import_module(_FAMILIES[family][0], __name__)
-    encoder: TorchEncoder = module.load(arg, checkpoint=checkpoint, device=device, image_size=image_size)
+    encoder: TorchEncoder = module.load(
+        arg, checkpoint=checkpoint, device=device, image_size=image_size
+    )
     return encoder

@@ -44,19 +44,37 @@ class ImageTransform:
 
     def __post_init__(self) -> None:
         if self.interpolation not in _INTERPOLATIONS:
-            raise ConfigError(f"`interpolation` must be one of {_INTERPOLATIONS}, got {self.interpolation!r}")
+            raise ConfigError(
+                f"`interpolation` must be one of {_INTERPOLATIONS}, got {self.interpolation!r}"
+            )
         if self.resize_mode not in _MODES:
             raise ConfigError(f"`resize_mode` must be one of {_MODES}, got {self.resize_mode!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ConfigError(f"`mean`/`std` must be 3 numbers with std > 0, got {self.mean!r}, {self.std!r}")
+            raise ConfigError(
+                f"`mean`/`std` must be 3 numbers with std > 0, got {self.mean!r}, {self.std!r}"
+            )
         if self.resize_to is not None and self.resize_to < self.size:
-            raise ConfigError(f"`resize_to` must be >= size={self.size} or None, got {self.resize_to!r}")
+            raise ConfigError(
+                f"`resize_to` must be >= size={self.size} or None, got {self.resize_to!r}"
+            )
 
     def __call__(self, rgb: NDArray[np.uint8]) -> torch.Tensor:
-        if not (isinstance(rgb, np.ndarray) and rgb.dtype == np.uint8 and rgb.ndim == 3
-                and rgb.shape[2] == 3 and rgb.shape[0] > 0 and rgb.shape[1] > 0):
-            got = f"{rgb.dtype} array of shape {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
-            raise ConfigError(f"`rgb` must be an HxWx3 uint8 array (images.decode_rgb output), got {got}")
+        if not (
+            isinstance(rgb, np.ndarray)
+            and rgb.dtype == np.uint8
+            and rgb.ndim == 3
+            and rgb.shape[2] == 3
+            and rgb.shape[0] > 0
+            and rgb.shape[1] > 0
+        ):
+            got = (
+                f"{rgb.dtype} array of shape {rgb.shape}"
+                if isinstance(rgb, np.ndarray)
+                else type(rgb).__name__
+            )
+            raise ConfigError(
+                f"`rgb` must be an HxWx3 uint8 array (images.decode_rgb output), got {got}"
+            )
         s = self.size
         x = torch.from_numpy(rgb.astype(np.float32)).permute(2, 0, 1)  # [3, H, W], 0..255, a copy
         h, w = rgb.shape[:2]
@@ -65,14 +83,20 @@ class ImageTransform:
         else:
             r = s if self.resize_to is None else self.resize_to
             scale = r / min(h, w)
-            out_hw = (max(r, int(h * scale)), max(r, int(w * scale)))  # int(): as torchvision and HF
+            out_hw = (
+                max(r, int(h * scale)),
+                max(r, int(w * scale)),
+            )  # int(): as torchvision and HF
         if (h, w) != out_hw:
-            x = F.interpolate(x[None], size=out_hw, mode=self.interpolation, antialias=True,
-                              align_corners=False)[0]
-            if self.interpolation == "bicubic":  # cubic overshoots; PIL clamps to the uint8 range too
+            x = F.interpolate(
+                x[None], size=out_hw, mode=self.interpolation, antialias=True, align_corners=False
+            )[0]
+            if (
+                self.interpolation == "bicubic"
+            ):  # cubic overshoots; PIL clamps to the uint8 range too
                 x = x.clamp_(0.0, 255.0)
         top, left = (out_hw[0] - s) // 2, (out_hw[1] - s) // 2
-        x = x[:, top:top + s, left:left + s]
+        x = x[:, top : top + s, left : left + s]
         mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1) * 255.0
         std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1) * 255.0
         return ((x - mean) / std).contiguous()
@@ -85,9 +109,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+        raise ConfigError(
+            f"`device` must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}"
+        ) from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"`device` is {device!r} but torch sees no CUDA GPU: pass device='cpu' or 'auto'")
+        raise ConfigError(
+            f"`device` is {device!r} but torch sees no CUDA GPU: pass device='cpu' or 'auto'"
+        )
     return dev
 
 
@@ -121,10 +149,17 @@ class TorchEncoder:
             defaults to ``name``.
     """
 
-    def __init__(self, name: str, module: torch.nn.Module,
-                 features: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
-                 transform: ImageTransform, device: torch.device, *, channels_last: bool = False,
-                 spec: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        module: torch.nn.Module,
+        features: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor],
+        transform: ImageTransform,
+        device: torch.device,
+        *,
+        channels_last: bool = False,
+        spec: str | None = None,
+    ) -> None:
         self.name = name
         self.spec = name if spec is None else spec
         self.device = device
@@ -138,14 +173,22 @@ class TorchEncoder:
         self.dim = int(self._raw(torch.zeros(1, 3, self.image_size, self.image_size)).shape[1])
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, image_size={self.image_size}, " \
-               f"device={str(self.device)!r})"
+        return (
+            f"{type(self).__name__}(name={self.name!r}, dim={self.dim}, image_size={self.image_size}, "
+            f"device={str(self.device)!r})"
+        )
 
     def _prepare(self, batch: torch.Tensor) -> torch.Tensor:
         s = self.image_size
-        if not (isinstance(batch, torch.Tensor) and batch.ndim == 4 and tuple(batch.shape[1:]) == (3, s, s)):
+        if not (
+            isinstance(batch, torch.Tensor)
+            and batch.ndim == 4
+            and tuple(batch.shape[1:]) == (3, s, s)
+        ):
             got = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
-            raise ConfigError(f"`batch` must be a [n, 3, {s}, {s}] tensor of preprocess() outputs, got {got}")
+            raise ConfigError(
+                f"`batch` must be a [n, 3, {s}, {s}] tensor of preprocess() outputs, got {got}"
+            )
         x = batch.to(self.device, dtype=torch.float32, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 

@@ -19,13 +19,21 @@ PROBE_TIMEOUT_S = 5.0
 
 def offline() -> bool:
     """True when the user asked the Hugging Face libraries to stay offline."""
-    return any(os.environ.get(var, "").strip().lower() in _TRUE for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(var, "").strip().lower() in _TRUE
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def looks_like_path(name: str) -> bool:
     """A local path rather than a hub id (``org/name`` or ``name``)."""
-    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
-            or (len(name) > 1 and name[1] == ":") or Path(name).expanduser().exists())
+    return (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or "\\" in name
+        or (len(name) > 1 and name[1] == ":")
+        or Path(name).expanduser().exists()
+    )
 
 
 def ensure_reachable(what: str, fix: str) -> None:
@@ -36,13 +44,17 @@ def ensure_reachable(what: str, fix: str) -> None:
         fix: The sentence telling the user what to do instead.
     """
     if offline():
-        raise EncoderLoadError(f"cannot load {what}: it needs a download from the Hugging Face Hub (it is "
-                               f"not a local path) and HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set; {fix}")
+        raise EncoderLoadError(
+            f"cannot load {what}: it needs a download from the Hugging Face Hub (it is "
+            f"not a local path) and HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set; {fix}"
+        )
     from huggingface_hub import constants, get_session
 
     try:
         get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT_S)
     except Exception as exc:  # any transport error (httpx, requests, proxy) means: no hub
-        raise EncoderLoadError(f"cannot load {what}: it needs a download from the Hugging Face Hub (it is "
-                               f"not a local path) and {constants.ENDPOINT} is unreachable "
-                               f"({type(exc).__name__}: {exc}); {fix}") from exc
+        raise EncoderLoadError(
+            f"cannot load {what}: it needs a download from the Hugging Face Hub (it is "
+            f"not a local path) and {constants.ENDPOINT} is unreachable "
+            f"({type(exc).__name__}: {exc}); {fix}"
+        ) from exc

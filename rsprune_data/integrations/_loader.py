@@ -34,7 +34,9 @@ STATE_VERSION = 1
 
 def _unwrap_sampler(loader: Any) -> PrunedSampler | None:
     for obj in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
-        for _ in range(3):  # BatchSampler(sampler), accelerate's SkipBatchSampler(BatchSampler(...))
+        for _ in range(
+            3
+        ):  # BatchSampler(sampler), accelerate's SkipBatchSampler(BatchSampler(...))
             if isinstance(obj, PrunedSampler):
                 return obj
             obj = getattr(obj, "sampler", None) or getattr(obj, "batch_sampler", None)
@@ -67,7 +69,8 @@ class PrunedLoader:
             raise ConfigError(
                 f"PrunedLoader needs a DataLoader whose sampler is a PrunedSampler or whose dataset "
                 f"is a PrunedWebDataset pipeline, got sampler={getattr(loader, 'sampler', None)!r}, "
-                f"dataset={type(dataset).__name__}: build it as in the README's Loaders section")
+                f"dataset={type(dataset).__name__}: build it as in the README's Loaders section"
+            )
         self.num_workers = int(getattr(loader, "num_workers", 0) or 0)
         if self._sampler is not None:
             bs = loader.batch_size
@@ -75,15 +78,17 @@ class PrunedLoader:
                 bs = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
             self.batch_size = int(bs or 1)
             batch_sampler = getattr(loader, "batch_sampler", None)
-            self._drop_last = bool(getattr(batch_sampler, "drop_last",
-                                           getattr(loader, "drop_last", False)))
+            self._drop_last = bool(
+                getattr(batch_sampler, "drop_last", getattr(loader, "drop_last", False))
+            )
         else:
             assert self._dataset is not None
             if loader.batch_size is not None and self._dataset.batch_size is not None:
                 raise ConfigError(
                     f"the pipeline is already .batched({self._dataset.batch_size}) and the DataLoader "
                     f"batches again (batch_size={loader.batch_size}): pass batch_size=None to the "
-                    "DataLoader")
+                    "DataLoader"
+                )
             bs = batch_size or loader.batch_size or self._dataset.batch_size or 1
             self.batch_size = int(bs)
             self._drop_last = False
@@ -147,7 +152,8 @@ class PrunedLoader:
                 f"epoch {self._epoch} delivered {self._batches} batches on this rank but its plan has "
                 f"{expected}: something between the loader and the training loop changed the stream "
                 "(a second split by the trainer, a sampler or dataset replaced). Pass the plain "
-                "DataLoader to PrunedLoader / prepare_loader and nothing else")
+                "DataLoader to PrunedLoader / prepare_loader and nothing else"
+            )
         self.set_epoch(self._epoch + 1)
 
     # ------------------------------------------------------------------ state
@@ -163,23 +169,35 @@ class PrunedLoader:
         if not 0 <= k <= total:
             raise ConfigError(f"`batches` must be in [0, {total}] (epoch {self._epoch}), got {k}")
         if self._sampler is not None:
-            position = self._sampler.state_dict(consumed=min(k * self.batch_size, len(self._sampler)))
+            position = self._sampler.state_dict(
+                consumed=min(k * self.batch_size, len(self._sampler))
+            )
         else:
             assert self._dataset is not None
-            position = self._dataset.state_dict(delivered=k, batch_size=self.batch_size,
-                                                num_workers=self.num_workers)
-        return {"format": STATE_FORMAT, "version": STATE_VERSION, "epoch": self._epoch,
-                "batches": k, "position": position}
+            position = self._dataset.state_dict(
+                delivered=k, batch_size=self.batch_size, num_workers=self.num_workers
+            )
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "epoch": self._epoch,
+            "batches": k,
+            "position": position,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`: the next pass is the rest of the state's epoch."""
         sd = dict(state_dict)
         if sd.get("format") != STATE_FORMAT or not {"epoch", "batches", "position"} <= set(sd):
-            raise StateDictError(f"not a PrunedLoader state (format={sd.get('format')!r}, keys "
-                                 f"{sorted(sd)}): pass the dict returned by PrunedLoader.state_dict()")
+            raise StateDictError(
+                f"not a PrunedLoader state (format={sd.get('format')!r}, keys "
+                f"{sorted(sd)}): pass the dict returned by PrunedLoader.state_dict()"
+            )
         if sd.get("version") != STATE_VERSION:
-            raise StateDictError(f"PrunedLoader state version {sd.get('version')!r} is not supported "
-                                 f"(this version reads {STATE_VERSION})")
+            raise StateDictError(
+                f"PrunedLoader state version {sd.get('version')!r} is not supported "
+                f"(this version reads {STATE_VERSION})"
+            )
         self._target.load_state_dict(sd["position"])
         epoch, k = int(sd["epoch"]), int(sd["batches"])
         self._epoch = -1  # force set_epoch to reset the count
@@ -188,6 +206,8 @@ class PrunedLoader:
         self._batches = k
 
     def __repr__(self) -> str:
-        return (f"PrunedLoader(epoch={self._epoch}, batches={self._batches}/{len(self)}, "
-                f"batch_size={self.batch_size}, num_workers={self.num_workers}, "
-                f"source={self._target!r})")
+        return (
+            f"PrunedLoader(epoch={self._epoch}, batches={self._batches}/{len(self)}, "
+            f"batch_size={self.batch_size}, num_workers={self.num_workers}, "
+            f"source={self._target!r})"
+        )

@@ -39,8 +39,9 @@ from ._loader import PrunedLoader
 __all__ = ["prepare_loader"]
 
 
-def prepare_loader(accelerator: Any, loader: Any, *, batch_size: int | None = None,
-                   register: bool = True) -> PrunedLoader:
+def prepare_loader(
+    accelerator: Any, loader: Any, *, batch_size: int | None = None, register: bool = True
+) -> PrunedLoader:
     """``loader`` on ``accelerator``'s device, unsplit, with epoch, ``len()`` and checkpointing.
 
     Args:
@@ -58,8 +59,10 @@ def prepare_loader(accelerator: Any, loader: Any, *, batch_size: int | None = No
     if type(loader).__name__ in ("DataLoaderShard", "DataLoaderDispatcher"):
         from ..errors import ConfigError
 
-        raise ConfigError(f"prepare_loader got a loader accelerate already prepared "
-                          f"({type(loader).__name__}): pass the plain DataLoader instead")
+        raise ConfigError(
+            f"prepare_loader got a loader accelerate already prepared "
+            f"({type(loader).__name__}): pass the plain DataLoader instead"
+        )
     config = getattr(accelerator, "dataloader_config", None)
     shard = data_loader.prepare_data_loader(
         loader,

@@ -53,11 +53,15 @@ class PrunedDataModule(_LightningDataModule):  # type: ignore[misc]
         batch_size: see :class:`~rsprune_data.integrations.PrunedLoader`.
     """
 
-    def __init__(self, train_loader: Callable[[], Any] | Any, *,
-                 batch_size: int | None = None) -> None:
+    def __init__(
+        self, train_loader: Callable[[], Any] | Any, *, batch_size: int | None = None
+    ) -> None:
         super().__init__()
-        self._make = train_loader if callable(train_loader) and not hasattr(
-            train_loader, "__iter__") else (lambda: train_loader)
+        self._make = (
+            train_loader
+            if callable(train_loader) and not hasattr(train_loader, "__iter__")
+            else (lambda: train_loader)
+        )
         self._batch_size = batch_size
         self.loader: PrunedLoader | None = None
 
@@ -68,7 +72,8 @@ class PrunedDataModule(_LightningDataModule):  # type: ignore[misc]
                 "PrunedDataModule needs Trainer(reload_dataloaders_every_n_epochs=1), got "
                 f"{trainer.reload_dataloaders_every_n_epochs}: Lightning keeps the first epoch's "
                 "len() until the loader is reloaded, so later epochs of a ratio change would be "
-                "cut short")
+                "cut short"
+            )
         if self.loader is None:
             self.loader = PrunedLoader(self._make(), batch_size=self._batch_size)
 
@@ -88,8 +93,11 @@ class PrunedDataModule(_LightningDataModule):  # type: ignore[misc]
         if self.loader.epoch != epoch:  # the pass of this epoch is over (the loader moved on)
             return {"epoch": epoch, "complete": True}
         trained = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
-        return {"epoch": epoch, "complete": False,
-                "loader": self.loader.state_dict(batches=min(trained, len(self.loader)))}
+        return {
+            "epoch": epoch,
+            "complete": False,
+            "loader": self.loader.state_dict(batches=min(trained, len(self.loader))),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict or state_dict.get("complete", True):

@@ -31,10 +31,26 @@ from .samples import Sample, check_sample, cut_runs
 from .stream import stream_samples
 
 __all__ = [
-    "DEFAULT_CONCURRENCY", "DEFAULT_LOCAL_MAX_GAP", "DEFAULT_MAX_BLOCK", "DEFAULT_REMOTE_MAX_GAP",
-    "READAHEAD_MODES", "LocalFile", "ReadOptions", "RemoteFile", "RemoteReadError", "RetryPolicy",
-    "Runs", "Sample", "check_sample", "coalesce", "cut_runs", "local_path", "read_samples",
-    "remote_metadata", "shard_kind", "stream_samples",
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_LOCAL_MAX_GAP",
+    "DEFAULT_MAX_BLOCK",
+    "DEFAULT_REMOTE_MAX_GAP",
+    "READAHEAD_MODES",
+    "LocalFile",
+    "ReadOptions",
+    "RemoteFile",
+    "RemoteReadError",
+    "RetryPolicy",
+    "Runs",
+    "Sample",
+    "check_sample",
+    "coalesce",
+    "cut_runs",
+    "local_path",
+    "read_samples",
+    "remote_metadata",
+    "shard_kind",
+    "stream_samples",
 ]
 
 #: Local shards: merge samples that touch or are less than a page apart. Bridging wider gaps buys
@@ -109,20 +125,29 @@ class ReadOptions:
 
     def runs(self, offsets: Sequence[int], lengths: Sequence[int], remote: bool) -> Runs:
         """The runs of ranges in file order."""
-        return coalesce(np.asarray(offsets, np.int64), np.asarray(lengths, np.int64),
-                        max_gap=self.remote_max_gap if remote else self.max_gap,
-                        max_block=self.max_block)
+        return coalesce(
+            np.asarray(offsets, np.int64),
+            np.asarray(lengths, np.int64),
+            max_gap=self.remote_max_gap if remote else self.max_gap,
+            max_block=self.max_block,
+        )
 
     def remote_file(self, url: str) -> RemoteFile:
         """A :class:`RemoteFile` for ``url`` with these options."""
-        return RemoteFile(url, self.storage_options, concurrency=self.concurrency,
-                          retry=self.retry)
+        return RemoteFile(url, self.storage_options, concurrency=self.concurrency, retry=self.retry)
 
 
-def read_samples(shard: str, numbers: Sequence[int], offsets: Sequence[int],
-                 lengths: Sequence[int], keys: Sequence[str | None], options: ReadOptions, *,
-                 opened: LocalFile | RemoteFile | None = None,
-                 sums: Sequence[int | None] | None = None) -> Iterator[Sample]:
+def read_samples(
+    shard: str,
+    numbers: Sequence[int],
+    offsets: Sequence[int],
+    lengths: Sequence[int],
+    keys: Sequence[str | None],
+    options: ReadOptions,
+    *,
+    opened: LocalFile | RemoteFile | None = None,
+    sums: Sequence[int | None] | None = None,
+) -> Iterator[Sample]:
     """The samples of one shard, in the order given (tar order: ascending ``offsets``).
 
     Args:
@@ -146,9 +171,9 @@ def read_samples(shard: str, numbers: Sequence[int], offsets: Sequence[int],
         yield from cut_runs(opened.read_runs(runs), runs, offsets, lengths, keys, shard, sums)
         return
     if kind == "remote":
-        yield from cut_runs(options.remote_file(shard).read_runs(runs), runs, offsets, lengths,
-                            keys, shard, sums)
+        yield from cut_runs(
+            options.remote_file(shard).read_runs(runs), runs, offsets, lengths, keys, shard, sums
+        )
         return
-    with LocalFile(local_path(shard), readahead=options.readahead,
-                   prefetch=options.prefetch) as f:
+    with LocalFile(local_path(shard), readahead=options.readahead, prefetch=options.prefetch) as f:
         yield from cut_runs(f.read_runs(runs), runs, offsets, lengths, keys, shard, sums)

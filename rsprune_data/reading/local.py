@@ -48,7 +48,8 @@ def pread_exact(fd: int, n: int, offset: int, name: str) -> bytes:
             raise ShardError(
                 f"shard {name} ends at byte {offset + got}, inside the range [{offset}, "
                 f"{offset + n}) its index lists: the shard changed since indexing; run "
-                "`rsprune-data index` again")
+                "`rsprune-data index` again"
+            )
         parts.append(chunk)
         got += len(chunk)
     return b"".join(parts)
@@ -74,8 +75,10 @@ class LocalFile:
         try:
             self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         except OSError as exc:
-            why = (f"cannot open shard {path}: {exc.strerror or exc}; it must be where it was "
-                   "when it was indexed")
+            why = (
+                f"cannot open shard {path}: {exc.strerror or exc}; it must be where it was "
+                "when it was indexed"
+            )
             if isinstance(exc, FileNotFoundError):  # callers may catch the builtin
                 raise ShardNotFoundError(exc.errno, why, path) from exc
             raise ShardError(why) from exc

@@ -26,8 +26,14 @@ from urllib.parse import urlparse
 from ..errors import ConfigError, RsPruneError, ShardError
 from .runs import Runs
 
-__all__ = ["DEFAULT_CONCURRENCY", "RemoteFile", "RemoteReadError", "RetryPolicy", "open_url",
-           "remote_metadata"]
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "RemoteFile",
+    "RemoteReadError",
+    "RetryPolicy",
+    "open_url",
+    "remote_metadata",
+]
 
 #: Ranges in flight per reader (per DataLoader worker). ``benchmarks/remote_io.py`` with 10 ms
 #: added per request, 85% pruned, 4 KiB gap: 32 in flight was 1.9x faster than 8, for the same bytes.
@@ -55,11 +61,19 @@ class RetryPolicy:
     max_backoff: float = 5.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
-            raise ConfigError(f"RetryPolicy.attempts must be an integer >= 1, got {self.attempts!r}")
+        if (
+            isinstance(self.attempts, bool)
+            or not isinstance(self.attempts, int)
+            or self.attempts < 1
+        ):
+            raise ConfigError(
+                f"RetryPolicy.attempts must be an integer >= 1, got {self.attempts!r}"
+            )
         if not self.backoff >= 0 or not self.max_backoff >= 0:
-            raise ConfigError(f"RetryPolicy backoff and max_backoff must be >= 0, got "
-                              f"{self.backoff!r} and {self.max_backoff!r}")
+            raise ConfigError(
+                f"RetryPolicy backoff and max_backoff must be >= 0, got "
+                f"{self.backoff!r} and {self.max_backoff!r}"
+            )
 
     def wait(self, attempt: int) -> float:
         """Seconds to wait after failed try number ``attempt`` (1-based)."""
@@ -89,9 +103,11 @@ def open_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tupl
     try:
         fs, path = url_to_fs(url, **dict(storage_options or {}))
     except (ImportError, ValueError) as exc:
-        raise ConfigError(f"cannot open {url!r} with fsspec: {exc} (install the filesystem's "
-                          "package, for example `pip install 'rsprune-data[s3]'`, or fix "
-                          "storage_options)") from exc
+        raise ConfigError(
+            f"cannot open {url!r} with fsspec: {exc} (install the filesystem's "
+            "package, for example `pip install 'rsprune-data[s3]'`, or fix "
+            "storage_options)"
+        ) from exc
     return fs, str(path)
 
 
@@ -108,11 +124,17 @@ class RemoteFile:
         fs: an already opened ``(filesystem, path)`` for ``url``.
     """
 
-    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None, *,
-                 concurrency: int = DEFAULT_CONCURRENCY, retry: RetryPolicy | None = None,
-                 max_batch_bytes: int = 64 << 20,
-                 sleep: Callable[[float], None] = time.sleep,
-                 fs: tuple[Any, str] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        storage_options: Mapping[str, Any] | None = None,
+        *,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        retry: RetryPolicy | None = None,
+        max_batch_bytes: int = 64 << 20,
+        sleep: Callable[[float], None] = time.sleep,
+        fs: tuple[Any, str] | None = None,
+    ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(f"`concurrency` must be an integer >= 1, got {concurrency!r}")
         self.url = url
@@ -127,8 +149,9 @@ class RemoteFile:
     def _cat(self, starts: list[int], stops: list[int]) -> list[Any]:
         paths = [self.path] * len(starts)
         if getattr(self.fs, "async_impl", False):
-            out = self.fs.cat_ranges(paths, starts, stops, on_error="return",
-                                     batch_size=self.concurrency)
+            out = self.fs.cat_ranges(
+                paths, starts, stops, on_error="return", batch_size=self.concurrency
+            )
         else:
             out = self.fs.cat_ranges(paths, starts, stops, on_error="return")
         return list(out)
@@ -148,10 +171,15 @@ class RemoteFile:
                     self.bytes_read += want
                     continue
                 if isinstance(res, _NOT_TRANSIENT):
-                    raise RemoteReadError(f"cannot read {self.url}: {type(res).__name__}: {res} "
-                                          "(check the URL and storage_options)") from res
-                errors[i] = (f"{type(res).__name__}: {res}" if isinstance(res, BaseException)
-                             else f"{len(res)} bytes instead of {want}")
+                    raise RemoteReadError(
+                        f"cannot read {self.url}: {type(res).__name__}: {res} "
+                        "(check the URL and storage_options)"
+                    ) from res
+                errors[i] = (
+                    f"{type(res).__name__}: {res}"
+                    if isinstance(res, BaseException)
+                    else f"{len(res)} bytes instead of {want}"
+                )
                 failed.append(i)
             if not failed:
                 return out  # type: ignore[return-value]
@@ -163,15 +191,18 @@ class RemoteFile:
         raise RemoteReadError(
             f"reading {self.url} bytes [{starts[i]}, {stops[i]}) failed {self.retry.attempts} "
             f"time(s), last: {errors[i]} ({len(todo)} range(s) failed in all): check the server, "
-            "or raise RetryPolicy.attempts")
+            "or raise RetryPolicy.attempts"
+        )
 
     def _batches(self, starts: list[int], stops: list[int]) -> Iterator[tuple[int, int]]:
         a, n = 0, len(starts)
         while a < n:
             b, size = a, 0
-            while b < n and b - a < self.concurrency and (b == a or
-                                                          size + stops[b] - starts[b]
-                                                          <= self.max_batch_bytes):
+            while (
+                b < n
+                and b - a < self.concurrency
+                and (b == a or size + stops[b] - starts[b] <= self.max_batch_bytes)
+            ):
                 size += stops[b] - starts[b]
                 b += 1
             yield a, b
@@ -184,8 +215,9 @@ class RemoteFile:
         if not batches:
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsprune-fetch") as pool:
-            ahead: Future[list[bytes]] = pool.submit(self.fetch, starts[slice(*batches[0])],
-                                                     stops[slice(*batches[0])])
+            ahead: Future[list[bytes]] = pool.submit(
+                self.fetch, starts[slice(*batches[0])], stops[slice(*batches[0])]
+            )
             try:
                 for k in range(len(batches)):
                     bufs = ahead.result()
@@ -197,8 +229,7 @@ class RemoteFile:
                 ahead.cancel()
 
 
-def remote_metadata(url: str, storage_options: Mapping[str, Any] | None = None
-                    ) -> dict[str, str]:
+def remote_metadata(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str]:
     """The index metadata tying an index to a remote shard (one ``info`` call, no data read).
 
     ``shard_fingerprint`` is the store's own checksum where it offers one (``ETag``, S3's
@@ -213,17 +244,25 @@ def remote_metadata(url: str, storage_options: Mapping[str, Any] | None = None
     try:
         info = fs.info(path)
     except FileNotFoundError as exc:
-        raise RemoteReadError(f"remote shard {url} does not exist (HEAD/stat said not found): "
-                              "check the URL") from exc
+        raise RemoteReadError(
+            f"remote shard {url} does not exist (HEAD/stat said not found): check the URL"
+        ) from exc
     except (OSError, RsPruneError, Exception) as exc:  # fsspec backends raise their own types
-        raise RemoteReadError(f"cannot stat remote shard {url}: {type(exc).__name__}: {exc}") from exc
+        raise RemoteReadError(
+            f"cannot stat remote shard {url}: {type(exc).__name__}: {exc}"
+        ) from exc
     size = info.get("size")
     if size is None:
-        raise RemoteReadError(f"remote shard {url}: the server reports no size (no "
-                              "Content-Length): byte ranges need it")
-    return {"shard": os.path.basename(urlparse(url).path) or url, "shard_size": str(int(size)),
-            "shard_mtime_ns": "0", "shard_fingerprint": _fingerprint(url, fs, path, info,
-                                                                      int(size))}
+        raise RemoteReadError(
+            f"remote shard {url}: the server reports no size (no "
+            "Content-Length): byte ranges need it"
+        )
+    return {
+        "shard": os.path.basename(urlparse(url).path) or url,
+        "shard_size": str(int(size)),
+        "shard_mtime_ns": "0",
+        "shard_fingerprint": _fingerprint(url, fs, path, info, int(size)),
+    }
 
 
 def _fingerprint(url: str, fs: Any, path: str, info: Mapping[str, Any], size: int) -> str:
@@ -233,8 +272,10 @@ def _fingerprint(url: str, fs: Any, path: str, info: Mapping[str, Any], size: in
             return f"{field.lower()}:{str(value).strip(chr(34))}"
     # No checksum offered: sampled ranges, as index.shard_fingerprint reads from a local file.
     spans = [(0, min(size, _FP_BYTES))]
-    spans += [(size * i // (_FP_BLOCKS + 1), min(size, size * i // (_FP_BLOCKS + 1) + 4096))
-              for i in range(1, _FP_BLOCKS + 1)]
+    spans += [
+        (size * i // (_FP_BLOCKS + 1), min(size, size * i // (_FP_BLOCKS + 1) + 4096))
+        for i in range(1, _FP_BLOCKS + 1)
+    ]
     spans.append((max(0, size - _FP_BYTES), size))
     reader = RemoteFile(url, fs=(fs, path))
     h = hashlib.sha256(b"%d\n" % size)

@@ -43,8 +43,9 @@ class Runs:
         return int((self.stop - self.start).sum())
 
 
-def coalesce(offsets: NDArray[np.int64], lengths: NDArray[np.int64], *, max_gap: int,
-             max_block: int) -> Runs:
+def coalesce(
+    offsets: NDArray[np.int64], lengths: NDArray[np.int64], *, max_gap: int, max_block: int
+) -> Runs:
     """Merge ranges in file order into runs (see the module docstring).
 
     Args:
@@ -83,13 +84,13 @@ def coalesce(offsets: NDArray[np.int64], lengths: NDArray[np.int64], *, max_gap:
     if (stop - start > max_block).any():  # rare: split oversized runs sequentially
         bounds = _cap(off, end, bounds, max_block)
         start = off[bounds[:-1]]
-        stop = np.array([end[a:b].max() for a, b in itertools.pairwise(bounds)],
-                        dtype=np.int64)
+        stop = np.array([end[a:b].max() for a, b in itertools.pairwise(bounds)], dtype=np.int64)
     return Runs(start, stop, bounds)
 
 
-def _cap(off: NDArray[np.int64], end: NDArray[np.int64], bounds: NDArray[np.int64],
-         max_block: int) -> NDArray[np.int64]:
+def _cap(
+    off: NDArray[np.int64], end: NDArray[np.int64], bounds: NDArray[np.int64], max_block: int
+) -> NDArray[np.int64]:
     out = [0]
     for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
         s, far = int(off[a]), int(end[a])

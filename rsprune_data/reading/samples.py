@@ -28,9 +28,17 @@ Sample = tuple[str, dict[str, bytes]]
 _PLAIN = (48, 0)  # typeflag '0' or NUL: a regular file
 
 
-def check_sample(shard: str, offset: int, key: str, expected: str | None,
-                 members: dict[str, bytes], buf: bytes, start: int, stop: int,
-                 checksum: int | None = None) -> None:
+def check_sample(
+    shard: str,
+    offset: int,
+    key: str,
+    expected: str | None,
+    members: dict[str, bytes],
+    buf: bytes,
+    start: int,
+    stop: int,
+    checksum: int | None = None,
+) -> None:
     """Refuse a sample that is not the one its index row describes.
 
     Args:
@@ -47,12 +55,18 @@ def check_sample(shard: str, offset: int, key: str, expected: str | None,
         ChecksumError: the bytes differ from those indexed (a ``StaleIndexError`` too).
     """
     if checksum is not None:  # first: changed bytes may still parse, with the same key
-        check_checksum(memoryview(buf)[start:stop], checksum, shard=shard, offset=offset,
-                       key=key if expected is None else expected)
+        check_checksum(
+            memoryview(buf)[start:stop],
+            checksum,
+            shard=shard,
+            offset=offset,
+            key=key if expected is None else expected,
+        )
     if expected is not None and key != expected:
         raise StaleIndexError(
             f"shard {shard}: the sample at byte {offset} has key {key!r} but the index says "
-            f"{expected!r}: the shard changed since indexing; run `rsprune-data index` again")
+            f"{expected!r}: the shard changed since indexing; run `rsprune-data index` again"
+        )
 
 
 def _walk_sample(buf: bytes, p: int, end: int, shard: str, at: int) -> Sample:
@@ -107,9 +121,15 @@ def _slow(buf: bytes, p: int, end: int, shard: str, at: int) -> Sample:
     return parse_sample(buf[p:end], at, shard=shard)
 
 
-def cut_run(buf: bytes, base: int, offsets: Sequence[int], lengths: Sequence[int],
-            keys: Sequence[str | None], shard: str,
-            sums: Sequence[int | None] | None = None) -> Iterator[Sample]:
+def cut_run(
+    buf: bytes,
+    base: int,
+    offsets: Sequence[int],
+    lengths: Sequence[int],
+    keys: Sequence[str | None],
+    shard: str,
+    sums: Sequence[int | None] | None = None,
+) -> Iterator[Sample]:
     """The samples of one run buffer.
 
     Args:
@@ -130,20 +150,38 @@ def cut_run(buf: bytes, base: int, offsets: Sequence[int], lengths: Sequence[int
     for o, n, want, want_sum in zip(offsets, lengths, keys, checks, strict=True):
         p = o - base
         if want_sum is not None:  # before parsing: damaged bytes fail as changed, by name
-            check_checksum(memoryview(buf)[p:p + n], want_sum, shard=shard, offset=o,
-                           key=want if want is not None else f"#{o}")
+            check_checksum(
+                memoryview(buf)[p : p + n],
+                want_sum,
+                shard=shard,
+                offset=o,
+                key=want if want is not None else f"#{o}",
+            )
         key, members = _walk_sample(buf, p, p + n, shard, o)
         check_sample(shard, o, key, want, members, buf, p, p + n)
         yield key, members
 
 
-def cut_runs(buffers: Iterable[bytes], runs: Runs, offsets: Sequence[int],
-             lengths: Sequence[int], keys: Sequence[str | None], shard: str,
-             sums: Sequence[int | None] | None = None) -> Iterator[Sample]:
+def cut_runs(
+    buffers: Iterable[bytes],
+    runs: Runs,
+    offsets: Sequence[int],
+    lengths: Sequence[int],
+    keys: Sequence[str | None],
+    shard: str,
+    sums: Sequence[int | None] | None = None,
+) -> Iterator[Sample]:
     """:func:`cut_run` over the buffers of ``runs`` (one buffer per run, in run order)."""
     bounds = runs.bounds.tolist()
     starts = runs.start.tolist()
     for r, buf in enumerate(buffers):
         a, b = bounds[r], bounds[r + 1]
-        yield from cut_run(buf, starts[r], offsets[a:b], lengths[a:b], keys[a:b], shard,
-                           None if sums is None else sums[a:b])
+        yield from cut_run(
+            buf,
+            starts[r],
+            offsets[a:b],
+            lengths[a:b],
+            keys[a:b],
+            shard,
+            None if sums is None else sums[a:b],
+        )

@@ -19,9 +19,13 @@ __all__ = ["stream_samples"]
 _SIGPIPE_STATUS = (-13, 141)  # a child killed by SIGPIPE, as Popen and as a shell report it
 
 
-def stream_samples(url: str, wanted: Sequence[int], keys: Sequence[str | None],
-                   offsets: Sequence[int],
-                   sums: Sequence[int | None] | None = None) -> Iterator[Sample]:
+def stream_samples(
+    url: str,
+    wanted: Sequence[int],
+    keys: Sequence[str | None],
+    offsets: Sequence[int],
+    sums: Sequence[int | None] | None = None,
+) -> Iterator[Sample]:
     """The samples numbered ``wanted`` (ascending, within the shard) of the stream ``url``.
 
     Args:
@@ -45,8 +49,17 @@ def stream_samples(url: str, wanted: Sequence[int], keys: Sequence[str | None],
             if i != wanted[j]:
                 continue  # dropped by position: never decoded
             key = ts.key
-            check_sample(url, offsets[j], key, keys[j], members, raw, 0, len(raw),
-                         None if sums is None else sums[j])
+            check_sample(
+                url,
+                offsets[j],
+                key,
+                keys[j],
+                members,
+                raw,
+                0,
+                len(raw),
+                None if sums is None else sums[j],
+            )
             yield key, members
             j += 1
             if j == len(wanted):
@@ -54,8 +67,10 @@ def stream_samples(url: str, wanted: Sequence[int], keys: Sequence[str | None],
     finally:
         _close(stream, early=j == len(wanted))
     if j < len(wanted):
-        raise StaleIndexError(f"stream {url} ended after fewer samples than its index lists: "
-                              "the shard changed since indexing; run `rsprune-data index` again")
+        raise StaleIndexError(
+            f"stream {url} ended after fewer samples than its index lists: "
+            "the shard changed since indexing; run `rsprune-data index` again"
+        )
 
 
 def _close(stream: Any, *, early: bool) -> None:

@@ -92,21 +92,42 @@ def write_report(
     tiles_per_cluster = check_int("tiles_per_cluster", tiles_per_cluster, 0)
     final = _check_out_dir(out_dir)
     t0 = time.perf_counter()
-    index = PruneIndex.load(shards if isinstance(shards, str | os.PathLike) else list(shards),
-                            index_dir)
+    index = PruneIndex.load(
+        shards if isinstance(shards, str | os.PathLike) else list(shards), index_dir
+    )
     cents = _load_centroids(centroids, index)
     selected = select_with_config(index, config)
     st = compute_stats(index, config, selected)
     with atomic_folder(final) as out:
-        _write_all(out, index, config, selected, st, cents, max_clusters_shown,
-                   tiles_per_cluster, reference_embeddings, t0, progress)
+        _write_all(
+            out,
+            index,
+            config,
+            selected,
+            st,
+            cents,
+            max_clusters_shown,
+            tiles_per_cluster,
+            reference_embeddings,
+            t0,
+            progress,
+        )
     return final / "index.html"
 
 
-def _write_all(out: Path, index: PruneIndex, config: PruneConfig, selected: NDArray[np.int64],
-               st: ReportStats, cents: Centroids | None, max_clusters_shown: int,
-               tiles_per_cluster: int, reference_embeddings: NDArray[Any] | None, t0: float,
-               progress: bool) -> None:
+def _write_all(
+    out: Path,
+    index: PruneIndex,
+    config: PruneConfig,
+    selected: NDArray[np.int64],
+    st: ReportStats,
+    cents: Centroids | None,
+    max_clusters_shown: int,
+    tiles_per_cluster: int,
+    reference_embeddings: NDArray[Any] | None,
+    t0: float,
+    progress: bool,
+) -> None:
     """Every file of the report, into the (temporary) folder ``out``."""
     from . import figures
     from .sheets import read_thumbnails, render_sheet
@@ -124,12 +145,15 @@ def _write_all(out: Path, index: PruneIndex, config: PruneConfig, selected: NDAr
 
         tau = config.dedup_threshold if config.dedup_threshold is not None else SHEET_TAU
         dup_sheet = picks.Sheet(
-            "near-duplicates", f"Near-duplicate groups at cosine >= {tau:g}",
+            "near-duplicates",
+            f"Near-duplicate groups at cosine >= {tau:g}",
             "The largest groups of near copies within a reference cluster: the most central "
             "sample (kept by dedup_threshold) first, then the samples it stands for.",
-            duplicate_tiles(index, index.duplicate_of(tau), selected))
-    sheets = [s for s in (*stage1, *clusters, *coverage, *([dup_sheet] if dup_sheet else []))
-              if s.tiles]
+            duplicate_tiles(index, index.duplicate_of(tau), selected),
+        )
+    sheets = [
+        s for s in (*stage1, *clusters, *coverage, *([dup_sheet] if dup_sheet else [])) if s.tiles
+    ]
     thumbs = read_thumbnails(index, [t.pos for s in sheets for t in s.tiles], progress=progress)
     for s in sheets:
         render_sheet(s.tiles, thumbs, img / f"{s.name}.png")
@@ -168,7 +192,8 @@ def _check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
             raise ConfigError(
                 f"`out_dir`={os.fspath(out_dir)!r} is a folder with other files in it (no "
                 "summary.json of an earlier report): the report replaces its folder as a whole, so "
-                "choose a new or empty folder")
+                "choose a new or empty folder"
+            )
     return out
 
 
@@ -176,14 +201,16 @@ def _stored_embeddings(index: PruneIndex) -> NDArray[Any] | None:
     from ..dedup_cache import load_embeddings
     from ..embeddings import read_metadata, sidecar_path_of_index
 
-    if not index.index_paths or not all(read_metadata(sidecar_path_of_index(p))
-                                        for p in index.index_paths):
+    if not index.index_paths or not all(
+        read_metadata(sidecar_path_of_index(p)) for p in index.index_paths
+    ):
         return None
     return load_embeddings(index)
 
 
-def _load_centroids(centroids: str | os.PathLike[str] | Centroids | None,
-                    index: PruneIndex) -> Centroids | None:
+def _load_centroids(
+    centroids: str | os.PathLike[str] | Centroids | None, index: PruneIndex
+) -> Centroids | None:
     if centroids is None:
         return None
     from ..centroids import Centroids

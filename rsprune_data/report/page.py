@@ -63,51 +63,63 @@ def esc(text: object) -> str:
 def document(title: str, subtitle: str, body: Iterable[str]) -> str:
     """A complete page around ``body`` fragments."""
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<main>\n"
-        f"<h1>{esc(title)}</h1>\n<p class=\"sub\">{subtitle}</p>\n" + "\n".join(body)
+        f'<h1>{esc(title)}</h1>\n<p class="sub">{subtitle}</p>\n'
+        + "\n".join(body)
         + "\n</main>\n</body>\n</html>\n"
     )
 
 
 def section(anchor: str, title: str, *parts: str) -> str:
-    return f"<section id=\"{esc(anchor)}\">\n<h2>{esc(title)}</h2>\n" + "\n".join(parts) + \
-        "\n</section>"
+    return (
+        f'<section id="{esc(anchor)}">\n<h2>{esc(title)}</h2>\n' + "\n".join(parts) + "\n</section>"
+    )
 
 
 def note(html_text: str, cls: str = "note") -> str:
     """A paragraph; ``html_text`` is trusted markup (escape data before passing it)."""
-    return f"<p class=\"{cls}\">{html_text}</p>" if cls != "warn" else \
-        f"<div class=\"warn\">{html_text}</div>"
+    return (
+        f'<p class="{cls}">{html_text}</p>'
+        if cls != "warn"
+        else f'<div class="warn">{html_text}</div>'
+    )
 
 
 def figure(src: str, alt: str, caption: str = "", width: int | None = None) -> str:
     """An ``<img>`` by relative path with an optional caption (trusted markup)."""
-    w = f" width=\"{width}\"" if width else ""
+    w = f' width="{width}"' if width else ""
     cap = f"<figcaption>{caption}</figcaption>" if caption else ""
-    return f"<figure><img src=\"{esc(src)}\" alt=\"{esc(alt)}\"{w}>{cap}</figure>"
+    return f'<figure><img src="{esc(src)}" alt="{esc(alt)}"{w}>{cap}</figure>'
 
 
 def cards(items: Sequence[tuple[str, str]]) -> str:
     """Key numbers as cards: ``(value, label)`` pairs, both plain text."""
-    return "<div class=\"cards\">" + "".join(
-        f"<div class=\"card\"><b>{esc(v)}</b><span>{esc(k)}</span></div>" for v, k in items
-    ) + "</div>"
+    return (
+        '<div class="cards">'
+        + "".join(f'<div class="card"><b>{esc(v)}</b><span>{esc(k)}</span></div>' for v, k in items)
+        + "</div>"
+    )
 
 
-def table(header: Sequence[str], rows: Iterable[Sequence[object]],
-          numeric: Sequence[bool] | None = None, raw: Sequence[bool] | None = None) -> str:
+def table(
+    header: Sequence[str],
+    rows: Iterable[Sequence[object]],
+    numeric: Sequence[bool] | None = None,
+    raw: Sequence[bool] | None = None,
+) -> str:
     """A table; ``numeric`` right-aligns columns, ``raw`` marks columns holding trusted markup."""
     num = list(numeric) if numeric is not None else [False] * len(header)
     trusted = list(raw) if raw is not None else [False] * len(header)
-    head = "".join(f"<th{' class=n' if n else ''}>{esc(h)}</th>" for h, n in
-                   zip(header, num, strict=True))
+    head = "".join(
+        f"<th{' class=n' if n else ''}>{esc(h)}</th>" for h, n in zip(header, num, strict=True)
+    )
     body = []
     for row in rows:
         cells = []
         for v, n, r in zip(row, num, trusted, strict=True):
-            cls = " class=\"n\"" if n else (" class=\"bar\"" if r else "")
+            cls = ' class="n"' if n else (' class="bar"' if r else "")
             cells.append(f"<td{cls}>{v if r else esc(v)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>" + "".join(body) + "</tbody></table>"
@@ -116,7 +128,7 @@ def table(header: Sequence[str], rows: Iterable[Sequence[object]],
 def bar(share: float, color: str = "#1971c2") -> str:
     """A proportional CSS bar (``share`` in [0, 1])."""
     pct = max(0.0, min(1.0, share)) * 100
-    return f"<div style=\"width:{pct:.1f}%;background:{color}\"></div>"
+    return f'<div style="width:{pct:.1f}%;background:{color}"></div>'
 
 
 def details(summary_text: str, inner: str) -> str:
@@ -125,10 +137,14 @@ def details(summary_text: str, inner: str) -> str:
 
 def status_legend(states: Sequence[int]) -> str:
     """The frame colours of contact-sheet tiles."""
-    return "<p class=\"legend\">tile frame: " + "".join(
-        f"<span><i style=\"background:{STATUS_COLORS[s]}\"></i>{esc(STATUS_NAMES[s])}</span>"
-        for s in states
-    ) + "</p>"
+    return (
+        '<p class="legend">tile frame: '
+        + "".join(
+            f'<span><i style="background:{STATUS_COLORS[s]}"></i>{esc(STATUS_NAMES[s])}</span>'
+            for s in states
+        )
+        + "</p>"
+    )
 
 
 # --- the report page --------------------------------------------------------------------------
@@ -155,15 +171,19 @@ def _stage1_text(st: ReportStats, summary: dict[str, Any]) -> str:
     if rule == "keep":
         cut = f", effective cut {st.cut:.2f} bits" if st.cut is not None else ""
         return f"keep the top {summary['entropy_keep']:g} of N by entropy{cut}"
-    return "off" + (f" (ranking by entropy keeps H >= {st.cut:.2f} bits)" if st.cut is not None
-                    else "")
+    return "off" + (
+        f" (ranking by entropy keeps H >= {st.cut:.2f} bits)" if st.cut is not None else ""
+    )
 
 
 def _sheet_html(sheet: Sheet) -> str:
     if not sheet.tiles:
         return f"<h3>{esc(sheet.title)}</h3>" + note("(no such tiles in this selection)")
-    return (f"<h3>{esc(sheet.title)}</h3>" + note(esc(sheet.note))
-            + figure(f"{IMG_DIR}/{sheet.name}.png", sheet.title))
+    return (
+        f"<h3>{esc(sheet.title)}</h3>"
+        + note(esc(sheet.note))
+        + figure(f"{IMG_DIR}/{sheet.name}.png", sheet.title)
+    )
 
 
 def _stage_table(st: ReportStats, summary: dict[str, Any]) -> str:
@@ -173,34 +193,71 @@ def _stage_table(st: ReportStats, summary: dict[str, Any]) -> str:
     rows: list[tuple[str, int, str]] = [
         ("samples in the index (N)", n, ""),
         ("not decodable (never selected)", summary["invalid"], reasons),
-        ("dropped: no-data share > max_nodata", summary["nodata_dropped"],
-         f"max_nodata = {st.config.max_nodata}"),
-        *[(f"dropped: where {w['filter']}", w["dropped"], "metadata filter (missing values fail)")
-          for w in summary.get("where", [])],
-        *([("dropped: cloud/haze score > max_cloud", summary.get("cloud_dropped", 0),
-            f"max_cloud = {st.config.max_cloud}")] if st.config.max_cloud is not None else []),
+        (
+            "dropped: no-data share > max_nodata",
+            summary["nodata_dropped"],
+            f"max_nodata = {st.config.max_nodata}",
+        ),
+        *[
+            (f"dropped: where {w['filter']}", w["dropped"], "metadata filter (missing values fail)")
+            for w in summary.get("where", [])
+        ],
+        *(
+            [
+                (
+                    "dropped: cloud/haze score > max_cloud",
+                    summary.get("cloud_dropped", 0),
+                    f"max_cloud = {st.config.max_cloud}",
+                )
+            ]
+            if st.config.max_cloud is not None
+            else []
+        ),
         ("dropped: Stage I (entropy)", summary["stage1_dropped"], _stage1_text(st, summary)),
         ("Stage I candidates", summary["candidates"], ""),
         ("budget B = floor((1 - r) N + 0.5)", summary["budget"], f"r = {st.config.prune_ratio:g}"),
         ("selected", summary["selected"], f"strategy {st.config.strategy}"),
-        ("shortfall (B - selected)", summary["shortfall"],
-         "fewer candidates than the budget: nothing is padded" if summary["shortfall"] else ""),
+        (
+            "shortfall (B - selected)",
+            summary["shortfall"],
+            "fewer candidates than the budget: nothing is padded" if summary["shortfall"] else "",
+        ),
     ]
-    body = [(label, f"{v:,}", _pct(v, n), bar(v / n if n else 0.0), esc(detail))
-            for label, v, detail in rows]
+    body = [
+        (label, f"{v:,}", _pct(v, n), bar(v / n if n else 0.0), esc(detail))
+        for label, v, detail in rows
+    ]
     if k:
-        body.append(("clusters covered by the selection", f"{summary['clusters_covered']:,}",
-                     _pct(summary["clusters_covered"], k), bar(summary["clusters_covered"] / k),
-                     esc(f"{summary['clusters_in_pool']} of K = {k} occur in the pool; "
-                           f"quota q = floor(B/K) = {st.quota}")))
-    return table(["stage", "samples", "of N", "", "detail"], body,
-                   numeric=[False, True, True, False, False],
-                   raw=[False, False, False, True, True])
+        body.append(
+            (
+                "clusters covered by the selection",
+                f"{summary['clusters_covered']:,}",
+                _pct(summary["clusters_covered"], k),
+                bar(summary["clusters_covered"] / k),
+                esc(
+                    f"{summary['clusters_in_pool']} of K = {k} occur in the pool; "
+                    f"quota q = floor(B/K) = {st.quota}"
+                ),
+            )
+        )
+    return table(
+        ["stage", "samples", "of N", "", "detail"],
+        body,
+        numeric=[False, True, True, False, False],
+        raw=[False, False, False, True, True],
+    )
 
 
-def render(index: PruneIndex, st: ReportStats, summary: dict[str, Any],
-          comp: Compositions | None, stage1: list[Sheet], clusters: list[Sheet],
-          coverage: list[Sheet], extra: Sequence[str] = ()) -> str:
+def render(
+    index: PruneIndex,
+    st: ReportStats,
+    summary: dict[str, Any],
+    comp: Compositions | None,
+    stage1: list[Sheet],
+    clusters: list[Sheet],
+    coverage: list[Sheet],
+    extra: Sequence[str] = (),
+) -> str:
     from .. import __version__
 
     cfg = st.config
@@ -213,98 +270,176 @@ def render(index: PruneIndex, st: ReportStats, summary: dict[str, Any],
         f"{cfg.strategy} · encoder {index.encoder or 'none (entropy only)'} · K = {k} · "
         f"generated {when} by rsprune_data {__version__}"
     )
-    body = [cards([
-        (f"{summary['selected']:,}", f"selected of {n:,} ({_pct(summary['selected'], n)})"),
-        (f"{summary['budget']:,}", "budget B"),
-        (f"{summary['shortfall']:,}", "shortfall"),
-        (f"{_human_bytes(read)}", f"to read of {_human_bytes(total)} ({_pct(read, total)})"),
-        (f"{touched:,} / {num_shards:,}", "shards touched"),
-        *([(f"{summary['clusters_covered']} / {k}", "clusters covered")] if k else []),
-    ])]
+    body = [
+        cards(
+            [
+                (f"{summary['selected']:,}", f"selected of {n:,} ({_pct(summary['selected'], n)})"),
+                (f"{summary['budget']:,}", "budget B"),
+                (f"{summary['shortfall']:,}", "shortfall"),
+                (
+                    f"{_human_bytes(read)}",
+                    f"to read of {_human_bytes(total)} ({_pct(read, total)})",
+                ),
+                (f"{touched:,} / {num_shards:,}", "shards touched"),
+                *([(f"{summary['clusters_covered']} / {k}", "clusters covered")] if k else []),
+            ]
+        )
+    ]
     body.append(section("stages", "Counts per stage", _stage_table(st, summary)))
 
     legend = status_legend([NODATA, STAGE1, NOT_SELECTED, SELECTED])
-    body.append(section(
-        "stage1", "Stage I: information (entropy and no-data)",
-        note("Each tile's global Shannon entropy of its 8-bit grayscale histogram, "
-               "H = -Σ p<sub>k</sub> log<sub>2</sub> p<sub>k</sub> over 256 levels. Low-entropy "
-               f"tiles carry little information. Stage I here: {esc(_stage1_text(st, summary))}."),
-        figure(f"{IMG_DIR}/entropy.png", "entropy histogram with the Stage I cut"),
-        figure(f"{IMG_DIR}/nodata.png", "no-data share histogram with the max_nodata cut"),
-        legend, *(_sheet_html(s) for s in stage1)))
+    body.append(
+        section(
+            "stage1",
+            "Stage I: information (entropy and no-data)",
+            note(
+                "Each tile's global Shannon entropy of its 8-bit grayscale histogram, "
+                "H = -Σ p<sub>k</sub> log<sub>2</sub> p<sub>k</sub> over 256 levels. Low-entropy "
+                f"tiles carry little information. Stage I here: {esc(_stage1_text(st, summary))}."
+            ),
+            figure(f"{IMG_DIR}/entropy.png", "entropy histogram with the Stage I cut"),
+            figure(f"{IMG_DIR}/nodata.png", "no-data share histogram with the max_nodata cut"),
+            legend,
+            *(_sheet_html(s) for s in stage1),
+        )
+    )
 
     if k:
-        body.append(section(
-            "stage2", "Stage II: scene-aware clustering and sampling",
-            note(f"Every tile is assigned to its nearest of K = {k} reference clusters. Each "
-                   f"cluster gives at most its q = floor(B/K) = {st.quota:,} candidates nearest to "
-                   "its centroid; the rest of the budget is filled by similarity. Clusters the pool "
-                   "over-represents are cut down to the quota, rare ones are kept whole: the "
-                   "selection's bars are flatter than the pool's."),
-            figure(f"{IMG_DIR}/clusters.png", "cluster occupancy of the pool and the selection"),
-            *(_sheet_html(s) for s in clusters),
-            details(f"all {k} clusters", _cluster_table(st, comp))))
-        body.append(section(
-            "coverage", "Coverage: tiles the reference set does not represent",
-            note("A plain argmax assigns every tile to some cluster, however far it is from all "
-                   "of them. Low similarity marks content that the reference set does not cover; "
-                   "such tiles are ranked last within their cluster."),
-            figure(f"{IMG_DIR}/similarity.png", "best-centroid similarity, pool vs selection"),
-            legend, *(_sheet_html(s) for s in coverage)))
+        body.append(
+            section(
+                "stage2",
+                "Stage II: scene-aware clustering and sampling",
+                note(
+                    f"Every tile is assigned to its nearest of K = {k} reference clusters. Each "
+                    f"cluster gives at most its q = floor(B/K) = {st.quota:,} candidates nearest to "
+                    "its centroid; the rest of the budget is filled by similarity. Clusters the pool "
+                    "over-represents are cut down to the quota, rare ones are kept whole: the "
+                    "selection's bars are flatter than the pool's."
+                ),
+                figure(
+                    f"{IMG_DIR}/clusters.png", "cluster occupancy of the pool and the selection"
+                ),
+                *(_sheet_html(s) for s in clusters),
+                details(f"all {k} clusters", _cluster_table(st, comp)),
+            )
+        )
+        body.append(
+            section(
+                "coverage",
+                "Coverage: tiles the reference set does not represent",
+                note(
+                    "A plain argmax assigns every tile to some cluster, however far it is from all "
+                    "of them. Low similarity marks content that the reference set does not cover; "
+                    "such tiles are ranked last within their cluster."
+                ),
+                figure(f"{IMG_DIR}/similarity.png", "best-centroid similarity, pool vs selection"),
+                legend,
+                *(_sheet_html(s) for s in coverage),
+            )
+        )
     else:
-        body.append(section(
-            "stage2", "Stage II: scene-aware clustering and sampling",
-            note("The index was built without centroids (entropy only), so there are no cluster "
-                   "or coverage figures. Build centroids with <code>rsprune-data centroids</code> "
-                   "and index with <code>rsprune-data index ... --centroids FILE</code>.",
-                   cls="warn")))
+        body.append(
+            section(
+                "stage2",
+                "Stage II: scene-aware clustering and sampling",
+                note(
+                    "The index was built without centroids (entropy only), so there are no cluster "
+                    "or coverage figures. Build centroids with <code>rsprune-data centroids</code> "
+                    "and index with <code>rsprune-data index ... --centroids FILE</code>.",
+                    cls="warn",
+                ),
+            )
+        )
 
     body.extend(extra)  # sections that need stored embeddings (build.py: ratio sweep, duplicates)
-    body.append(section(
-        "io", "Reading this selection",
-        note(f"At prune ratio {cfg.prune_ratio:g} a loader reads {_human_bytes(read)} "
-               f"({read:,} bytes) of {_human_bytes(total)} ({_pct(read, total)}) and opens "
-               f"{touched:,} of {num_shards:,} shards; shards with nothing selected are never "
-               "opened."),
-        details(f"per-shard counts ({num_shards:,} shards)", _shard_table(summary))))
-    body.append(section(
-        "config", "Configuration",
-        f"<pre>{esc(json.dumps(cfg.to_dict(), indent=2))}</pre>",
-        note('All numbers are in <a href="summary.json">summary.json</a>.')))
+    body.append(
+        section(
+            "io",
+            "Reading this selection",
+            note(
+                f"At prune ratio {cfg.prune_ratio:g} a loader reads {_human_bytes(read)} "
+                f"({read:,} bytes) of {_human_bytes(total)} ({_pct(read, total)}) and opens "
+                f"{touched:,} of {num_shards:,} shards; shards with nothing selected are never "
+                "opened."
+            ),
+            details(f"per-shard counts ({num_shards:,} shards)", _shard_table(summary)),
+        )
+    )
+    body.append(
+        section(
+            "config",
+            "Configuration",
+            f"<pre>{esc(json.dumps(cfg.to_dict(), indent=2))}</pre>",
+            note('All numbers are in <a href="summary.json">summary.json</a>.'),
+        )
+    )
     return document("RS-Prune selection report", subtitle, body)
 
 
 def _cluster_table(st: ReportStats, comp: Compositions | None) -> str:
     order = np.lexsort((np.arange(st.num_clusters), -st.cluster_pool))
-    rows = [(int(c), f"{st.cluster_pool[c]:,}", f"{st.cluster_candidates[c]:,}",
-             f"{st.cluster_selected[c]:,}", comp.text[c] if comp is not None else "")
-            for c in order.tolist()]
-    return table(["cluster", "pool", "candidates", "selected", "reference composition"], rows,
-                   numeric=[True, True, True, True, False])
+    rows = [
+        (
+            int(c),
+            f"{st.cluster_pool[c]:,}",
+            f"{st.cluster_candidates[c]:,}",
+            f"{st.cluster_selected[c]:,}",
+            comp.text[c] if comp is not None else "",
+        )
+        for c in order.tolist()
+    ]
+    return table(
+        ["cluster", "pool", "candidates", "selected", "reference composition"],
+        rows,
+        numeric=[True, True, True, True, False],
+    )
 
 
 def _shard_table(summary: dict[str, Any], limit: int = 500) -> str:
     shards = summary["shards"]
-    rows = [(s["shard"], f"{s['samples']:,}", f"{s['selected']:,}",
-             _human_bytes(s["bytes_to_read"]), _human_bytes(s["bytes"]))
-            for s in shards[:limit]]
-    more = note(f"... and {len(shards) - limit:,} more in summary.json") \
-        if len(shards) > limit else ""
-    return table(["shard", "samples", "selected", "to read", "size"], rows,
-                   numeric=[False, True, True, True, True]) + more
+    rows = [
+        (
+            s["shard"],
+            f"{s['samples']:,}",
+            f"{s['selected']:,}",
+            _human_bytes(s["bytes_to_read"]),
+            _human_bytes(s["bytes"]),
+        )
+        for s in shards[:limit]
+    ]
+    more = (
+        note(f"... and {len(shards) - limit:,} more in summary.json") if len(shards) > limit else ""
+    )
+    return (
+        table(
+            ["shard", "samples", "selected", "to read", "size"],
+            rows,
+            numeric=[False, True, True, True, True],
+        )
+        + more
+    )
 
 
 def sweep_section(sw: Any, dup_sheet: Sheet | None) -> str:
     """The ratio sweep (figure + table) and the near-duplicate sheet (report/sweep.py)."""
-    rows = [(f"{r:g}" + (" (chosen)" if r == sw.chosen else ""), f"{n:,}",
-             *(f"{sw.values[m][i]:.3f}" for m in ("coverage", "balance", "frechet", "radius")))
-            for i, (r, n) in enumerate(zip(sw.ratios, sw.selected, strict=True))]
-    parts = [note("The same configuration at other pruning ratios, measured on the stored "
-                  "embeddings before any training: where coverage and balance drop and the "
-                  f"Frechet distance (target: {esc(sw.target)}) and k-center radius rise, "
-                  "quality falls off. The dashed line marks the chosen ratio."),
-             figure(f"{IMG_DIR}/ratio-sweep.png", "metrics over the pruning ratio"),
-             table(["ratio", "selected", "coverage", "balance", "Frechet", "radius"], rows)]
+    rows = [
+        (
+            f"{r:g}" + (" (chosen)" if r == sw.chosen else ""),
+            f"{n:,}",
+            *(f"{sw.values[m][i]:.3f}" for m in ("coverage", "balance", "frechet", "radius")),
+        )
+        for i, (r, n) in enumerate(zip(sw.ratios, sw.selected, strict=True))
+    ]
+    parts = [
+        note(
+            "The same configuration at other pruning ratios, measured on the stored "
+            "embeddings before any training: where coverage and balance drop and the "
+            f"Frechet distance (target: {esc(sw.target)}) and k-center radius rise, "
+            "quality falls off. The dashed line marks the chosen ratio."
+        ),
+        figure(f"{IMG_DIR}/ratio-sweep.png", "metrics over the pruning ratio"),
+        table(["ratio", "selected", "coverage", "balance", "Frechet", "radius"], rows),
+    ]
     if dup_sheet is not None:
         parts.append(_sheet_html(dup_sheet))
     return section("sweep", "Choosing the ratio: sweep and near-duplicates", *parts)

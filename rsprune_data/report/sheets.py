@@ -44,8 +44,9 @@ class Tile:
     status: int
 
 
-def read_thumbnails(index: Any, positions: Iterable[int], *, size: int = THUMB,
-                    progress: bool = False) -> dict[int, NDArray[np.uint8] | str]:
+def read_thumbnails(
+    index: Any, positions: Iterable[int], *, size: int = THUMB, progress: bool = False
+) -> dict[int, NDArray[np.uint8] | str]:
     """Thumbnails of ``positions`` (global index positions), at most ``size`` px on a side.
 
     Returns:
@@ -64,8 +65,9 @@ def read_thumbnails(index: Any, positions: Iterable[int], *, size: int = THUMB,
     shard_ids = np.asarray(index.shard_ids)[pos]
     offsets = np.asarray(index.offsets)[pos]
     lengths = np.asarray(index.lengths)[pos]
-    bar = tqdm(total=len(wanted), unit="tile", desc="report tiles", disable=not progress,
-               leave=False)
+    bar = tqdm(
+        total=len(wanted), unit="tile", desc="report tiles", disable=not progress, leave=False
+    )
     for sid in np.unique(shard_ids).tolist():
         rows = np.flatnonzero(shard_ids == sid)
         shard = index.shards[sid]
@@ -125,15 +127,21 @@ def _fit(text: str, font: Any, width: float) -> str:
     keep = len(text) - 1
     while keep > 1:
         head = (keep + 1) // 2
-        short = text[:head] + "…" + text[len(text) - (keep - head):]
+        short = text[:head] + "…" + text[len(text) - (keep - head) :]
         if font.getlength(short) <= width:
             return short
         keep -= 1
     return "…"
 
 
-def render_sheet(tiles: Sequence[Tile], thumbs: Mapping[int, NDArray[np.uint8] | str],
-                 path: str | Path, *, columns: int = 8, size: int = THUMB) -> Path:
+def render_sheet(
+    tiles: Sequence[Tile],
+    thumbs: Mapping[int, NDArray[np.uint8] | str],
+    path: str | Path,
+    *,
+    columns: int = 8,
+    size: int = THUMB,
+) -> Path:
     """Draw ``tiles`` in rows of ``columns`` (frame colour = state, caption below) into ``path``."""
     from PIL import Image, ImageDraw
 
@@ -153,23 +161,33 @@ def render_sheet(tiles: Sequence[Tile], thumbs: Mapping[int, NDArray[np.uint8] |
     for i, tile in enumerate(tiles):
         x = _GAP + (i % cols) * (cell_w + _GAP)
         y = _GAP + (i // cols) * (cell_h + _GAP)
-        draw.rectangle((x, y, x + cell_w - 1, y + size + 2 * _FRAME - 1),
-                       fill=STATUS_COLORS[tile.status])
+        draw.rectangle(
+            (x, y, x + cell_w - 1, y + size + 2 * _FRAME - 1), fill=STATUS_COLORS[tile.status]
+        )
         thumb = thumbs.get(tile.pos, "not read")
         if isinstance(thumb, str):
-            draw.rectangle((x + _FRAME, y + _FRAME, x + _FRAME + size - 1, y + _FRAME + size - 1),
-                           fill=_PLACEHOLDER)
-            draw.text((x + cell_w // 2, y + cell_w // 2), thumb, fill=(33, 37, 41), font=font,
-                      anchor="mm")
+            draw.rectangle(
+                (x + _FRAME, y + _FRAME, x + _FRAME + size - 1, y + _FRAME + size - 1),
+                fill=_PLACEHOLDER,
+            )
+            draw.text(
+                (x + cell_w // 2, y + cell_w // 2), thumb, fill=(33, 37, 41), font=font, anchor="mm"
+            )
         else:
             h, w = thumb.shape[:2]
             # centre a non-square thumbnail inside the frame
-            sheet.paste(Image.fromarray(thumb),
-                        (x + _FRAME + (size - w) // 2, y + _FRAME + (size - h) // 2))
+            sheet.paste(
+                Image.fromarray(thumb), (x + _FRAME + (size - w) // 2, y + _FRAME + (size - h) // 2)
+            )
         for j, text in enumerate(tile.caption.split("\n") if tile.caption else []):
             line = _fit(text, font, cell_w + _GAP - 2)
-            draw.text((x + cell_w // 2, y + size + 2 * _FRAME + 1 + j * _LINE), line,
-                      fill=(33, 37, 41), font=font, anchor="ma")
+            draw.text(
+                (x + cell_w // 2, y + size + 2 * _FRAME + 1 + j * _LINE),
+                line,
+                fill=(33, 37, 41),
+                font=font,
+                anchor="ma",
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path, optimize=False, compress_level=6)
     return path

@@ -57,8 +57,12 @@ class ReportStats:
         """``summary.json``: the selection summary plus stages, I/O and per-cluster counts."""
         out: dict[str, Any] = dict(self.summary)
         out["invalid_reasons"] = dict(self.reasons)
-        out["status_counts"] = {name: int(c) for name, c in zip(
-            STATUS_NAMES, np.bincount(self.status, minlength=len(STATUS_NAMES)), strict=True)}
+        out["status_counts"] = {
+            name: int(c)
+            for name, c in zip(
+                STATUS_NAMES, np.bincount(self.status, minlength=len(STATUS_NAMES)), strict=True
+            )
+        }
         out["stage1_cut"] = self.cut
         out["stage1_cut_label"] = self.cut_label
         out["quota"] = self.quota
@@ -67,23 +71,45 @@ class ReportStats:
         out["bytes_to_read"] = int(self.shard_read_bytes.sum())
         out["bytes_total"] = int(self.shard_file_bytes.sum())
         out["shards"] = [
-            {"shard": os.path.basename(s), "samples": int(n), "selected": int(k),
-             "bytes_to_read": int(r), "bytes": int(b)}
-            for s, n, k, r, b in zip(shards, self.shard_samples, self.shard_selected,
-                                     self.shard_read_bytes, self.shard_file_bytes, strict=True)
+            {
+                "shard": os.path.basename(s),
+                "samples": int(n),
+                "selected": int(k),
+                "bytes_to_read": int(r),
+                "bytes": int(b),
+            }
+            for s, n, k, r, b in zip(
+                shards,
+                self.shard_samples,
+                self.shard_selected,
+                self.shard_read_bytes,
+                self.shard_file_bytes,
+                strict=True,
+            )
         ]
         out["clusters"] = [
-            {"cluster": k, "pool": int(p), "candidates": int(c), "selected": int(s),
-             **({"composition": composition[k]} if composition is not None else {})}
-            for k, (p, c, s) in enumerate(zip(self.cluster_pool, self.cluster_candidates,
-                                              self.cluster_selected, strict=True))
+            {
+                "cluster": k,
+                "pool": int(p),
+                "candidates": int(c),
+                "selected": int(s),
+                **({"composition": composition[k]} if composition is not None else {}),
+            }
+            for k, (p, c, s) in enumerate(
+                zip(self.cluster_pool, self.cluster_candidates, self.cluster_selected, strict=True)
+            )
         ]
         json.dumps(out)  # fail here, not half-way through writing the file, on a non-JSON value
         return out
 
 
-def candidate_mask(entropy: NDArray[Any], eligible: NDArray[np.bool_], config: PruneConfig,
-                   entropy_keep: float | None, entropy_threshold: float | None) -> NDArray[np.bool_]:
+def candidate_mask(
+    entropy: NDArray[Any],
+    eligible: NDArray[np.bool_],
+    config: PruneConfig,
+    entropy_keep: float | None,
+    entropy_threshold: float | None,
+) -> NDArray[np.bool_]:
     """Stage I survivors, exactly as :func:`rsprune_data.selection.select_indices` forms them.
 
     ``entropy_keep = f`` keeps the ``min(floor(f * N + 0.5), N_eligible)`` eligible samples of
@@ -102,8 +128,9 @@ def candidate_mask(entropy: NDArray[Any], eligible: NDArray[np.bool_], config: P
     return eligible.copy()
 
 
-def compute_stats(index: Any, config: PruneConfig,
-                  selected: NDArray[np.int64] | None = None) -> ReportStats:
+def compute_stats(
+    index: Any, config: PruneConfig, selected: NDArray[np.int64] | None = None
+) -> ReportStats:
     """Per-sample states and per-cluster/per-shard counts for ``config`` on ``index``.
 
     Args:
@@ -148,21 +175,29 @@ def compute_stats(index: Any, config: PruneConfig,
         cut=cut,
         cut_label=label,
         quota=b // k if k > 0 else None,
-        reasons=_count_reasons(valid, getattr(index, "reason", None),
-                               getattr(index, "reasons", None)),
+        reasons=_count_reasons(
+            valid, getattr(index, "reason", None), getattr(index, "reasons", None)
+        ),
         cluster_pool=pool.astype(np.int64),
         cluster_candidates=cands.astype(np.int64),
         cluster_selected=sel.astype(np.int64),
         shard_samples=np.diff(np.asarray(index.shard_starts, dtype=np.int64)).astype(np.int64),
         shard_selected=np.bincount(shard_ids[selected], minlength=num_shards).astype(np.int64),
-        shard_read_bytes=np.bincount(shard_ids[selected], weights=lengths[selected],
-                                     minlength=num_shards).astype(np.int64),
+        shard_read_bytes=np.bincount(
+            shard_ids[selected], weights=lengths[selected], minlength=num_shards
+        ).astype(np.int64),
         shard_file_bytes=np.array([_file_size(s) for s in index.shards], dtype=np.int64),
     )
 
 
-def _stage1_cut(entropy: NDArray[Any], cand: NDArray[np.bool_], selected: NDArray[np.int64],
-                rule: str, threshold: float | None, config: PruneConfig) -> tuple[float | None, str]:
+def _stage1_cut(
+    entropy: NDArray[Any],
+    cand: NDArray[np.bool_],
+    selected: NDArray[np.int64],
+    rule: str,
+    threshold: float | None,
+    config: PruneConfig,
+) -> tuple[float | None, str]:
     if rule in ("threshold", "auto") and threshold is not None:
         return float(threshold), ("auto cut" if rule == "auto" else "threshold")
     if rule == "keep":
@@ -174,8 +209,9 @@ def _stage1_cut(entropy: NDArray[Any], cand: NDArray[np.bool_], selected: NDArra
     return None, "off"
 
 
-def _count_reasons(valid: NDArray[np.bool_], reasons: NDArray[Any] | None,
-                   names: list[str] | None) -> dict[str, int]:
+def _count_reasons(
+    valid: NDArray[np.bool_], reasons: NDArray[Any] | None, names: list[str] | None
+) -> dict[str, int]:
     bad = int((~valid).sum())
     if not bad:
         return {}

@@ -32,10 +32,12 @@ if TYPE_CHECKING:
     from .sheets import Tile
 
 SWEEP_RATIOS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
-METRICS = {"coverage": "reference clusters covered (share of those in the pool)",
-           "balance": "balance (normalised entropy of cluster occupancy)",
-           "frechet": "Frechet distance to the target (PCA space)",
-           "radius": "k-center radius over the pool (PCA space)"}
+METRICS = {
+    "coverage": "reference clusters covered (share of those in the pool)",
+    "balance": "balance (normalised entropy of cluster occupancy)",
+    "frechet": "Frechet distance to the target (PCA space)",
+    "radius": "k-center radius over the pool (PCA space)",
+}
 
 
 @dataclass
@@ -47,8 +49,13 @@ class Sweep:
     selected: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"ratios": self.ratios, "chosen": self.chosen, "target": self.target,
-                "selected": self.selected, **self.values}
+        return {
+            "ratios": self.ratios,
+            "chosen": self.chosen,
+            "target": self.target,
+            "selected": self.selected,
+            **self.values,
+        }
 
 
 def frechet_distance(a: NDArray[Any], b: NDArray[Any]) -> float:
@@ -76,9 +83,17 @@ def kcenter_radius(points: NDArray[Any], centers: NDArray[Any]) -> float:
     return float(np.sqrt(np.clip(dist, 0, None)).max(initial=0.0))
 
 
-def ratio_sweep(index: PruneIndex, config: PruneConfig, embeddings: NDArray[Any], *,
-                reference: NDArray[Any] | None = None, ratios: tuple[float, ...] = SWEEP_RATIOS,
-                pca_dims: int = 32, max_points: int = 20_000, seed: int = 0) -> Sweep:
+def ratio_sweep(
+    index: PruneIndex,
+    config: PruneConfig,
+    embeddings: NDArray[Any],
+    *,
+    reference: NDArray[Any] | None = None,
+    ratios: tuple[float, ...] = SWEEP_RATIOS,
+    pca_dims: int = 32,
+    max_points: int = 20_000,
+    seed: int = 0,
+) -> Sweep:
     """The metrics of ``config`` at every ratio (see the module docstring)."""
     from ..plan import select_with_config
 
@@ -102,15 +117,20 @@ def ratio_sweep(index: PruneIndex, config: PruneConfig, embeddings: NDArray[Any]
     in_pool = np.bincount(z[valid], minlength=k) if k else np.zeros(0, np.int64)
     live = int(np.count_nonzero(in_pool))
     all_ratios = sorted({*ratios, config.prune_ratio})
-    out = Sweep(all_ratios, config.prune_ratio,
-                "reference embeddings" if reference is not None else "pool",
-                {m: [] for m in METRICS})
+    out = Sweep(
+        all_ratios,
+        config.prune_ratio,
+        "reference embeddings" if reference is not None else "pool",
+        {m: [] for m in METRICS},
+    )
     for r in all_ratios:
         sel = select_with_config(index, config.replace(prune_ratio=r))
         occ = np.bincount(z[sel], minlength=k) if k else np.zeros(0, np.int64)
         covered = int(np.count_nonzero(occ))
         p = occ[occ > 0] / max(1, occ.sum())
-        balance = float(-(p * np.log(p)).sum() / np.log(live)) if live > 1 and p.size else float("nan")
+        balance = (
+            float(-(p * np.log(p)).sum() / np.log(live)) if live > 1 and p.size else float("nan")
+        )
         out.values["coverage"].append(covered / live if live else float("nan"))
         out.values["balance"].append(balance)
         out.values["frechet"].append(frechet_distance(z_all[sel], target))
@@ -137,8 +157,14 @@ def sweep_figure(sweep: Sweep, path: Path) -> Path:
     return path
 
 
-def duplicate_tiles(index: PruneIndex, dup_of: NDArray[np.int64], selected: NDArray[np.int64],
-                    *, groups: int = 6, per_group: int = 7) -> list[Tile]:
+def duplicate_tiles(
+    index: PruneIndex,
+    dup_of: NDArray[np.int64],
+    selected: NDArray[np.int64],
+    *,
+    groups: int = 6,
+    per_group: int = 7,
+) -> list[Tile]:
     """Tiles of the largest near-duplicate groups: the kept sample first, then its duplicates."""
     from ..dedup import duplicate_groups
     from .sheets import Tile
@@ -148,11 +174,18 @@ def duplicate_tiles(index: PruneIndex, dup_of: NDArray[np.int64], selected: NDAr
     chosen[selected] = True
     tiles: list[Tile] = []
     for g, (head, dups) in enumerate(duplicate_groups(dup_of)[:groups]):
-        for j, pos in enumerate([head, *dups[: per_group]]):
+        for j, pos in enumerate([head, *dups[:per_group]]):
             caption = f"group {g + 1}: kept" if j == 0 else f"dup of {head}"
             tiles.append(Tile(int(pos), caption, SELECTED if chosen[pos] else NOT_SELECTED))
     return tiles
 
 
-__all__ = ["SWEEP_RATIOS", "Sweep", "duplicate_tiles", "frechet_distance", "kcenter_radius",
-           "ratio_sweep", "sweep_figure"]
+__all__ = [
+    "SWEEP_RATIOS",
+    "Sweep",
+    "duplicate_tiles",
+    "frechet_distance",
+    "kcenter_radius",
+    "ratio_sweep",
+    "sweep_figure",
+]
