@@ -26,7 +26,8 @@ Forms (``form`` metadata), each with its measured cosine error against the float
 Rows of samples that could not be decoded are all zeros, ``valid`` = 0. Metadata ties the file to
 its shard (``shard_size``, ``shard_mtime_ns``, ``shard_fingerprint``, as the index) and to the encoder;
 ``digest`` (xxh3-128 of the tensors) is checked on every read and keys the near-duplicate cache.
-Written atomically (temporary file + ``os.replace``); no pickle.
+Written atomically (``_fsio.atomic_write_bytes``: temporary sibling, fsync, rename, fsync folder);
+no pickle.
 """
 
 from __future__ import annotations
@@ -269,16 +270,10 @@ def _digest(tensors: Mapping[str, NDArray[Any]]) -> str:
 def _atomic_save(path: Path, tensors: Mapping[str, NDArray[Any]], meta: Mapping[str, str]) -> None:
     from safetensors.numpy import save
 
+    from ._fsio import atomic_write_bytes
+
     data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=dict(meta))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, data)  # the one home of atomic writes (fsync file and folder)
 
 
 def _read_safetensors(path: Path, what: str) -> tuple[dict[str, NDArray[Any]], dict[str, str]]:

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from ._deps import lazy_import
+from ._fsio import atomic_write_text, publish_file
 from ._validate import check_int
 from .errors import ConfigError
 from .pack import PackResult
@@ -393,9 +394,7 @@ def _check_manifest(out: Path, prefix: str, manifest: dict[str, Any], overwrite:
         )
     for p in shards:
         p.unlink()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def _count_existing(paths: Sequence[Path]) -> int:
@@ -562,8 +561,7 @@ def _write_shard(
                     n += 1
             writer.close()  # the end-of-archive blocks, before the fsync
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, name)
+        publish_file(partial, name)  # fsync the shard, rename, fsync the folder
     finally:
         Path(partial).unlink(missing_ok=True)
     return n, skipped
