@@ -190,9 +190,11 @@ def test_retry_waits_with_backoff(local: list[str], nginx: Nginx) -> None:
 def test_missing_object_is_not_retried(nginx: Nginx) -> None:
     waits: list[float] = []
     f = RemoteFile(f"{nginx.url}/nope.tar", sleep=waits.append)
-    with pytest.raises(RemoteReadError, match=r"nope\.tar"):
+    # the 404 ends the read at once ("cannot read", not "failed N time(s)"); a transient error of
+    # the first connection on a loaded machine may come before it, so waits are not asserted empty
+    with pytest.raises(RemoteReadError, match=r"cannot read .*nope\.tar.*FileNotFoundError"):
         f.fetch([0], [10])
-    assert waits == []
+    assert len(waits) < f.retry.attempts - 1
 
 
 def test_map_style_over_http(local: list[str], index_dir: str, nginx: Nginx) -> None:
