@@ -9,7 +9,6 @@ tiles by state, and ``summary.json`` counts them, so all three agree by construc
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..config import PruneConfig
-from ..plan import resolve_stage1, select_with_config, selection_summary
+from ..plan import resolve_stage1, select_with_config, selection_summary, stage1_survivors
 from ..selection import budget
 
 INVALID, NODATA, STAGE1, NOT_SELECTED, SELECTED = range(5)
@@ -103,31 +102,6 @@ class ReportStats:
         return out
 
 
-def candidate_mask(
-    entropy: NDArray[Any],
-    eligible: NDArray[np.bool_],
-    config: PruneConfig,
-    entropy_keep: float | None,
-    entropy_threshold: float | None,
-) -> NDArray[np.bool_]:
-    """Stage I survivors, exactly as :func:`rsprune_data.selection.select_indices` forms them.
-
-    ``entropy_keep = f`` keeps the ``min(floor(f * N + 0.5), N_eligible)`` eligible samples of
-    highest entropy, ties to the lower position; a threshold keeps ``H >= t``.
-    """
-    n = entropy.shape[0]
-    if entropy_keep is not None:
-        pos = np.flatnonzero(eligible)
-        m = min(math.floor(entropy_keep * n + 0.5), pos.shape[0])
-        order = np.lexsort((pos, -entropy[pos].astype(np.float64)))  # entropy desc, position asc
-        mask = np.zeros(n, dtype=bool)
-        mask[pos[order[:m]]] = True
-        return mask
-    if entropy_threshold is not None:
-        return eligible & (entropy >= entropy_threshold)
-    return eligible.copy()
-
-
 def compute_stats(
     index: Any, config: PruneConfig, selected: NDArray[np.int64] | None = None
 ) -> ReportStats:
@@ -146,7 +120,7 @@ def compute_stats(
     entropy = np.asarray(index.entropy)
     valid = np.asarray(index.valid, dtype=bool)
     st = resolve_stage1(index, config)
-    cand = candidate_mask(entropy, st.eligible, config, st.entropy_keep, st.entropy_threshold)
+    cand = stage1_survivors(entropy, st)  # the plan's own Stage I survivors (one home)
     status = np.full(n, NOT_SELECTED, dtype=np.uint8)
     status[~valid] = INVALID
     status[valid & ~st.eligible] = NODATA
