@@ -16,15 +16,17 @@ the old centroids. Shards are processed one at a time (memory: one shard's embed
 ``r`` of ``R`` (``--rank/--world-size`` or ``torchrun``'s environment) takes shards ``r, r + R, ...``
 as ``index`` does.
 
-Measured (``benchmarks/reassign_speed.py``, d = 1280, K = 200, shared 2-core CPU under load 9-14):
-5-8k samples/s end to end, 4,600-5,300x re-encoding in the same run; the 200k samples/s the design
-aims at needs ~100 GFLOP/s of matrix product, which this machine did not give.
+Measured (``benchmarks/reassign_speed.py --repeats 5``, d = 1280, K = 200, 200k samples in 20
+shards, quiet 2-core Xeon): 320k samples/s end to end (worst of 5: 273k), 5,894x re-encoding in the
+same run; K = 21: 656k/s. The float16 rows go to :func:`rsprune_data.centroids.assign` as stored
+(no float32 copy of the shard, no copy of the valid rows: invalid rows are zero and masked after).
 
 Data flow per shard::
 
     <shard>.rsidx.safetensors -> read_index -> arrays [n], metadata
-    <shard>.rsemb.safetensors -> read_sidecar (checked against the index) -> e [n_valid, d] float32
-      -> centroids.assign (chunks of ASSIGN_CHUNK rows) -> z int16, s float32 [n_valid]
+    <shard>.rsemb.safetensors -> read_sidecar (checked against the index) -> e [n, d] float16
+      -> centroids.assign (chunks of ASSIGN_CHUNK rows widened to float32) -> z int16, s float32 [n]
+      -> invalid rows: z = -1, s = 0
       -> write_index (atomic, same path)
 """
 
@@ -116,14 +118,14 @@ def reassign_shard(
             f"{meta.get('encoder')!r}, centroids of {centroids.encoder!r}: "
             "use centroids built with the indexing encoder"
         )
-    emb = side.embeddings()[valid]
-    if side.form != "float16":  # reconstructions of the reduced forms are not unit rows
+    if side.form == "float16":  # the stored rows as they are: widened chunk by chunk in assign
+        emb = side.tensors["embeddings"]
+    else:  # reconstructions of the reduced forms are not unit rows
+        emb = side.embeddings()
         emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    z, s = assign(emb, centroids.centroids, chunk_size=chunk_size)
-    n = int(valid.shape[0])
-    cluster = np.full(n, -1, np.int16)
-    sim = np.zeros(n, np.float32)
-    cluster[valid], sim[valid] = z, s
+    # every row, invalid ones included (zero rows): cheaper than copying out the valid ones
+    cluster, sim = assign(emb, centroids.centroids, chunk_size=chunk_size)
+    cluster[~valid], sim[~valid] = -1, 0.0
     arrays = {**arrays, "cluster_id": cluster, "similarity": sim}
     meta = {
         **meta,
@@ -132,7 +134,7 @@ def reassign_shard(
         "num_clusters": str(centroids.k),
     }
     idx.write_index(index_path, arrays, meta)
-    return n
+    return int(valid.shape[0])
 
 
 def reassign_shards(
