@@ -24,6 +24,10 @@ CHECKSUM = "xxh3_64"
 NO_CHECKSUM = "none"
 
 
+#: The digest function itself (:func:`checksum` without the wrapper), for the loaders' hot loop.
+digest: Callable[[bytes | bytearray | memoryview], int] = xxhash.xxh3_64_intdigest
+
+
 def checksum(buf: bytes | bytearray | memoryview) -> int:
     """The ``xxh3_64`` digest of ``buf`` as an unsigned 64-bit integer.
 

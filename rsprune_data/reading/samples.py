@@ -19,13 +19,13 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from ..errors import StaleIndexError
 from ..integrity import check_sample as check_checksum
+from ..integrity import digest as xxh3
 from ..tario import parse_sample
 from .runs import Runs
 
 __all__ = ["check_sample", "cut_run", "cut_runs"]
 
 Sample = tuple[str, dict[str, bytes]]
-_PLAIN = (48, 0)  # typeflag '0' or NUL: a regular file
 
 
 def check_sample(
@@ -69,6 +69,18 @@ def check_sample(
         )
 
 
+_EXTS: dict[bytes, str] = {}  # member extensions seen, decoded once (a dataset has a handful)
+
+
+def _ext(raw: bytes) -> str:
+    ext = _EXTS.get(raw)
+    if ext is None:
+        ext = raw.decode("utf-8", "surrogateescape").lower()
+        if len(_EXTS) < 4096:
+            _EXTS[raw] = ext
+    return ext
+
+
 def _walk_sample(buf: bytes, p: int, end: int, shard: str, at: int) -> Sample:
     """Members of the sample in ``buf[p:end]``; ``at`` is ``p``'s offset in the shard.
 
@@ -76,9 +88,11 @@ def _walk_sample(buf: bytes, p: int, end: int, shard: str, at: int) -> Sample:
     structure instead of header checksums: every member is a plain file whose name carries one
     key, the members tile ``[p, end)`` exactly, and the caller compares the key with the index
     (:func:`check_sample`). Anything unusual goes to :func:`rsprune_data.tario.parse_sample`,
-    which checks checksums and names the damage.
+    which checks checksums and names the damage. Keys are compared as bytes and decoded once,
+    extensions decoded once per distinct name (``benchmarks/streaming_io.py`` warm: this walk is
+    the largest per-sample cost after the copy of the member bytes).
     """
-    key: str | None = None
+    stem: bytes | None = None
     members: dict[str, bytes] = {}
     q = p
     try:
@@ -91,7 +105,7 @@ def _walk_sample(buf: bytes, p: int, end: int, shard: str, at: int) -> Sample:
                     return _slow(buf, p, end, shard, at)
                 q += 512 + ((size + 511) & ~511)
                 kind = buf[q + 156]
-            if kind not in _PLAIN or buf[q + 345] or buf[q] == 95:  # 95: '_' (__meta__)
+            if (kind != 48 and kind != 0) or buf[q + 345] or buf[q] == 95:  # 95: '_' (__meta__)
                 return _slow(buf, p, end, shard, at)
             size = int(buf[q + 124 : q + 135], 8)
             nul = buf.find(b"\0", q, q + 100)
@@ -100,11 +114,11 @@ def _walk_sample(buf: bytes, p: int, end: int, shard: str, at: int) -> Sample:
             dot = name.find(b".", slash)
             if dot <= slash or name[-1] == 47:  # 47: '/', an old-style directory
                 return _slow(buf, p, end, shard, at)
-            if key is None:
-                key = name[:dot].decode("utf-8", "surrogateescape")
-            elif name[:dot].decode("utf-8", "surrogateescape") != key:
+            if stem is None:
+                stem = name[:dot]
+            elif name[:dot] != stem:
                 return _slow(buf, p, end, shard, at)  # raises the precise error
-            ext = name[dot + 1 :].decode("utf-8", "surrogateescape").lower()
+            ext = _ext(name[dot + 1 :])
             data = q + 512
             q = data + ((size + 511) & ~511)
             if ext in members or data + size > end:
@@ -112,9 +126,9 @@ def _walk_sample(buf: bytes, p: int, end: int, shard: str, at: int) -> Sample:
             members[ext] = buf[data : data + size]
     except (ValueError, IndexError):  # a non-octal size, a header past the buffer
         return _slow(buf, p, end, shard, at)
-    if key is None or q != end:
+    if stem is None or q != end:
         return _slow(buf, p, end, shard, at)
-    return key, members
+    return stem.decode("utf-8", "surrogateescape"), members
 
 
 def _slow(buf: bytes, p: int, end: int, shard: str, at: int) -> Sample:
@@ -146,20 +160,7 @@ def cut_run(
         ShardError: a range does not hold one complete sample.
         StaleIndexError: a key differs from the index's.
     """
-    checks = [None] * len(offsets) if sums is None else sums
-    for o, n, want, want_sum in zip(offsets, lengths, keys, checks, strict=True):
-        p = o - base
-        if want_sum is not None:  # before parsing: damaged bytes fail as changed, by name
-            check_checksum(
-                memoryview(buf)[p : p + n],
-                want_sum,
-                shard=shard,
-                offset=o,
-                key=want if want is not None else f"#{o}",
-            )
-        key, members = _walk_sample(buf, p, p + n, shard, o)
-        check_sample(shard, o, key, want, members, buf, p, p + n)
-        yield key, members
+    yield from _cut([buf], [base], [0, len(offsets)], offsets, lengths, keys, shard, sums)
 
 
 def cut_runs(
@@ -172,16 +173,46 @@ def cut_runs(
     sums: Sequence[int | None] | None = None,
 ) -> Iterator[Sample]:
     """:func:`cut_run` over the buffers of ``runs`` (one buffer per run, in run order)."""
-    bounds = runs.bounds.tolist()
-    starts = runs.start.tolist()
+    yield from _cut(
+        buffers, runs.start.tolist(), runs.bounds.tolist(), offsets, lengths, keys, shard, sums
+    )
+
+
+def _cut(
+    buffers: Iterable[bytes],
+    starts: Sequence[int],
+    bounds: Sequence[int],
+    offsets: Sequence[int],
+    lengths: Sequence[int],
+    keys: Sequence[str | None],
+    shard: str,
+    sums: Sequence[int | None] | None,
+) -> Iterator[Sample]:
+    """One loop over every sample of every run (no generator per run: this is the hot path).
+
+    The cheap comparisons are made here; a mismatch goes to :func:`check_sample`, which raises
+    the error that names it (the one home of what a mismatch means).
+    """
+    walk = _walk_sample
+    i = 0
     for r, buf in enumerate(buffers):
-        a, b = bounds[r], bounds[r + 1]
-        yield from cut_run(
-            buf,
-            starts[r],
-            offsets[a:b],
-            lengths[a:b],
-            keys[a:b],
-            shard,
-            None if sums is None else sums[a:b],
-        )
+        base, stop = starts[r], bounds[r + 1]
+        view = memoryview(buf) if sums is not None else None
+        while i < stop:
+            o, n, want = offsets[i], lengths[i], keys[i]
+            p = o - base
+            want_sum = None if sums is None else sums[i]
+            # before parsing: damaged bytes fail as changed, by name
+            if want_sum is not None and view is not None and xxh3(view[p : p + n]) != want_sum:
+                check_checksum(
+                    view[p : p + n],
+                    want_sum,
+                    shard=shard,
+                    offset=o,
+                    key=want if want is not None else f"#{o}",
+                )
+            key, members = walk(buf, p, p + n, shard, o)
+            if want is not None and key != want:
+                check_sample(shard, o, key, want, members, buf, p, p + n)
+            i += 1
+            yield key, members
