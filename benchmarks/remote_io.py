@@ -6,9 +6,10 @@
 
 The same 22 Harvey shards as ``benchmarks/streaming_io.py`` are served by a real ``nginx`` on
 127.0.0.1 (``tests/servers.py``) with a per-connection ``limit_rate`` (``--rate``, nginx syntax);
-``--delay`` adds a fixed latency per request with a small threaded proxy in front of nginx (a
-``tc`` qdisc needs privileges a container usually lacks; the proxy's own cost is part of what is
-measured, on both sides). One process, raw samples, nothing decoded:
+``--delay`` adds a fixed latency per request with ``tests/servers.LatencyProxy``, an asyncio TCP
+relay in front of nginx that holds each chunk of the answers ``delay`` seconds (``tc netem`` is
+not in this machine's kernel; the relay's CPU cost, small, is part of what is measured on both
+sides; ``--proxy http`` uses the heavier threaded HTTP proxy of the fault tests instead). One process, raw samples, nothing decoded:
 
 * ``ours``: ``PrunedWebDataset(urls, config, index_dir=..., shuffle_shards=False)``, fsspec range
   requests, ``concurrency`` in flight, runs merged up to ``remote_max_gap`` (each of ``--gaps``);
@@ -34,11 +35,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from servers import FaultyProxy, Nginx
+from servers import FaultyProxy, LatencyProxy, Nginx
 from streaming_io import prepare
 
 from rsprune_data import PruneConfig, PrunedWebDataset, PruneIndex
-from rsprune_data.reading import DEFAULT_REMOTE_MAX_GAP, ReadOptions
+from rsprune_data.reading import DEFAULT_CONCURRENCY, DEFAULT_REMOTE_MAX_GAP, ReadOptions
 
 
 def body_bytes(server: Nginx) -> int:
@@ -82,7 +83,18 @@ def main() -> None:
         help="seconds of latency added per request (0 = nginx directly)",
     )
     ap.add_argument("--gaps", type=int, nargs="+", default=[0, 4096, 16384, 65536])
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        help=f"ranges in flight (default: the library's, {DEFAULT_CONCURRENCY})",
+    )
+    ap.add_argument(
+        "--proxy",
+        choices=["tcp", "http"],
+        default="tcp",
+        help="latency by the asyncio TCP relay (default) or the threaded HTTP proxy",
+    )
     ap.add_argument("--out", type=Path, default=Path("results/remote_io.json"))
     args = ap.parse_args()
 
@@ -99,7 +111,14 @@ def main() -> None:
     results = []
     with Nginx(shard_dir, args.cache / "nginx", limit_rate=args.rate or None) as server:
         for delay in args.delay:
-            proxy = FaultyProxy(f"127.0.0.1:{server.port}", delay=delay) if delay else None
+            upstream = f"127.0.0.1:{server.port}"
+            proxy: Any = None
+            if delay:
+                proxy = (
+                    LatencyProxy(upstream, delay)
+                    if args.proxy == "tcp"
+                    else FaultyProxy(upstream, delay=delay)
+                )
             if proxy is not None:
                 proxy.__enter__()
             base = proxy.url if proxy is not None else server.url
@@ -127,6 +146,7 @@ def main() -> None:
         "rate": args.rate,
         "default_remote_max_gap": DEFAULT_REMOTE_MAX_GAP,
         "concurrency": args.concurrency,
+        "latency_by": args.proxy,
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

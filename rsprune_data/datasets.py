@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +35,16 @@ from numpy.typing import NDArray
 
 from ._validate import is_int
 from .errors import ConfigError, CorruptImageError, StaleIndexError
-from .reading import LocalFile, ReadOptions, RemoteFile, local_path, read_samples, shard_kind
+from .reading import (
+    LocalFile,
+    Piece,
+    ReadOptions,
+    RemoteFile,
+    local_path,
+    read_remote_pieces,
+    read_samples,
+    shard_kind,
+)
 
 if TYPE_CHECKING:
     from .index import KeyList, PruneIndex
@@ -83,6 +92,18 @@ def _check_position(i: Any, n: int) -> int:
     if not -n <= j < n:
         raise IndexError(f"position {j} out of range for a dataset of {n} samples")
     return j % n
+
+
+def _positions(indices: Sequence[Any], n: int) -> NDArray[np.int64]:
+    """``indices`` as checked positions in ``[0, n)`` (negative ones counted from the end)."""
+    arr = np.asarray(indices)
+    if arr.ndim == 1 and arr.dtype.kind in "iu" and arr.dtype != np.bool_:
+        pos = arr.astype(np.int64, copy=False)
+        if pos.size and (pos.min() < -n or pos.max() >= n):
+            bad = pos[(pos < -n) | (pos >= n)][0]
+            raise IndexError(f"position {int(bad)} out of range for a dataset of {n} samples")
+        return np.where(pos < 0, pos + n, pos)
+    return np.fromiter((_check_position(i, n) for i in indices), dtype=np.int64, count=len(indices))
 
 
 class PrunedShardDataset(torch.utils.data.Dataset[Any]):
@@ -179,9 +200,7 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
 
         ``DataLoader`` calls this with every index of a batch when the dataset defines it.
         """
-        pos = np.fromiter(
-            (_check_position(i, self._n) for i in indices), dtype=np.int64, count=len(indices)
-        )
+        pos = _positions(indices, self._n)
         order = np.argsort(pos, kind="stable")
         sorted_pos = pos[order]
         offsets, lengths = self._ranges()
@@ -192,11 +211,14 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         # shard s holds sorted_pos[cut[s]:cut[s + 1]]; tar order = position order within a shard
         cut = np.searchsorted(sorted_pos, self._starts)
         out: list[Any] = [None] * len(pos)
+        plain = self.decode is None and self.transform is None
+        pieces = []
         for s in np.flatnonzero(np.diff(cut)).tolist():
             a, b = int(cut[s]), int(cut[s + 1])
             part = sorted_pos[a:b]
-            shard = self.shards[s]
-            want = [keys[j] for j in part.tolist()] if keys is not None else [None] * (b - a)
+            want: list[str | None] = (
+                [None] * (b - a) if keys is None else list(keys.take(part))  # one decode pass
+            )
             expect: list[int | None] | None = None
             if (
                 self.verify
@@ -205,19 +227,33 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
                 and len(sums) == self._n
             ):
                 expect = [int(x) for x in sums[part].tolist()]
-            got = read_samples(
-                shard,
-                (part - self._starts[s]).tolist(),
-                offsets[part].tolist(),
-                lengths[part].tolist(),
-                want,
-                self.read,
-                opened=self._file(s),
-                sums=expect,
+            piece = Piece(
+                self.shards[s], offsets[part].tolist(), lengths[part].tolist(), want, expect
             )
+            pieces.append((s, a, b, piece))
+        # the batch's pieces of remote shards share one window of round trips
+        remote = [p for p in pieces if shard_kind(p[3].shard) == "remote"]
+        fetched: dict[int, list[tuple[str, dict[str, bytes]]]] = {}
+        if remote:
+            got_all = read_remote_pieces([p[3] for p in remote], self.read)
+            fetched = {p[0]: g for p, g in zip(remote, got_all, strict=True)}
+        for s, a, b, piece in pieces:
+            if s in fetched:
+                got: Iterable[tuple[str, dict[str, bytes]]] = fetched[s]
+            else:
+                got = read_samples(
+                    piece.shard,
+                    (sorted_pos[a:b] - self._starts[s]).tolist(),
+                    piece.offsets,
+                    piece.lengths,
+                    piece.keys,
+                    self.read,
+                    opened=self._file(s),
+                    sums=piece.sums,
+                )
             for slot, (key, members) in zip(order[a:b].tolist(), got, strict=True):
-                sample: dict[str, Any] = {"__key__": key, "__url__": shard, **members}
-                out[slot] = _finish(sample, self.decode, self.transform)
+                sample: dict[str, Any] = {"__key__": key, "__url__": piece.shard, **members}
+                out[slot] = sample if plain else _finish(sample, self.decode, self.transform)
         return out
 
     # -- byte ranges, re-read from the index files in a worker that got a light pickle

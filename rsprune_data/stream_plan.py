@@ -98,10 +98,19 @@ class EpochPlan:
         out: NDArray[np.int64] = self.selected[self.first[slot] + (j - begins[slot])]
         return out
 
-    def blocks(self, start: int, stop: int, block: int) -> list[tuple[int, int]]:
+    def blocks(
+        self,
+        start: int,
+        stop: int,
+        block: int,
+        sizes: NDArray[np.int64] | None = None,
+        max_bytes: int = 0,
+    ) -> list[tuple[int, int]]:
         """Cut items ``[start, stop)`` into ``[a, b)`` read blocks: at most ``block`` items, and
         never across a window (so a block touches at most ``sample_window`` shards); ``block = 0``
-        means whole windows. Offsets are relative to ``start``.
+        means whole windows. With ``sizes`` (the byte length of each of the items) and
+        ``max_bytes > 0``, a block also holds at most ``max_bytes`` (or one item, if larger).
+        Offsets are relative to ``start``.
         """
         n = int(self.selected.shape[0])
         if stop <= start or n == 0:
@@ -110,9 +119,20 @@ class EpochPlan:
         win = np.searchsorted(self.window_bounds, j, side="right")
         cuts = [0, *(np.flatnonzero(win[1:] != win[:-1]) + 1).tolist(), stop - start]
         out: list[tuple[int, int]] = []
+        by_bytes = sizes is not None and max_bytes > 0 and block > 0
+        ends = np.cumsum(sizes, dtype=np.int64) if by_bytes and sizes is not None else None
         for a, b in itertools.pairwise(cuts):
             step = b - a if block <= 0 else block
-            out.extend((x, min(x + step, b)) for x in range(a, b, step))
+            if ends is None:
+                out.extend((x, min(x + step, b)) for x in range(a, b, step))
+                continue
+            x = a
+            while x < b:  # greedy: up to `step` items and `max_bytes` bytes, at least one item
+                base = int(ends[x - 1]) if x else 0
+                fit = int(np.searchsorted(ends[x:b], base + max_bytes, side="right"))
+                y = x + max(1, min(step, fit))
+                out.append((x, y))
+                x = y
         return out
 
 

@@ -4,6 +4,10 @@
   per-connection ``limit_rate``, and an access log of the bytes it sent per request.
 * :class:`FaultyProxy`: a small threaded HTTP/1.1 proxy in front of it that injects 503s, dropped
   connections and truncated bodies from a seeded random sequence, and can add latency.
+* :class:`LatencyProxy`: a TCP relay that holds every chunk of the server's answers for a fixed
+  time before passing it on: a round trip ``delay`` longer, the way a distant store is, at almost
+  no CPU (no HTTP parsing, one upstream connection per client connection), where ``tc netem``
+  is not available (this machine's kernel has no netem).
 * :func:`moto_s3`: moto's S3 server mode, as s3fs's own tests use it.
 """
 
@@ -156,6 +160,9 @@ class FaultyProxy:
             ``"truncate"`` (headers with the full length, then half the body, then close).
         fail_paths: paths that fail every time (a dead object).
         delay: seconds added before every response (latency).
+
+    ``max_in_flight`` and ``max_paths_in_flight`` record the most requests, and the most distinct
+    objects, that were being answered at once.
     """
 
     def __init__(
@@ -175,6 +182,9 @@ class FaultyProxy:
         self.delay = delay
         self.lock = threading.Lock()
         self.counts: Counter[str] = Counter()
+        self.in_flight: Counter[str] = Counter()  # requests being answered, by path
+        self.max_in_flight = 0  # most requests answered at once
+        self.max_paths_in_flight = 0  # most distinct objects among them
         self._turn = 0
         proxy = self
 
@@ -191,6 +201,18 @@ class FaultyProxy:
                 self._serve(head=False)
 
             def _serve(self, head: bool) -> None:
+                with proxy.lock:
+                    proxy.in_flight[self.path] += 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight.total())
+                    busy = sum(1 for v in proxy.in_flight.values() if v)
+                    proxy.max_paths_in_flight = max(proxy.max_paths_in_flight, busy)
+                try:
+                    self._answer(head)
+                finally:
+                    with proxy.lock:
+                        proxy.in_flight[self.path] -= 1
+
+            def _answer(self, head: bool) -> None:
                 fault = proxy._draw(self.path)
                 if proxy.delay:
                     time.sleep(proxy.delay)
@@ -261,6 +283,111 @@ class FaultyProxy:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class LatencyProxy:
+    """A TCP relay to ``upstream`` adding ``delay`` seconds to every server-to-client chunk.
+
+    Every chunk read from the server is forwarded ``delay`` seconds after it arrived, in order,
+    so each request's answer starts ``delay`` later and a stream is only shifted, not slowed
+    (it models propagation delay, not bandwidth). Runs an asyncio loop in a child process.
+
+    Example::
+
+        with Nginx(folder, tmp) as server, LatencyProxy(f"127.0.0.1:{server.port}", 0.01) as p:
+            fetch(f"{p.url}/shard-000000.tar")
+    """
+
+    def __init__(self, upstream: str, delay: float) -> None:
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.delay = delay
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._loop: Any = None
+
+    async def _pipe(self, reader: Any, writer: Any, delay: float) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def send() -> None:
+            while True:
+                due, chunk = await queue.get()
+                if not chunk:
+                    break
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                writer.write(chunk)
+                await writer.drain()
+            with contextlib.suppress(OSError):
+                writer.close()
+
+        sender = asyncio.ensure_future(send())
+        try:
+            while True:
+                chunk = await reader.read(1 << 16)
+                await queue.put((loop.time() + delay, chunk))
+                if not chunk:
+                    break
+        except OSError:
+            await queue.put((0.0, b""))
+        await sender
+
+    async def _client(self, creader: Any, cwriter: Any) -> None:
+        import asyncio
+
+        try:
+            ureader, uwriter = await asyncio.open_connection(*self.upstream)
+            await asyncio.gather(
+                self._pipe(creader, uwriter, 0.0),
+                self._pipe(ureader, cwriter, self.delay),
+                return_exceptions=True,
+            )
+        except (OSError, asyncio.CancelledError):  # refused upstream, or the relay stopping
+            pass
+        finally:
+            cwriter.close()
+
+    def _serve(self, started: Any) -> None:
+        import asyncio
+
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        server = loop.run_until_complete(
+            asyncio.start_server(self._client, "127.0.0.1", self.port, backlog=512)
+        )
+        started.set()
+        try:
+            loop.run_forever()
+        finally:
+            server.close()
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.close()
+
+    def __enter__(self) -> LatencyProxy:
+        import multiprocessing
+
+        # A process of its own: in a thread the relay would share the GIL with the reader it
+        # delays (and only that side: webdataset's stream reads through a curl subprocess).
+        ctx = multiprocessing.get_context("fork")
+        started = ctx.Event()
+        self._proc = ctx.Process(target=self._serve, args=(started,), daemon=True)
+        self._proc.start()
+        started.wait(10)
+        _wait_for(self.port)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        proc = getattr(self, "_proc", None)
+        if proc is not None:
+            proc.terminate()
+            proc.join(5)
 
 
 @contextlib.contextmanager

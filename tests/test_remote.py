@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import webdataset as wds
-from servers import NGINX, FaultyProxy, Nginx, moto_s3
+from servers import NGINX, FaultyProxy, LatencyProxy, Nginx, moto_s3
 from test_wds import CFG, write_shards
 from torch.utils.data import DataLoader
 
@@ -135,6 +135,25 @@ def test_flaky_server_delivers_exactly(local: list[str], index_dir: str, nginx: 
         )
         assert strip(list(ds)) == ref
     assert min(proxy.counts[k] for k in ("503", "drop", "truncate")) >= 1  # every fault happened
+
+
+def test_block_reads_share_one_bounded_window(
+    local: list[str], index_dir: str, nginx: Nginx
+) -> None:
+    """The remote pieces of a read block go out together, within ``concurrency`` in all."""
+    ref = strip(list(PrunedWebDataset(local, CFG, seed=2, sample_window=4)))
+    with FaultyProxy(f"127.0.0.1:{nginx.port}", delay=0.05) as proxy:
+        ds = PrunedWebDataset(
+            urls(proxy.url, local),
+            CFG,
+            index_dir=index_dir,
+            seed=2,
+            sample_window=4,
+            read=ReadOptions(remote_max_gap=0, concurrency=3),
+        )
+        assert strip(list(ds)) == ref
+    assert proxy.max_in_flight == 3  # the window is full and never wider
+    assert proxy.max_paths_in_flight >= 2  # several shards' ranges at once
 
 
 def test_flaky_server_with_workers(local: list[str], index_dir: str, nginx: Nginx) -> None:
@@ -293,3 +312,19 @@ def test_cli_index_on_urls(
     assert (
         main(["index", f"pipe:curl -s {urls(nginx.url, local)[0]}", "--index-dir", str(out)]) == 2
     )
+
+
+def test_latency_relay_delays_and_keeps_bytes(local: list[str], nginx: Nginx) -> None:
+    """The benchmark's latency relay: every answer ``delay`` later, byte for byte."""
+    import time
+
+    import fsspec
+
+    data = Path(local[0]).read_bytes()
+    with LatencyProxy(f"127.0.0.1:{nginx.port}", 0.1) as relay:
+        fs = fsspec.filesystem("http", skip_instance_cache=True)
+        url = f"{relay.url}/{Path(local[0]).name}"
+        t0 = time.perf_counter()
+        assert fs.cat_file(url, start=512, end=2048) == data[512:2048]
+        assert time.perf_counter() - t0 >= 0.1
+        assert fs.cat_file(url) == data

@@ -719,6 +719,14 @@ def test_sample_window_order_is_a_split_of_one_permutation(
                 )
                 == 1
             )  # never across a window
+        sizes = np.random.default_rng(seed).integers(1, 100, hi - lo)
+        cap = 250
+        by_bytes = plan.blocks(lo, hi, block or 7, sizes=sizes, max_bytes=cap)
+        assert [x for a, b in by_bytes for x in range(a, b)] == list(range(hi - lo))
+        for a, b in by_bytes:  # count and byte caps, one oversized item alone
+            assert b - a <= (block or 7) and (b - a == 1 or int(sizes[a:b].sum()) <= cap)
+            wins = np.searchsorted(plan.window_bounds, np.arange(lo + a, lo + b) % n, side="right")
+            assert len(set(wins.tolist())) == 1  # never across a window either
 
 
 def test_new_sample_order_every_epoch_with_one_shard(tmp_path: Path) -> None:
@@ -758,6 +766,28 @@ def test_sample_order_reads_sorted_coalesced_blocks(
     for offsets in calls:  # each call reads one shard's part of a block in file order
         assert offsets == sorted(offsets)
     assert len(calls) <= len(shards) * 2  # about one call per shard and window, not per sample
+
+
+def test_read_blocks_are_capped_in_bytes(
+    shards: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block holds at most _READ_BLOCK_BYTES (one item when larger); the order is unchanged."""
+    import rsprune_data.wds as wmod
+
+    ref = [s["__key__"] for s in PrunedWebDataset(shards, CFG, seed=4)]
+    sizes: list[int] = []
+    real = wmod.read_samples
+
+    def spy(
+        shard: str, numbers: Any, offsets: list[int], lengths: list[int], *a: Any, **k: Any
+    ) -> Any:
+        sizes.append(len(offsets))
+        return real(shard, numbers, offsets, lengths, *a, **k)
+
+    monkeypatch.setattr(wmod, "read_samples", spy)
+    monkeypatch.setattr(wmod, "_READ_BLOCK_BYTES", 1)
+    assert [s["__key__"] for s in PrunedWebDataset(shards, CFG, seed=4)] == ref
+    assert sizes and set(sizes) == {1}  # every sample is larger than 1 byte: blocks of one
 
 
 # --- StatefulDataLoader through .batched(n), .shuffle(n), epoch restore (issue 9) ----------------

@@ -4,7 +4,8 @@
 
     positions of one shard piece, in tar order (the loaders' plan)
       -> runs.coalesce(offsets, lengths)           Runs: [start, stop) per read, samples per run
-      -> local.LocalFile.read_runs  (pread, POSIX_FADV_RANDOM + WILLNEED of the planned runs)
+      -> local.LocalFile.read_runs  (pread, POSIX_FADV_RANDOM + WILLNEED of the planned runs,
+                                    or O_DIRECT reads)
          remote.RemoteFile.read_runs (fsspec cat_ranges, bounded concurrency, retries)
          stream.stream_samples       (``pipe:``: one pass, unwanted samples dropped undecoded)
       -> samples.cut_runs           (key, {ext: bytes}) per sample, cut out of the run buffer;
@@ -25,7 +26,13 @@ import numpy as np
 
 from .._validate import check_int
 from .local import READAHEAD_MODES, LocalFile, check_readahead
-from .remote import DEFAULT_CONCURRENCY, RemoteFile, RemoteReadError, RetryPolicy, remote_metadata
+from .remote import (
+    DEFAULT_CONCURRENCY,
+    RemoteFile,
+    RemoteReadError,
+    RetryPolicy,
+    remote_metadata,
+)
 from .runs import Runs, coalesce
 from .samples import Sample, check_sample, cut_runs
 from .stream import stream_samples
@@ -37,6 +44,7 @@ __all__ = [
     "DEFAULT_REMOTE_MAX_GAP",
     "READAHEAD_MODES",
     "LocalFile",
+    "Piece",
     "ReadOptions",
     "RemoteFile",
     "RemoteReadError",
@@ -47,6 +55,7 @@ __all__ = [
     "coalesce",
     "cut_runs",
     "local_path",
+    "read_remote_pieces",
     "read_samples",
     "remote_metadata",
     "shard_kind",
@@ -94,8 +103,10 @@ class ReadOptions:
         max_gap: local shards: byte gap bridged by one ``pread`` (default 4 KiB).
         remote_max_gap: remote shards: byte gap bridged by one range request.
         max_block: the longest run in bytes.
-        readahead: ``"planned"`` (no kernel readahead, ``WILLNEED`` for the planned runs) or
-            ``"kernel"``.
+        readahead: ``"planned"`` (no kernel readahead, ``WILLNEED`` for the planned runs),
+            ``"direct"`` (``O_DIRECT``: exactly the bytes asked from the device, past the page
+            cache; for corpora far larger than memory) or ``"kernel"``
+            (:mod:`rsprune_data.reading.local`).
         prefetch: local runs announced ahead of the one being read.
         storage_options: fsspec options for remote shards (credentials, endpoint, ...).
         concurrency: remote ranges in flight per process.
@@ -177,3 +188,48 @@ def read_samples(
         return
     with LocalFile(local_path(shard), readahead=options.readahead, prefetch=options.prefetch) as f:
         yield from cut_runs(f.read_runs(runs), runs, offsets, lengths, keys, shard, sums)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The samples of one shard that one read wants (the arguments of :func:`read_samples`)."""
+
+    shard: str
+    offsets: Sequence[int]
+    lengths: Sequence[int]
+    keys: Sequence[str | None]
+    sums: Sequence[int | None] | None = None
+
+
+def read_remote_pieces(pieces: Sequence[Piece], options: ReadOptions) -> list[list[Sample]]:
+    """The samples of several remote shards, their runs fetched through one shared window.
+
+    With a piece per shard each read would wait for its own round trips; here the runs of every
+    piece go out together, ``options.concurrency`` requests in flight in all (pieces on other
+    filesystems, e.g. ``s3://`` beside ``https://``, in windows of their own), in batches of at
+    most ``max_batch_bytes``, retried as one :class:`RemoteFile` retries. Samples are cut and
+    checked as in :func:`read_samples`.
+
+    Returns:
+        One list of ``(key, {ext: bytes})`` per piece, in the order of its offsets.
+    """
+    files = [options.remote_file(p.shard) for p in pieces]
+    runs = [options.runs(p.offsets, p.lengths, True) for p in pieces]
+    bufs: list[list[bytes]] = [[] for _ in pieces]
+    groups: dict[int, list[int]] = {}
+    for i, f in enumerate(files):
+        groups.setdefault(id(f.fs), []).append(i)
+    for members in groups.values():
+        lead = files[members[0]]
+        owners = [files[i] for i in members for _ in range(len(runs[i]))]
+        which = [i for i in members for _ in range(len(runs[i]))]
+        starts = [x for i in members for x in runs[i].start.tolist()]
+        stops = [x for i in members for x in runs[i].stop.tolist()]
+        for a, b in lead.batches(starts, stops):
+            got = lead.fetch(starts[a:b], stops[a:b], others=owners[a:b])
+            for i, buf in zip(which[a:b], got, strict=True):
+                bufs[i].append(buf)
+    return [
+        list(cut_runs(bufs[i], runs[i], p.offsets, p.lengths, p.keys, p.shard, p.sums))
+        for i, p in enumerate(pieces)
+    ]
