@@ -63,5 +63,14 @@ class TarOut:
     def add(self, name: str, data: bytes) -> None:
         self.f.writelines(self.parts(name, data))
 
+    def write(self, sample: dict[str, object]) -> None:
+        """One webdataset sample: ``<__key__>.<ext>`` members in sorted order (as ``TarWriter``)."""
+        key = sample["__key__"]
+        for ext in sorted(k for k in sample if not k.startswith("__")):
+            data = sample[ext]
+            if not isinstance(data, bytes | bytearray):
+                raise TypeError(f"sample {key!r}: member {ext!r} must be bytes, got {type(data)}")
+            self.add(f"{key}.{ext}", bytes(data))
+
     def close(self) -> None:
         self.f.write(bytes(1024))  # two zero blocks end the archive
