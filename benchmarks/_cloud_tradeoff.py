@@ -30,6 +30,7 @@ def _pool(src: Path, cache: Path, name: str, progress: bool) -> tuple[PruneIndex
     out = cache / "cloud" / name
     shards = sorted(str(p) for p in out.glob("pool-*.tar"))
     if not shards:
+        out.parent.mkdir(parents=True, exist_ok=True)
         shards = [
             str(p)
             for p in pack_folder(

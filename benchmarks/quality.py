@@ -160,6 +160,7 @@ def _pack(src: Path, out: Path, timings: dict[str, float], progress: bool) -> li
         shards = json.loads(marker.read_text())["shards"]
         if all(Path(s).exists() for s in shards):
             return list(shards)
+    out.parent.mkdir(parents=True, exist_ok=True)
     res = _timed(
         timings,
         f"pack_{src.name}_s",
