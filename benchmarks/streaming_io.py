@@ -400,9 +400,10 @@ def _measure_verify(
             "cost_ratio": min(on) / min(off),
         }
     row["map_style_warm"] = median_run(partial(run_map_style, index, cfg), repeat, warm_all, want)
-    row["map_style_warm"]["vs_stream"] = (
-        row["stream_warm"]["seconds"] / row["map_style_warm"]["seconds"]
-    )
+    if "stream_warm" in row:  # not measured with --verify-only
+        row["map_style_warm"]["vs_stream"] = (
+            row["stream_warm"]["seconds"] / row["map_style_warm"]["seconds"]
+        )
     return row
 
 
@@ -668,7 +669,7 @@ def _print_row(
                 f"{o['read_bytes'] / total:5.3f}x)  {o['speedup']:6.1f}x faster (O_DIRECT)"
             )
     for name in ("sampler_loader_warm", "ours_loader_warm", "map_style_warm"):
-        if name not in row:
+        if name not in row or "stream_warm" not in row:
             continue
         r = row[name]
         s = row["stream_warm"]["seconds"]
@@ -685,8 +686,8 @@ def _print_row(
             f"{v['no_verify_worst']:.3f}): cost {100 * (v['cost_ratio'] - 1):+.1f}% "
             f"(ratio {v['cost_ratio']:.3f})"
         )
-    mine = row[f"ours_warm_gap{default_gap}"]
-    ours = mine.get("best_seconds", mine["seconds"])  # best of N on both sides
+    mine = row.get(f"ours_warm_gap{default_gap}", {})
+    ours = mine.get("best_seconds", mine.get("seconds", 0.0))  # best of N on both sides
     for name, r in row.get("peers", {}).items():
         if "skipped" in r:
             print(f"  warm peer {name}: skipped ({r['skipped']})")

@@ -23,7 +23,6 @@ anything. ``transform`` is applied last, to whatever ``decode`` returned.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -41,6 +40,7 @@ from .reading import (
     ReadOptions,
     RemoteFile,
     local_path,
+    read_options,
     read_remote_pieces,
     read_samples,
     shard_kind,
@@ -167,7 +167,7 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
             )
         self.decode = _check_decode(decode)
         self.transform = transform
-        self.read = read or ReadOptions()
+        self.read = read_options(read)
         if storage_options is not None:
             self.read = replace(self.read, storage_options=storage_options)
         self.shards = [local_path(s) if shard_kind(s) == "local" else s for s in index.shards]
@@ -322,8 +322,10 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         self._files = {}
 
     def __del__(self) -> None:
-        with contextlib.suppress(OSError, AttributeError):
+        try:  # noqa: SIM105 (at interpreter exit the contextlib module may be gone already)
             self.close()
+        except (OSError, AttributeError, TypeError):
+            pass
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -102,7 +102,9 @@ def index_path_for(shard: _PathLike, index_dir: _PathLike | None = None) -> Path
     s = os.fspath(shard)
     if index_dir is None:
         if is_remote(s):
-            raise ConfigError(f"shard {s!r} is remote: pass index_dir= to say where its index is")
+            raise ConfigError(
+                f"shard {s!r} is remote: pass index_dir= (`--index-dir` on the command line) to say where its index is"
+            )
         return Path(s.removeprefix("file://") + INDEX_SUFFIX)
     url = s.split()[-1] if s.startswith("pipe:") else s  # `pipe:curl -s URL` -> URL
     return Path(index_dir) / (os.path.basename(urlparse(url).path or url) + INDEX_SUFFIX)

@@ -108,6 +108,7 @@ from .reading import (
     Piece,
     ReadOptions,
     local_path,
+    read_options,
     read_remote_pieces,
     read_samples,
     shard_kind,
@@ -741,7 +742,7 @@ class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # u
         check_int("sample_window", sample_window, 0)
         self.batch_size: int | None = None  # set by .batched(n), read by the integrations
         self._buffered = 0  # size of a .shuffle(n) buffer downstream (resume refuses it)
-        options = read or ReadOptions()
+        options = read_options(read)
         if max_gap is not None:
             options = replace(options, max_gap=check_int("max_gap", max_gap, 0))
         if storage_options is not None:

@@ -236,6 +236,17 @@ def test_direct_delivers_what_planned_delivers(tmp_path: Path) -> None:
 def test_options_are_checked() -> None:
     with pytest.raises(ConfigError, match="readahead"):
         ReadOptions(readahead="lots")
+    with pytest.raises(ConfigError, match="`retry` must be a RetryPolicy"):
+        ReadOptions(retry=5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="storage_options"):
+        ReadOptions(storage_options="anon")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="backoff must be a number"):
+        RetryPolicy(backoff="1")  # type: ignore[arg-type]
+    assert RetryPolicy(attempts=2000, backoff=0.1).wait(1100) == 5.0  # no overflow
+    from rsprune_data.reading import read_options
+
+    with pytest.raises(ConfigError, match="`read` must be a ReadOptions"):
+        read_options({"concurrency": 8})
     with pytest.raises(ConfigError, match="concurrency"):
         ReadOptions(concurrency=0)
     with pytest.raises(ConfigError, match="attempts"):

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from .._validate import check_int
+from ..errors import ConfigError
 from .local import READAHEAD_MODES, LocalFile, check_readahead
 from .remote import (
     DEFAULT_CONCURRENCY,
@@ -55,6 +56,7 @@ __all__ = [
     "coalesce",
     "cut_runs",
     "local_path",
+    "read_options",
     "read_remote_pieces",
     "read_samples",
     "remote_metadata",
@@ -64,16 +66,18 @@ __all__ = [
 
 #: Local shards: merge samples that touch or are less than a page apart. Bridging wider gaps buys
 #: nothing on a local disk and reads far more bytes when tiles are small
-#: (``benchmarks/streaming_io.py``, Harvey tiles of ~6.5 KB at 85% pruning: 0.150x of the shard
-#: bytes at 0-4 KiB, 0.589x at 64 KiB).
+#: (``benchmarks/streaming_io.py``, Harvey tiles at 85% pruning, shards with a pax header per
+#: member as webdataset writes them, ~6.5 KB per sample: 0.150x of the shard bytes at 0-4 KiB,
+#: 0.589x at 64 KiB).
 DEFAULT_LOCAL_MAX_GAP = 4096
 #: Remote shards: merge ranges less than a page apart, as for local files. Measured against nginx
-#: on loopback (``benchmarks/remote_io.py``, Harvey tiles, 85% pruned, 20 MB/s per connection):
-#: 4 KiB was the fastest of 0/4/16/64 KiB and transfers exactly the selected share (0.150x);
-#: with 10 ms added per request 64 KiB was 4.6x faster than 4 KiB but moved 0.59x of the shard
-#: bytes. With ``concurrency`` ranges in flight a round trip ``L`` costs ``L / concurrency``, so
-#: a gap ``g`` is worth bridging only when ``g / bandwidth`` is smaller than that: on a high-latency
-#: store raise ``concurrency`` first (no extra bytes), then ``remote_max_gap``.
+#: on loopback (``benchmarks/remote_io.py --ratios 0.5 0.7 0.85 0.9 --delay 0 0.01 --gaps 4096
+#: 16384``, Harvey samples of 4.4 KB, 20 MB/s per connection, 64 in flight): at 85% 4 KiB moves
+#: 0.158x of the shard bytes (the selection is 0.150x) at 18.0x the stream, 7.5x with 10 ms added;
+#: 16 KiB is faster (21.7x, 10.9x) but moves 0.239x. With ``concurrency`` ranges in flight a round
+#: trip ``L`` costs ``L / concurrency``, so a gap ``g`` is worth bridging only when
+#: ``g / bandwidth`` is smaller than that: on a high-latency store raise ``concurrency`` first (no
+#: extra bytes), then ``remote_max_gap``.
 DEFAULT_REMOTE_MAX_GAP = 4096
 #: One run never spans more than this (unless a single sample is larger).
 DEFAULT_MAX_BLOCK = 16 * 1024 * 1024
@@ -109,7 +113,8 @@ class ReadOptions:
             (:mod:`rsprune_data.reading.local`).
         prefetch: local runs announced ahead of the one being read.
         storage_options: fsspec options for remote shards (credentials, endpoint, ...).
-        concurrency: remote ranges in flight per process.
+        concurrency: remote ranges in flight per process (per DataLoader worker); up to twice
+            that while ``PrunedWebDataset`` fetches the next read block.
         retry: retries of failed remote ranges.
     """
 
@@ -129,6 +134,16 @@ class ReadOptions:
         check_int("prefetch", self.prefetch, 0)
         check_int("concurrency", self.concurrency, 1)
         check_readahead(self.readahead)
+        if not isinstance(self.retry, RetryPolicy):
+            raise ConfigError(
+                f"`retry` must be a RetryPolicy, got {self.retry!r}: e.g. "
+                "ReadOptions(retry=RetryPolicy(attempts=5))"
+            )
+        if self.storage_options is not None and not isinstance(self.storage_options, Mapping):
+            raise ConfigError(
+                f"`storage_options` must be a dict of fsspec options, got "
+                f"{self.storage_options!r}: e.g. {{'anon': True}}"
+            )
         object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
 
     def __hash__(self) -> int:  # storage_options is a dict
@@ -146,6 +161,18 @@ class ReadOptions:
     def remote_file(self, url: str) -> RemoteFile:
         """A :class:`RemoteFile` for ``url`` with these options."""
         return RemoteFile(url, self.storage_options, concurrency=self.concurrency, retry=self.retry)
+
+
+def read_options(read: object) -> ReadOptions:
+    """``read=`` of the loaders: a :class:`ReadOptions`, or ``None`` for the defaults."""
+    if read is None:
+        return ReadOptions()
+    if not isinstance(read, ReadOptions):
+        raise ConfigError(
+            f"`read` must be a ReadOptions, got {read!r}: e.g. "
+            "read=ReadOptions(readahead='direct', concurrency=64)"
+        )
+    return read
 
 
 def read_samples(

@@ -77,15 +77,17 @@ class RetryPolicy:
             raise ConfigError(
                 f"RetryPolicy.attempts must be an integer >= 1, got {self.attempts!r}"
             )
-        if not self.backoff >= 0 or not self.max_backoff >= 0:
-            raise ConfigError(
-                f"RetryPolicy backoff and max_backoff must be >= 0, got "
-                f"{self.backoff!r} and {self.max_backoff!r}"
-            )
+        for name in ("backoff", "max_backoff"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise ConfigError(
+                    f"RetryPolicy.{name} must be a number of seconds >= 0, got {value!r}"
+                )
 
     def wait(self, attempt: int) -> float:
         """Seconds to wait after failed try number ``attempt`` (1-based)."""
-        return float(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+        doublings = min(attempt - 1, 64)  # 2 ** 64 times any backoff is past any max_backoff
+        return float(min(self.max_backoff, self.backoff * 2.0**doublings))
 
 
 _loop_pid = [os.getpid()]
