@@ -45,6 +45,7 @@ from .reading import (
     read_samples,
     shard_kind,
 )
+from .reading.samples import cut_run
 
 if TYPE_CHECKING:
     from .index import KeyList, PruneIndex
@@ -193,7 +194,31 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         return self._n
 
     def __getitem__(self, i: int | np.integer[Any]) -> Any:
-        return self.__getitems__([i])[0]
+        """One item: one read of its byte range, cut and checked as in :meth:`__getitems__`
+        (without its batch planning, which costs more than the read for a single item)."""
+        j = _check_position(i, self._n)
+        offsets, lengths = self._ranges()
+        if self._checksums is None:
+            self._reload_integrity()
+        s = int(np.searchsorted(self._starts, j, side="right")) - 1
+        o, n = int(offsets[j]), int(lengths[j])
+        want = None if self._keys is None else self._keys[j]
+        sums = self._checksums
+        expect = (
+            int(sums[j])
+            if self.verify
+            and bool(self._checksummed[s])
+            and sums is not None
+            and len(sums) == self._n
+            else None
+        )
+        shard, f = self.shards[s], self._file(s)
+        buf = f.read(o, o + n) if isinstance(f, LocalFile) else f.fetch([o], [o + n])[0]
+        ((key, members),) = cut_run(buf, o, [o], [n], [want], shard, [expect])
+        sample: dict[str, Any] = {"__key__": key, "__url__": shard, **members}
+        if self.decode is None and self.transform is None:
+            return sample
+        return _finish(sample, self.decode, self.transform)
 
     def __getitems__(self, indices: Sequence[int | np.integer[Any]]) -> list[Any]:
         """The items at ``indices`` (in that order), read with coalesced ranges per shard.
