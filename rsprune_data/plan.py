@@ -148,12 +148,20 @@ def resolve_stage1(index: IndexArrays, config: PruneConfig) -> Stage1:
     )
 
 
-def _check_clusters(index: IndexArrays, config: PruneConfig) -> None:
+def check_servable(index: IndexArrays, config: PruneConfig) -> None:
+    """Refuse, before any selection is computed, a config that ``index`` cannot serve (a strategy
+    or ``dedup_threshold`` that needs clusters on an entropy-only index). The loaders call it where
+    a config is given, so the error names the call, not a DataLoader worker's first sample."""
     if index.num_clusters < 1 and config.strategy not in ("entropy", "random"):
         raise ConfigError(
             f"strategy {config.strategy!r} needs cluster assignments, but the index was built "
             "without centroids: use strategy='entropy' or 'random', or re-run `rsprune-data index "
             "... --centroids centroids.safetensors`"
+        )
+    if config.dedup_threshold is not None and index.num_clusters < 1:
+        raise ConfigError(
+            "dedup_threshold needs cluster assignments (duplicates are found "
+            "within clusters): index with --centroids FILE --store-embeddings"
         )
 
 
@@ -196,14 +204,9 @@ def _dedup_candidates(
 
 def select_with_config(index: IndexArrays, config: PruneConfig) -> NDArray[np.int64]:
     """Sorted global positions that ``config`` keeps from ``index``."""
-    _check_clusters(index, config)
+    check_servable(index, config)
     st = resolve_stage1(index, config)
     if config.dedup_threshold is not None:
-        if index.num_clusters < 1:
-            raise ConfigError(
-                "dedup_threshold needs cluster assignments (duplicates are found "
-                "within clusters): index with --centroids FILE --store-embeddings"
-            )
         cand, _ = _dedup_candidates(index, config, st)
         return select_indices(
             index.entropy,

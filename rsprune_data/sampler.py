@@ -59,7 +59,7 @@ from __future__ import annotations
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch.utils.data
@@ -69,6 +69,7 @@ from ._validate import check_int, check_number
 from .config import PruneConfig, Schedule, as_config
 from .errors import StateDictError
 from .partition import epoch_order, per_rank, rank_share
+from .plan import IndexArrays, check_servable
 from .resume import check_config, check_same, state_header
 from .state_check import check_sampler_state
 from .world import distributed_rank
@@ -175,10 +176,14 @@ class PrunedSampler(torch.utils.data.Sampler[int]):
 
     def _resolve(self, source: ConfigSource, epoch: int) -> PruneConfig:
         if isinstance(source, PruneConfig):
-            return source
-        if callable(source):  # a ratio from a schedule means the default config with that ratio
-            return as_config(source(epoch), f"schedule({epoch})")
-        return as_config(source, "config")
+            config = source
+        elif callable(source):  # a ratio from a schedule means the default config with that ratio
+            config = as_config(source(epoch), f"schedule({epoch})")
+        else:
+            config = as_config(source, "config")
+        if hasattr(self.index, "num_clusters"):  # a PruneIndex: refuse here, not in a worker
+            check_servable(cast("IndexArrays", self.index), config)
+        return config
 
     def _select(self, config: PruneConfig) -> NDArray[np.int64]:
         hit = self._cache.get(config)

@@ -103,6 +103,7 @@ from .config import PruneConfig, Schedule, as_config
 from .errors import ConfigError, StateDictError
 from .index import KeyList, PruneIndex
 from .partition import per_rank
+from .plan import check_servable
 from .reading import (
     DEFAULT_LOCAL_MAX_GAP,
     Piece,
@@ -265,6 +266,7 @@ class _Source:
             self._control.update(config=None, schedule=self._schedule_id, resume=None)
         else:
             cfg = as_config(config, "config")
+            check_servable(self.index, cfg)  # here, not at the first sample in a worker
             self._control.update(config=cfg.to_dict(), schedule=None, resume=None)
 
     def config_for(self, epoch: int, ctl: dict[str, Any] | None = None) -> PruneConfig:

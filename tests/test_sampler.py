@@ -531,3 +531,32 @@ def test_real_ddp_two_processes(shard_index: tuple[list[str], PruneIndex], tmp_p
             ref.set_epoch(epoch)
             assert g["keys"] == [keys[p] for p in ref]
     assert torch.distributed.is_available()
+
+
+def test_a_config_the_index_cannot_serve_is_refused_where_it_is_given() -> None:
+    """An entropy-only index and a strategy that needs clusters: the error comes from the
+    constructor or set_config, not from the first batch inside a DataLoader worker."""
+    from rsprune_data import ConfigError, PrunedWebDataset, PruneIndex
+
+    n = 40
+    index = PruneIndex.from_arrays(
+        np.linspace(4, 7, n),
+        np.full(n, -1),
+        np.zeros(n),
+        num_clusters=0,
+        offsets=np.arange(n) * 1024,
+        lengths=np.full(n, 1024),
+        shard_ids=np.zeros(n, np.int64),
+        shards=["s-000000.tar"],
+        keys=[f"k{i}" for i in range(n)],
+    )
+    with pytest.raises(ConfigError, match="needs cluster assignments"):
+        PrunedSampler(index, 0.5)
+    with pytest.raises(ConfigError, match="needs cluster assignments"):
+        PrunedWebDataset(index, 0.5)
+    ok = PrunedSampler(index, PruneConfig(prune_ratio=0.5, strategy="entropy"))
+    with pytest.raises(ConfigError, match="dedup_threshold needs cluster"):
+        ok.set_config(PruneConfig(prune_ratio=0.5, strategy="entropy", dedup_threshold=0.9))
+    ds = PrunedWebDataset(index, PruneConfig(prune_ratio=0.5, strategy="entropy"))
+    with pytest.raises(ConfigError, match="needs cluster assignments"):
+        ds.set_config(0.7)  # a bare ratio: the default strategy again
