@@ -1,7 +1,7 @@
 """Throughput of ``reassign`` (stored float16 embeddings -> new cluster ids) against re-encoding.
 
     python benchmarks/reassign_speed.py [--samples 200000] [--shards 20] [--dim 1280] [--k 200]
-        [--repeats 3] [--encode-images 64] [--images] [--out results]
+        [--repeats 3] [--encode-images 64] [--images] [--widen-variants] [--out results]
 
 Measured in one run, best of ``--repeats`` with the spread:
 
@@ -121,6 +121,40 @@ def end_to_end(
     return {"samples_per_s": n / best, "worst_samples_per_s": n / worst, "seconds": best}
 
 
+def widen_variants(emb16: np.ndarray, cents: Any, shards: int, repeats: int) -> dict[str, Any]:
+    """``reassign`` end to end with other ways of widening the float16 rows (the library widens
+    with torch's copy on one thread; see ``centroids._assign_numpy``)."""
+    import contextlib
+
+    import torch
+
+    import rsprune_data.centroids as cmod
+
+    @contextlib.contextmanager
+    def torch_all_threads(wide: Any) -> Any:
+        target = torch.from_numpy(wide)
+        yield lambda x: target[: x.shape[0]].copy_(torch.from_numpy(np.ascontiguousarray(x)))
+
+    @contextlib.contextmanager
+    def numpy_copyto(wide: Any) -> Any:
+        yield lambda x: np.copyto(wide[: x.shape[0]], x, casting="unsafe")
+
+    out = {}
+    real = cmod._widener
+    for name, widener in (
+        ("torch, one thread (the library)", real),
+        (f"torch, {torch.get_num_threads()} threads", torch_all_threads),
+        ("numpy copyto", numpy_copyto),
+    ):
+        cmod._widener = widener  # type: ignore[assignment]
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                out[name] = end_to_end(emb16, cents, shards, repeats, Path(tmp))
+        finally:
+            cmod._widener = real
+    return out
+
+
 def encode_rate(count: int, repeats: int) -> float:
     import torch
 
@@ -170,6 +204,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--encode-images", type=int, default=64)
     ap.add_argument("--images", action="store_true", help="count float16 vs float32 id changes")
+    ap.add_argument(
+        "--widen-variants",
+        action="store_true",
+        help="also run reassign with other float16 -> float32 widenings (torch on all threads, "
+        "numpy copyto)",
+    )
     ap.add_argument("--out", type=Path, default=Path("results"))
     a = ap.parse_args()
     from rsprune_data.centroids import Centroids
@@ -199,6 +239,8 @@ def main() -> None:
     res["kernels"] = kernels(emb16, mu, a.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         res["reassign"] = end_to_end(emb16, cents, a.shards, a.repeats, Path(tmp))
+    if a.widen_variants:
+        res["widen_variants"] = widen_variants(emb16, cents, a.shards, a.repeats)
     res["encode_images_per_s"] = encode_rate(a.encode_images, a.repeats)
     res["speedup_vs_reencoding"] = res["reassign"]["samples_per_s"] / res["encode_images_per_s"]
     if a.images:
@@ -215,6 +257,11 @@ def main() -> None:
         f"x{res['speedup_vs_reencoding']:,.0f}; load average {res['load_avg'][0]:.1f} on "
         f"{os.cpu_count()} cores"
     )
+    for name, r in res.get("widen_variants", {}).items():
+        print(
+            f"reassign end to end, widening by {name}: {r['samples_per_s']:,.0f} samples/s "
+            f"(worst {r['worst_samples_per_s']:,.0f})"
+        )
     if a.images:
         print(f"float16 vs float32 assignment on the shipped images: {res['float16_vs_float32']}")
     a.out.mkdir(parents=True, exist_ok=True)

@@ -344,8 +344,9 @@ def _assign_numpy(
     copy on one thread (widening is exact, so the product sees the same float32 values as
     ``emb.astype(np.float32)`` would give). One thread, because torch's OpenMP workers spin after
     a parallel copy and take the cores from the OpenBLAS product that follows: measured
-    (``benchmarks/reassign_speed.py``, 2 cores, d = 1280, K = 200) 160k samples/s end to end with
-    torch's default threads, 200k with numpy's ``copyto``, 280-300k with torch on one thread.
+    (``benchmarks/reassign_speed.py --widen-variants``, 2 cores, d = 1280, K = 200) 204k samples/s
+    end to end with torch's default threads, 231k with numpy's ``copyto``, 343k with torch on one
+    thread.
     """
     n = emb.shape[0]
     if n == 0:
