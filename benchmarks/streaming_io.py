@@ -158,6 +158,26 @@ def timed(fn: Callable[[], list[str]]) -> dict[str, Any]:
     }
 
 
+def page_floor(index: PruneIndex, cfg: PruneConfig, max_gap: int) -> int:
+    """Bytes in the 4 KiB pages that the coalesced runs of the selection touch: what a buffered
+    read pulls from the device at least, however readahead is set."""
+    from rsprune_data.reading import coalesce
+
+    sel = np.sort(index.select(cfg))
+    total = 0
+    for shard in np.unique(index.shard_ids[sel]).tolist():
+        part = sel[index.shard_ids[sel] == shard]
+        runs = coalesce(
+            index.offsets[part], index.lengths[part], max_gap=max_gap, max_block=1 << 24
+        )
+        first, last = runs.start // 4096, (runs.stop + 4095) // 4096
+        pages = np.unique(
+            np.concatenate([np.arange(a, b) for a, b in zip(first, last, strict=True)])
+        )
+        total += int(pages.size) * 4096
+    return total
+
+
 def run_ours(
     index: PruneIndex,
     cfg: PruneConfig,
@@ -366,6 +386,7 @@ def measure_ratio(
         ours["speedup"] = stream["seconds"] / ours["seconds"]
         ours["bytes_fraction"] = ours["rchar"] / total_bytes
         row[f"ours_{cache}_direct"] = ours
+    row["page_floor_bytes"] = page_floor(index, cfg, DEFAULT_LOCAL_MAX_GAP)
     for name, fn in (("sampler_loader_warm", run_sampler), ("ours_loader_warm", run_ours_loader)):
         row[name] = median_run(partial(fn, index, cfg, workers), repeat, warm_all, want)
         row[name]["vs_stream"] = row["stream_warm"]["seconds"] / row[name]["seconds"]
@@ -660,6 +681,11 @@ def _print_row(
                 f"  {cache:4} ours max_gap={gap:<6d}{o['seconds']:7.3f} s {n / o['seconds']:9.0f} "
                 f"samples/s  read {o['bytes_fraction']:5.3f}x (device "
                 f"{o['read_bytes'] / total:5.3f}x)  {o['speedup']:6.1f}x faster{mark}"
+            )
+        if cache == "cold" and "page_floor_bytes" in row:
+            print(
+                f"  cold page floor (4 KiB pages of the runs, max_gap={default_gap}): "
+                f"{row['page_floor_bytes'] / total:5.3f}x of the shards"
             )
         o = row.get(f"ours_{cache}_direct")
         if o is not None:

@@ -10,14 +10,14 @@ at 85% pruning. Three modes (``readahead=``):
   off, and announces the next ``prefetch`` runs with ``POSIX_FADV_WILLNEED``, so the device still
   has several reads queued but only of the pages that were asked. The page is the floor: a sample
   that starts inside a page and ends inside another pulls both whole pages, so the Harvey samples
-  of ``benchmarks/streaming_io.py`` (4.4 KB with their class file) at 85% pruning ask 0.160x of the
-  shard bytes and pull 0.258x from the device cold (0.256x computed from the runs' pages). On a
-  warm cache this mode costs one ``fadvise`` per run.
+  of ``benchmarks/streaming_io.py`` (4.4 KB with their class file) at 85% pruning ask 0.160x of
+  the shard bytes and pull 0.258x from the device cold (0.256x: the runs' pages, printed by the
+  benchmark). On a warm cache this mode costs one ``fadvise`` per run.
 - ``"direct"`` reads with ``O_DIRECT``, past the page cache, aligned to the device's 512-byte
   sectors (4096 where the file system asks for it): tar members start and end on 512-byte
-  boundaries, so the device returns the bytes asked and no more (0.161x there). ``prefetch`` reads are in
-  flight at once on a small thread pool (a direct read has no readahead to hide the device's
-  latency). Every epoch reads the device again, so this is for corpora far larger than memory
+  boundaries, so the device returns the bytes asked and no more (0.161x there). ``prefetch``
+  reads are in flight at once on a small thread pool (a direct read has no readahead to hide the
+  device's latency; where the device does not overlap them, ``benchmarks/direct_io.py`` shows it). Every epoch reads the device again, so this is for corpora far larger than memory
   and for cold or network file systems; a file system without ``O_DIRECT`` (tmpfs before Linux
   6.6, some FUSE file systems) falls back to ``"planned"`` with a warning.
 - ``"kernel"`` leaves the kernel's default.
