@@ -58,9 +58,8 @@ __all__ = [
 FORMAT = "rsprune-centroids"
 VERSION = "1"
 #: Rows per product in :func:`assign`: a float32 chunk of 2048 x 1280 (10 MB) and its scores stay
-#: near the caches; the per-row results do not depend on it (checked bitwise for chunks of 7 to
-#: 65536 rows with OpenBLAS), so the indexer and ``reassign`` agree whatever their batch sizes.
-#: ``benchmarks/reassign_speed.py``: 2048 was the fastest of 1024/2048/4096/65536.
+#: near the caches. Every product has exactly this many rows (short chunks are padded), so a
+#: row's result does not depend on its batch and the indexer and ``reassign`` agree bitwise.
 ASSIGN_CHUNK = 2048
 
 ImageItem = str | os.PathLike[str] | bytes | tuple[bytes, str]
@@ -344,28 +343,35 @@ def _assign_numpy(
     copy on one thread (widening is exact, so the product sees the same float32 values as
     ``emb.astype(np.float32)`` would give). One thread, because torch's OpenMP workers spin after
     a parallel copy and take the cores from the OpenBLAS product that follows: measured
-    (``benchmarks/reassign_speed.py --widen-variants``, 2 cores, d = 1280, K = 200) 204k samples/s
-    end to end with torch's default threads, 231k with numpy's ``copyto``, 343k with torch on one
-    thread.
+    (``benchmarks/reassign_speed.py --widen-variants``, 2 cores, d = 1280, K = 200) 204-206k
+    samples/s end to end with torch's default threads, 207-231k with numpy's ``copyto``, 284-343k
+    with torch on one thread (two runs).
     """
     n = emb.shape[0]
     if n == 0:
         return
-    m = min(chunk_size, n)
+    # Every product has exactly `chunk_size` rows (a short chunk is padded with zero rows): BLAS
+    # picks its kernel by shape (OpenBLAS has a separate path for small products), and a row's
+    # cosines must not depend on how many rows came with it, so that the indexer's small batches
+    # and reassign's long shards give bitwise the same result (tests/test_centroids.py).
+    m = chunk_size
     scores = np.empty((m, ct.shape[1]), np.float32)
-    wide = None if emb.dtype == np.float32 else np.empty((m, emb.shape[1]), np.float32)
-    with _widener(wide) as widen:
+    wide = np.zeros((m, emb.shape[1]), np.float32)
+    with _widener(wide if emb.dtype != np.float32 else None) as widen:
         for lo in range(0, n, m):
             hi = min(lo + m, n)
-            x = emb[lo:hi]
-            if wide is not None:
-                widen(x)
-                x = wide[: hi - lo]
-            s = scores[: hi - lo]
-            np.matmul(x, ct, out=s)
+            k = hi - lo
+            if emb.dtype != np.float32:
+                widen(emb[lo:hi])
+            else:
+                wide[:k] = emb[lo:hi]
+            if k < m:
+                wide[k:] = 0.0
+            np.matmul(wide, ct, out=scores)
+            s = scores[:k]
             best = s.argmax(axis=1)
             ids[lo:hi] = best
-            sims[lo:hi] = s[np.arange(hi - lo), best]
+            sims[lo:hi] = s[np.arange(k), best]
 
 
 @contextlib.contextmanager

@@ -332,3 +332,22 @@ def test_build_centroids_skips_corrupt_references(enc, tmp_path) -> None:
 def test_build_centroids_k_larger_than_the_reference_set(enc) -> None:
     with pytest.raises(ConfigError, match=r"k=200 .*n=5"):
         build_centroids([UCM / "airplane"], enc, k=200, progress=False)
+
+
+def test_assign_does_not_depend_on_batching_or_float16_widening() -> None:
+    """The indexer (float32 batches of a few dozen images) and reassign (a shard's float16 rows at
+    once) must agree bitwise: a row's result does not depend on the rows that came with it."""
+    from rsprune_data.centroids import assign
+    from rsprune_data.embeddings import canonical
+
+    rng = np.random.default_rng(0)
+    for d, k in ((96, 37), (1280, 50)):
+        mu = canonical(rng.standard_normal((k, d))).astype(np.float32)
+        emb16 = canonical(rng.standard_normal((3000, d)))
+        z, s = assign(emb16, mu)  # float16 rows, widened chunk by chunk
+        for step in (1, 7, 64, 100, 2048):
+            parts = [
+                assign(emb16[i : i + step].astype(np.float32), mu) for i in range(0, 3000, step)
+            ]
+            assert np.array_equal(np.concatenate([p[0] for p in parts]), z)
+            assert np.array_equal(np.concatenate([p[1] for p in parts]), s)
