@@ -131,12 +131,12 @@ def widen_variants(emb16: np.ndarray, cents: Any, shards: int, repeats: int) -> 
     import rsprune_data.centroids as cmod
 
     @contextlib.contextmanager
-    def torch_all_threads(wide: Any) -> Any:
+    def torch_all_threads(wide: Any, dtype: Any) -> Any:
         target = torch.from_numpy(wide)
         yield lambda x: target[: x.shape[0]].copy_(torch.from_numpy(np.ascontiguousarray(x)))
 
     @contextlib.contextmanager
-    def numpy_copyto(wide: Any) -> Any:
+    def numpy_copyto(wide: Any, dtype: Any) -> Any:
         yield lambda x: np.copyto(wide[: x.shape[0]], x, casting="unsafe")
 
     out = {}

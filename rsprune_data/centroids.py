@@ -357,14 +357,11 @@ def _assign_numpy(
     m = chunk_size
     scores = np.empty((m, ct.shape[1]), np.float32)
     wide = np.zeros((m, emb.shape[1]), np.float32)
-    with _widener(wide if emb.dtype != np.float32 else None) as widen:
+    with _widener(wide, emb.dtype) as widen:
         for lo in range(0, n, m):
             hi = min(lo + m, n)
             k = hi - lo
-            if emb.dtype != np.float32:
-                widen(emb[lo:hi])
-            else:
-                wide[:k] = emb[lo:hi]
+            widen(emb[lo:hi])
             if k < m:
                 wide[k:] = 0.0
             np.matmul(wide, ct, out=scores)
@@ -375,10 +372,16 @@ def _assign_numpy(
 
 
 @contextlib.contextmanager
-def _widener(wide: NDArray[np.float32] | None) -> Iterator[Callable[[NDArray[Any]], None]]:
-    """A function copying a ``[m', d]`` float array into ``wide[:m']`` as float32 (see above)."""
-    if wide is None:
-        yield lambda x: None
+def _widener(
+    wide: NDArray[np.float32], dtype: np.dtype[Any]
+) -> Iterator[Callable[[NDArray[Any]], None]]:
+    """A function copying ``[m', d]`` rows of ``dtype`` into ``wide[:m']`` as float32 (see above)."""
+    if dtype == np.float32:
+
+        def assign_rows(x: NDArray[Any]) -> None:
+            wide[: x.shape[0]] = x
+
+        yield assign_rows
         return
     import torch
 

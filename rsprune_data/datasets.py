@@ -203,15 +203,7 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         s = int(np.searchsorted(self._starts, j, side="right")) - 1
         o, n = int(offsets[j]), int(lengths[j])
         want = None if self._keys is None else self._keys[j]
-        sums = self._checksums
-        expect = (
-            int(sums[j])
-            if self.verify
-            and bool(self._checksummed[s])
-            and sums is not None
-            and len(sums) == self._n
-            else None
-        )
+        expect = int(self._checksums[j]) if self._verifies(s) else None  # type: ignore[index]
         shard, f = self.shards[s], self._file(s)
         buf = f.read(o, o + n) if isinstance(f, LocalFile) else f.fetch([o], [o + n])[0]
         ((key, members),) = cut_run(buf, o, [o], [n], [want], shard, [expect])
@@ -245,12 +237,7 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
                 [None] * (b - a) if keys is None else list(keys.take(part))  # one decode pass
             )
             expect: list[int | None] | None = None
-            if (
-                self.verify
-                and bool(self._checksummed[s])
-                and sums is not None
-                and len(sums) == self._n
-            ):
+            if self._verifies(s) and sums is not None:
                 expect = [int(x) for x in sums[part].tolist()]
             piece = Piece(
                 self.shards[s], offsets[part].tolist(), lengths[part].tolist(), want, expect
@@ -280,6 +267,16 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
                 sample: dict[str, Any] = {"__key__": key, "__url__": piece.shard, **members}
                 out[slot] = sample if plain else _finish(sample, self.decode, self.transform)
         return out
+
+    def _verifies(self, shard_no: int) -> bool:
+        """Whether the samples of shard ``shard_no`` are checked against their checksums."""
+        sums = self._checksums
+        return (
+            self.verify
+            and bool(self._checksummed[shard_no])
+            and sums is not None
+            and len(sums) == self._n
+        )
 
     # -- byte ranges, re-read from the index files in a worker that got a light pickle
     def _ranges(self) -> tuple[NDArray[np.int64], NDArray[np.int64]]:

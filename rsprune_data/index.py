@@ -103,7 +103,8 @@ def index_path_for(shard: _PathLike, index_dir: _PathLike | None = None) -> Path
     if index_dir is None:
         if is_remote(s):
             raise ConfigError(
-                f"shard {s!r} is remote: pass index_dir= (`--index-dir` on the command line) to say where its index is"
+                f"shard {s!r} is remote: pass index_dir= (`--index-dir` on the command line) "
+                "to say where its index is"
             )
         return Path(s.removeprefix("file://") + INDEX_SUFFIX)
     url = s.split()[-1] if s.startswith("pipe:") else s  # `pipe:curl -s URL` -> URL

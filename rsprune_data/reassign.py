@@ -18,8 +18,9 @@ as ``index`` does.
 
 Measured (``benchmarks/reassign_speed.py --repeats 5 --widen-variants --images``, d = 1280,
 K = 200, 200k samples in 20 shards, quiet 2-core Xeon): 306k samples/s end to end (worst of 5:
-283k), 5,457x re-encoding in the same run; K = 21: 656k/s. The float16 rows go to :func:`rsprune_data.centroids.assign` as stored
-(no float32 copy of the shard, no copy of the valid rows: invalid rows are zero and masked after).
+283k), 5,457x re-encoding in the same run; K = 21: 656k/s. The float16 rows go to
+:func:`rsprune_data.centroids.assign` as stored (no float32 copy of the shard, no copy of the
+valid rows: invalid rows are zero and masked after).
 
 Data flow per shard::
 

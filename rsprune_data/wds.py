@@ -40,8 +40,8 @@ of samples over all workers): a piece may start or end inside a shard, so ``R * 
 number of shards (with webdataset's shard-per-worker split that case leaves workers empty or hangs,
 webdataset issue #188).
 
-**Reads in that order stay local.** A worker takes its next block of up to 256 items (never across a
-window, so it touches at most ``sample_window`` shards, each opened for one ``read_ranges`` call),
+**Reads in that order stay local.** A worker takes its next block of up to 1024 items and 64 MiB
+(never across a window, so it touches at most ``sample_window`` shards, each opened once per block),
 sorts them by (shard, offset) so that neighbours coalesce, reads them, and yields them in the
 planned order. Remote (URL) pieces of a block are fetched together in one window of
 ``concurrency`` requests, the next block's while one is delivered. A ``pipe:`` stream is read from

@@ -17,9 +17,10 @@ at 85% pruning. Three modes (``readahead=``):
   sectors (4096 where the file system asks for it): tar members start and end on 512-byte
   boundaries, so the device returns the bytes asked and no more (0.161x there). ``prefetch``
   reads are in flight at once on a small thread pool (a direct read has no readahead to hide the
-  device's latency; where the device does not overlap them, ``benchmarks/direct_io.py`` shows it). Every epoch reads the device again, so this is for corpora far larger than memory
-  and for cold or network file systems; a file system without ``O_DIRECT`` (tmpfs before Linux
-  6.6, some FUSE file systems) falls back to ``"planned"`` with a warning.
+  device's latency; where the device does not overlap them, ``benchmarks/direct_io.py`` shows
+  it). Every epoch reads the device again, so this is for corpora far larger than memory and for
+  cold or network file systems; a file system without ``O_DIRECT`` (tmpfs before Linux 6.6, some
+  FUSE file systems) falls back to ``"planned"`` with a warning.
 - ``"kernel"`` leaves the kernel's default.
 """
 

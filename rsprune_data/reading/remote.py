@@ -177,15 +177,15 @@ class RemoteFile:
         filesystem that range ``i`` belongs to: ranges of several shards then share one window of
         ``concurrency`` requests (:func:`rsprune_data.reading.read_remote_pieces`).
         """
-        owner = [
-            self if others is None or others[i] is None else others[i] for i in range(len(starts))
+        owner: list[RemoteFile] = [
+            self if o is None else o for o in (others or [None] * len(starts))
         ]
         out: list[bytes | None] = [None] * len(starts)
         todo = list(range(len(starts)))
         errors: dict[int, str] = {}
         for attempt in range(1, self.retry.attempts + 1):
             got = self._cat(
-                [owner[i].path for i in todo],  # type: ignore[union-attr]
+                [owner[i].path for i in todo],
                 [starts[i] for i in todo],
                 [stops[i] for i in todo],
             )
@@ -194,11 +194,11 @@ class RemoteFile:
                 want = stops[i] - starts[i]
                 if isinstance(res, bytes | bytearray) and len(res) == want:
                     out[i] = bytes(res)
-                    owner[i].bytes_read += want  # type: ignore[union-attr]
+                    owner[i].bytes_read += want
                     continue
                 if isinstance(res, _NOT_TRANSIENT):
                     raise RemoteReadError(
-                        f"cannot read {owner[i].url}: {type(res).__name__}: {res} "  # type: ignore[union-attr]
+                        f"cannot read {owner[i].url}: {type(res).__name__}: {res} "
                         "(check the URL and storage_options)"
                     ) from res
                 errors[i] = (
@@ -215,7 +215,7 @@ class RemoteFile:
                 self.sleep(self.retry.wait(attempt))
         i = todo[0]
         raise RemoteReadError(
-            f"reading {owner[i].url} bytes [{starts[i]}, {stops[i]}) failed "  # type: ignore[union-attr]
+            f"reading {owner[i].url} bytes [{starts[i]}, {stops[i]}) failed "
             f"{self.retry.attempts} time(s), last: {errors[i]} ({len(todo)} range(s) failed in "
             "all): check the server, or raise RetryPolicy.attempts"
         )
