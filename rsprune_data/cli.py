@@ -310,10 +310,16 @@ def _cmd_select(a: argparse.Namespace) -> int:
         )
         if cfg.max_cloud is not None:
             filters += f"  cloud/haze (> {cfg.max_cloud:g}) dropped {summary['cloud_dropped']:,}"
+        dups = (
+            f"  near-duplicates (tau {cfg.dedup_threshold:g}) dropped "
+            f"{summary['duplicates_dropped']:,}"
+            if cfg.dedup_threshold is not None
+            else ""
+        )
         print(
             f"  invalid {summary['invalid']:,}  no-data ({nodata}) dropped "
             f"{summary['nodata_dropped']:,}{filters}  Stage I ({stage1}) dropped "
-            f"{summary['stage1_dropped']:,}  candidates {summary['candidates']:,}"
+            f"{summary['stage1_dropped']:,}{dups}  candidates {summary['candidates']:,}"
         )
         print(
             f"  kept {summary['selected']:,}  shortfall {summary['shortfall']:,}  clusters "

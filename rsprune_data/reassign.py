@@ -183,6 +183,8 @@ def reassign_shards(
                 f"no index for shard {shard} (looked for {path}): run `rsprune-data index` first"
             )
         _check_encoder(shard, path, centroids)
+    import torch  # noqa: F401  (assign widens float16 rows with it: imported before the clock starts)
+
     report = ReassignReport()
     t0 = time.perf_counter()
     for shard, path in tqdm(mine, unit="shard", desc="reassign", disable=not progress):

@@ -60,6 +60,17 @@ def test_bad_tau_is_refused_with_the_name():
         PruneConfig(prune_ratio=0.5, dedup_threshold=1.2)
 
 
+def test_tau_one_finds_every_exact_copy():
+    """tau = 1: identical rows are duplicates although float32 may put their cosine just below 1."""
+    rng = np.random.default_rng(3)
+    x = unit(*rng.standard_normal((400, 1280)).tolist())
+    x16 = np.concatenate([x, x[:50]]).astype(np.float16)  # 50 exact copies, as a sidecar stores
+    z = np.zeros(450, int)
+    sim = np.concatenate([np.linspace(0.9, 0.1, 400), np.full(50, 0.05)])
+    dup = near_duplicates(x16, z, sim, 1.0)
+    assert dup[400:].tolist() == list(range(50)) and (dup[:400] < 0).all()
+
+
 def planted_pool(n: int, d: int, k: int, copies: int, seed: int, spread: float = 0.3):
     """Clusters of random unit rows plus ``copies`` near copies (cosine > 0.99) of random rows."""
     rng = np.random.default_rng(seed)

@@ -291,6 +291,11 @@ def test_dedup_threshold_on_stored_embeddings_removes_planted_copies(setup, tmp_
     )
     printed = json.loads(capsys.readouterr().out)
     assert printed["duplicates_dropped"] == len(groups) and printed["selected"] == len(kept)
+    text_args = ["select", *shards, "--prune-ratio", "0", "--no-entropy-filter"]
+    text_args += ["--max-nodata", "-1", "--dedup-threshold", "0.95", "-q"]
+    assert cli_main(text_args) == 0  # the text summary counts them too
+    text = capsys.readouterr()
+    assert f"near-duplicates (tau 0.95) dropped {len(groups):,}" in text.out + text.err
     # a PCA basis from the stored embeddings, then a pca sidecar that reassigns nearly the same
     basis_path = tmp_path / "basis.safetensors"
     assert cli_main(["pca-basis", *shards, "-o", str(basis_path), "--dims", "16", "-q"]) == 0
@@ -318,5 +323,6 @@ def test_dedup_threshold_on_stored_embeddings_removes_planted_copies(setup, tmp_
     assert all(np.isfinite(sweep[m]).all() for m in ("coverage", "balance", "frechet", "radius"))
     assert sweep["radius"][-1] >= sweep["radius"][0]
     assert "Choosing the ratio" in html and "Near-duplicate groups at cosine &gt;= 0.95" in html
+    assert "dropped: near-duplicates" in html  # a row of the counts per stage
     for png in ("ratio-sweep", "near-duplicates"):
         assert (tmp_path / "report" / "img" / f"{png}.png").stat().st_size > 1000

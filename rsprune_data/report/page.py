@@ -214,6 +214,17 @@ def _stage_table(st: ReportStats, summary: dict[str, Any]) -> str:
             else []
         ),
         ("dropped: Stage I (entropy)", summary["stage1_dropped"], _stage1_text(st, summary)),
+        *(
+            [
+                (
+                    "dropped: near-duplicates",
+                    summary.get("duplicates_dropped", 0),
+                    f"dedup_threshold = {st.config.dedup_threshold}",
+                )
+            ]
+            if st.config.dedup_threshold is not None
+            else []
+        ),
         ("Stage I candidates", summary["candidates"], ""),
         ("budget B = floor((1 - r) N + 0.5)", summary["budget"], f"r = {st.config.prune_ratio:g}"),
         ("selected", summary["selected"], f"strategy {st.config.strategy}"),
