@@ -2,8 +2,8 @@
 
     python benchmarks/streaming_io.py [--src /work/shared/data/harvey] [--cache /tmp/rsprune_bench]
         [--shard-size 1000] [--ratios 0.5 0.7 0.85 0.9] [--repeat 3] [--gaps 0 4096 65536]
-        [--sample-windows 8] [--order-only] [--peers] [--verify-only] [--read-block 1024]
-        [--out results/streaming_io.json]
+        [--sample-windows 8] [--order-only] [--peers] [--peers-only] [--verify-only]
+        [--read-block 1024] [--out results/streaming_io.json]
 
 Both sides deliver exactly the same samples (checked) as raw webdataset dicts, in one process,
 nothing decoded:
@@ -22,8 +22,18 @@ The sampler path (map-style ``PrunedShardDataset`` + ``PrunedSampler``, ``DataLo
 workers, and with 0 workers where batches go through ``__getitems__``) and ``PrunedWebDataset``
 through the same loader are measured warm, against the stream. ``--peers`` adds MosaicML
 streaming (an MDS rewrite of the subset) and litdata (an ``optimize`` of the subset), one rewrite
-per ratio (timed), then best-of-``--repeat`` iteration of raw samples in one process; a peer that
-is not installed is reported as skipped.
+per ratio (timed), and Megatron-Energon over the original shards, nothing rewritten: the shards
+symlinked into a scratch folder under ``--cache`` (so ``.nv-meta/`` and the ``.tar.idx`` files stay
+out of the shard cache), ``energon prepare`` there (``WebdatasetPreparator.prepare_dataset``, one
+split part holding every shard; timed as ``prepare_seconds``, paid once per shard set), then per
+ratio a split config whose ``exclude`` list names every sample outside the subset as
+``<shard>/<key>`` (timed as ``rewrite_seconds``, what a user pays per subset), read through
+``get_val_dataset`` + ``get_loader`` (one pass, no shuffle, ``num_workers=0``, a
+``CrudeWebdataset`` with a pass-through cooker and no decoder). Then best-of-``--repeat``
+iteration of raw samples in one process, with the bytes read (``rchar``: ``read`` calls only, so
+a peer that maps its files, like litdata, shows almost none); a peer that is not installed is
+reported as skipped. ``--peers-only`` measures just the peers, against ``PrunedWebDataset`` warm
+at the default ``max_gap``.
 
 Checksum verification (on by default in both loaders): ``ours`` at the default ``max_gap`` and the
 in-process map-style dataset are also run with ``verify=False`` (warm cache), and the cost of
@@ -428,7 +438,7 @@ def _measure_verify(
     return row
 
 
-# --- peers: the same subset served by libraries that rewrite it first (optional `bench` extra) ---
+# --- peers: the same subset served by other libraries (optional `bench` extra) ---
 
 
 def _subset(shards: list[str], want: set[str]) -> list[dict[str, Any]]:
@@ -437,7 +447,9 @@ def _subset(shards: list[str], want: set[str]) -> list[dict[str, Any]]:
     return [s for s in wds.WebDataset(shards, shardshuffle=False) if s["__key__"] in want]
 
 
-def _mds_peer(samples: list[dict[str, Any]], out: Path) -> tuple[float, Callable[[], list[str]]]:
+def _mds_peer(
+    samples: list[dict[str, Any]], out: Path
+) -> tuple[dict[str, Any], Callable[[], list[str]]]:
     from streaming import MDSWriter, StreamingDataset
 
     t0 = time.perf_counter()
@@ -451,7 +463,7 @@ def _mds_peer(samples: list[dict[str, Any]], out: Path) -> tuple[float, Callable
         ds = StreamingDataset(local=str(out), shuffle=False, batch_size=1)
         return [s["key"] for s in ds]
 
-    return rewrite, run
+    return {"rewrite_seconds": rewrite}, run
 
 
 def _litdata_item(s: dict[str, Any]) -> dict[str, Any]:
@@ -460,7 +472,7 @@ def _litdata_item(s: dict[str, Any]) -> dict[str, Any]:
 
 def _litdata_peer(
     samples: list[dict[str, Any]], out: Path
-) -> tuple[float, Callable[[], list[str]]]:
+) -> tuple[dict[str, Any], Callable[[], list[str]]]:
     import litdata
 
     t0 = time.perf_counter()
@@ -478,42 +490,239 @@ def _litdata_peer(
         ds = litdata.StreamingDataset(str(out))
         return [s["key"] for s in ds]
 
-    return rewrite, run
+    made = litdata.StreamingDataset(str(out))
+
+    def epoch() -> list[str]:  # an epoch of a dataset built once, as a training loop runs it
+        return [s["key"] for s in made]
+
+    return {"rewrite_seconds": rewrite, "_epoch": epoch}, run
+
+
+def _raw_crude_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    """Energon cooker that hands the crude webdataset dict (raw bytes per part) back unchanged."""
+    return sample
+
+
+def _energon_peer(
+    shards: list[str], samples: list[dict[str, Any]], out: Path
+) -> tuple[dict[str, Any], Callable[[], list[str]]]:
+    """Megatron-Energon over the original shards, the subset given as a sample exclude list.
+
+    ``out`` gets symlinks to the shards, so Energon's metadata (``.nv-meta/`` and a ``.tar.idx``
+    per shard) is written there and not into the benchmark's shard cache. Two costs:
+
+    * ``prepare_seconds``: ``energon prepare`` of the shards (Python API:
+      ``WebdatasetPreparator.prepare_dataset``, one split part ``train`` holding every shard, no
+      shard shuffle, plus the ``dataset.yaml`` that ``energon prepare --sample-type
+      CrudeWebdataset`` writes): once per shard set, shared by every subset;
+    * ``rewrite_seconds``: per subset, a split config ``.nv-meta/split-subset.json`` with the same
+      split part and ``exclude: ["<shard>/<key>", ...]`` for every sample not in the subset
+      (Energon compares ``f"{shard name}/{__key__}"`` with that set in
+      ``BaseWebdatasetFactory.sample_filter``). The keys of all samples come from Energon's own
+      ``index.sqlite``, written by the prepare step. No sample bytes are rewritten.
+
+    Iteration: ``get_val_dataset`` (no shuffle, one pass, no repeat) with a ``CrudeWebdataset``
+    and a task encoder whose only cooker returns the crude dict, ``decoder = None`` (nothing
+    decoded), ``batch_size=None`` (one sample per step), ``WorkerConfig(rank=0, world_size=1,
+    num_workers=0)`` through ``get_loader`` with its defaults (``gc.collect()`` every 10 steps, a
+    watchdog), all in this process. Energon's ``__key__`` is the
+    webdataset key (``split_name_re``: the member name up to the first dot of its base name),
+    the same as ours, so no mapping is needed. An excluded sample is still visited: its
+    ``.tar.idx`` entry is looked up, its first tar header read, then it is dropped.
+    """
+    import sqlite3
+    import warnings
+
+    from megatron.energon import (
+        Cooker,
+        DefaultTaskEncoder,
+        WorkerConfig,
+        get_loader,
+        get_val_dataset,
+        stateless,
+    )
+    from megatron.energon.flavors.webdataset.prepare import WebdatasetPreparator
+
+    names = [os.path.basename(s) for s in shards]
+    if len(set(names)) != len(names):
+        raise RuntimeError("shard file names are not unique: cannot link them into one folder")
+    out.mkdir(parents=True)
+    for shard, name in zip(shards, names, strict=True):
+        (out / name).symlink_to(os.path.abspath(shard))
+    t0 = time.perf_counter()
+    WebdatasetPreparator.prepare_dataset(
+        out,
+        names,
+        split_parts_patterns=[("train", ".*")],
+        shuffle_seed=None,
+        workers=min(4, os.cpu_count() or 1),
+    )
+    # what `energon prepare --non-interactive --sample-type CrudeWebdataset` writes
+    (out / ".nv-meta" / "dataset.yaml").write_text(
+        "__module__: megatron.energon\n__class__: CrudeWebdataset\n"
+    )
+    prepare_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    keep = {s["__key__"] for s in samples}
+    with sqlite3.connect(out / ".nv-meta" / "index.sqlite") as db:
+        # tar_file_id is the position of the shard in the list given to prepare_dataset
+        rows = db.execute("SELECT tar_file_id, sample_key FROM samples").fetchall()
+    exclude = [f"{names[tar]}/{key}" for tar, key in rows if key not in keep]
+    if any(c in e for e in exclude for c in "{}"):
+        raise RuntimeError("a sample key holds a brace: Energon brace-expands exclude entries")
+    split = {"split_parts": {"train": names}, "exclude": exclude}
+    (out / ".nv-meta" / "split-subset.json").write_text(json.dumps(split))
+    subset_s = time.perf_counter() - t0
+
+    class RawEncoder(DefaultTaskEncoder):  # type: ignore[misc]
+        cookers = (Cooker(stateless(_raw_crude_sample)),)
+        decoder = None
+
+    def run() -> list[str]:
+        ds = get_val_dataset(
+            out,
+            split_part="train",
+            split_config="split-subset.json",
+            worker_config=WorkerConfig(rank=0, world_size=1, num_workers=0),
+            batch_size=None,
+            task_encoder=RawEncoder(),
+        )
+        with warnings.catch_warnings():  # DataLoader(pin_memory=True) without an accelerator
+            warnings.filterwarnings("ignore", message=".*pin_memory.*")
+            return [s["__key__"] for s in get_loader(ds)]
+
+    costs = {
+        "prepare_seconds": prepare_s,
+        "rewrite_seconds": subset_s,
+        "setup": "energon prepare of the original shards (once), per subset a split config "
+        f"with a {len(exclude)}-sample exclude list; no sample bytes rewritten",
+    }
+    return costs, run
+
+
+def _epochs(
+    peer: Callable[[], list[str]], ours: Callable[[], list[str]], repeat: int, want: set[str]
+) -> dict[str, Any]:
+    """Epochs of datasets built once (what a training loop pays per epoch), interleaved."""
+    theirs, mine = [], []
+    for _ in range(repeat):
+        for side, fn in ((theirs, peer), (mine, ours)):
+            t0 = time.perf_counter()
+            got = fn()
+            side.append(time.perf_counter() - t0)
+            if set(got) != want or len(got) != len(want):
+                raise RuntimeError("an epoch delivered other samples than the selection")
+    return {
+        "epoch_seconds": min(theirs),
+        "ours_epoch_seconds": min(mine),
+        "ours_over_peer_epoch": min(mine) / min(theirs),
+    }
+
+
+def ours_epochs(index: PruneIndex, cfg: PruneConfig) -> Callable[[], list[str]]:
+    """Successive epochs of one ``PrunedWebDataset`` (``set_epoch`` each time), as ``run_ours``
+    reads them (shard order, default ``max_gap``)."""
+    from rsprune_data import PrunedWebDataset
+
+    ds = PrunedWebDataset(index, cfg, shuffle_shards=False, sample_window=0)
+    count = iter(range(1 << 30))
+
+    def epoch() -> list[str]:
+        ds.set_epoch(next(count))
+        return [s["__key__"] for s in ds]
+
+    return epoch
+
+
+def peers_of(
+    index: PruneIndex,
+    cfg: PruneConfig,
+    shards: list[str],
+    want: set[str],
+    args: argparse.Namespace,
+    ratio: float,
+) -> dict[str, Any]:
+    """:func:`measure_peers` against ``PrunedWebDataset`` built per run and built once."""
+    from rsprune_data.wds import DEFAULT_MAX_GAP
+
+    return measure_peers(
+        shards,
+        want,
+        args.repeat,
+        args.cache,
+        ratio,
+        partial(run_ours, index, cfg, DEFAULT_MAX_GAP),
+        ours_epochs(index, cfg),
+    )
 
 
 def measure_peers(
-    shards: list[str], want: set[str], repeat: int, workdir: Path, ratio: float
+    shards: list[str],
+    want: set[str],
+    repeat: int,
+    workdir: Path,
+    ratio: float,
+    ours: Callable[[], list[str]],
+    ours_epoch: Callable[[], list[str]] | None = None,
 ) -> dict[str, Any]:
-    """Each installed peer over a per-ratio rewrite of the subset: rewrite seconds, then best-of
-    ``repeat`` iteration of raw samples in one process (page cache warm). Missing peers are
-    reported as skipped with the reason."""
+    """Each installed peer serving the subset: rewrite (or, Energon, exclude-list) seconds, then
+    best-of ``repeat`` iteration of raw samples in one process (page cache warm), each peer run
+    interleaved with a run of ``ours`` (``PrunedWebDataset``), so that both sides of the ratio
+    are timed in the same minutes (this VM's speed drifts by tens of percent from minute to
+    minute). Missing peers are reported as skipped with the reason."""
     import shutil
 
     samples = _subset(shards, want)
+    total = sum(os.path.getsize(s) for s in shards)
     out: dict[str, Any] = {}
-    for name, make in (("mosaicml-streaming", _mds_peer), ("litdata", _litdata_peer)):
+    peers: tuple[
+        tuple[
+            str,
+            Callable[[list[dict[str, Any]], Path], tuple[dict[str, Any], Callable[[], list[str]]]],
+        ],
+        ...,
+    ] = (
+        ("mosaicml-streaming", _mds_peer),
+        ("litdata", _litdata_peer),
+        ("megatron-energon", partial(_energon_peer, shards)),
+    )
+    for name, make in peers:
         folder = workdir / f"{name}-{ratio}"
         shutil.rmtree(folder, ignore_errors=True)
         try:
-            rewrite, run = make(samples, folder)
-            times = []
+            costs, run = make(samples, folder)
+            runs, mine = [], []
             for _ in range(repeat):
+                runs.append(timed(run))
+                keys = runs[-1].pop("keys")
+                if set(keys) != want or len(keys) != len(want):
+                    raise RuntimeError("delivered other samples than the selection")
                 t0 = time.perf_counter()
-                keys = run()
-                times.append(time.perf_counter() - t0)
-            if set(keys) != want or len(keys) != len(want):
-                raise RuntimeError("delivered other samples than the selection")
+                got = ours()
+                mine.append(time.perf_counter() - t0)
+                if set(got) != want:
+                    raise SystemExit("PrunedWebDataset delivered other samples than the selection")
+            times = [r["seconds"] for r in runs]
+            best = min(runs, key=lambda r: r["seconds"])
+            epoch = costs.pop("_epoch", None)
+            if epoch is not None and ours_epoch is not None:
+                costs.update(_epochs(epoch, ours_epoch, repeat, want))
             out[name] = {
-                "rewrite_seconds": rewrite,
-                "seconds": min(times),
+                **costs,
+                "seconds": best["seconds"],
                 "spread": max(times) - min(times),
-                "samples_per_s": len(want) / min(times),
+                "samples_per_s": len(want) / best["seconds"],
+                "rchar": best["rchar"],
+                "bytes_fraction": best["rchar"] / total,
+                "ours_seconds": min(mine),
+                "ours_spread": max(mine) - min(mine),
+                "ours_over_peer": min(mine) / best["seconds"],
             }
         except Exception as exc:  # optional peers: any failure is reported, never fatal
             out[name] = {"skipped": f"{type(exc).__name__}: {exc}"[:300]}
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-    out["megatron-energon"] = {"skipped": "not wired: needs `energon prepare` metadata per subset"}
     return out
 
 
@@ -565,7 +774,14 @@ def main() -> None:
     ap.add_argument(
         "--peers",
         action="store_true",
-        help="also measure MosaicML streaming and litdata over per-ratio rewrites",
+        help="also measure MosaicML streaming and litdata over per-ratio rewrites, and "
+        "Megatron-Energon over the original shards with a per-ratio exclude list",
+    )
+    ap.add_argument(
+        "--peers-only",
+        action="store_true",
+        help="only the peers (implies --peers), against PrunedWebDataset warm at the default "
+        "max_gap",
     )
     ap.add_argument("--out", type=Path, default=Path("results/streaming_io.json"))
     ap.add_argument(
@@ -604,6 +820,20 @@ def main() -> None:
     results = []
     order = []
     for ratio in args.ratios:
+        cfg = PruneConfig(prune_ratio=ratio, entropy_filter="none")
+        if args.peers_only:
+            want = {keys[i] for i in index.select(cfg).tolist()}
+            row: dict[str, Any] = {"prune_ratio": ratio, "selected": len(want)}
+            row[f"ours_warm_gap{DEFAULT_MAX_GAP}"] = median_run(
+                partial(run_ours, index, cfg, DEFAULT_MAX_GAP),
+                args.repeat,
+                partial(warm, shards),
+                want,
+            )
+            row["peers"] = peers_of(index, cfg, shards, want, args, ratio)
+            results.append(row)
+            _print_row(row, gaps, DEFAULT_MAX_GAP, total_bytes, args.workers)
+            continue
         print(
             f"\nprune_ratio {ratio}: sample-level order against shard order (shuffled shards; "
             "cold = posix_fadvise(DONTNEED) per shard)"
@@ -627,13 +857,8 @@ def main() -> None:
             )
         )
         if args.peers:
-            want = {
-                keys[i]
-                for i in index.select(
-                    PruneConfig(prune_ratio=ratio, entropy_filter="none")
-                ).tolist()
-            }
-            results[-1]["peers"] = measure_peers(shards, want, args.repeat, args.cache, ratio)
+            want = {keys[i] for i in index.select(cfg).tolist()}
+            results[-1]["peers"] = peers_of(index, cfg, shards, want, args, ratio)
         _print_row(results[-1], gaps, DEFAULT_MAX_GAP, total_bytes, args.workers)
     report = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
@@ -655,7 +880,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
-    if not results or args.verify_only:
+    if not results or args.verify_only or args.peers_only:
         print(f"wrote {args.out}")
         return
     plot(report, args.out.with_suffix(".png"))
@@ -705,6 +930,8 @@ def _print_row(
             f"{n / r['seconds']:9.0f} samples/s, {s / r['seconds']:6.1f}x the stream"
         )
     for name in ("stream_ours", "map_style"):
+        if f"verify_{name}" not in row:  # --peers-only
+            continue
         v = row[f"verify_{name}"]
         print(
             f"  warm checksum verification, {name:11s}: verify {v['verify_best']:.3f} s "
@@ -718,11 +945,26 @@ def _print_row(
         if "skipped" in r:
             print(f"  warm peer {name}: skipped ({r['skipped']})")
         else:
+            cost = (
+                f"a {r['prepare_seconds']:.2f} s energon prepare (once per shard set) and a "
+                f"{r['rewrite_seconds']:.2f} s exclude list"
+                if "prepare_seconds" in r
+                else f"a {r['rewrite_seconds']:.2f} s rewrite"
+            )
             print(
                 f"  warm peer {name}: {r['seconds']:7.3f} s (±{r['spread']:.3f}) "
-                f"{n / r['seconds']:9.0f} samples/s after a {r['rewrite_seconds']:.2f} s rewrite; "
-                f"PrunedWebDataset / peer time {ours / r['seconds']:.2f} (best run of each)"
+                f"{n / r['seconds']:9.0f} samples/s, read {r['bytes_fraction']:5.3f}x of the "
+                f"shards, after {cost}; PrunedWebDataset / peer time "
+                f"{r.get('ours_over_peer', ours / r['seconds']):.2f} (best of each, interleaved: "
+                f"ours {r.get('ours_seconds', ours):.4f} s ±{r.get('ours_spread', 0.0):.4f})"
             )
+            if "epoch_seconds" in r:
+                print(
+                    f"    per epoch of datasets built once: peer {r['epoch_seconds']:.4f} s "
+                    f"({n / r['epoch_seconds']:.0f}/s), PrunedWebDataset "
+                    f"{r['ours_epoch_seconds']:.4f} s ({n / r['ours_epoch_seconds']:.0f}/s): "
+                    f"ours / peer {r['ours_over_peer_epoch']:.2f} (best of each, interleaved)"
+                )
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

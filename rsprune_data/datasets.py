@@ -24,7 +24,7 @@ anything. ``transform`` is applied last, to whatever ``decode`` returned.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,8 +41,7 @@ from .reading import (
     RemoteFile,
     local_path,
     read_options,
-    read_remote_pieces,
-    read_samples,
+    read_pieces,
     shard_kind,
 )
 from .reading.samples import cut_run
@@ -240,31 +239,22 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
             if self._verifies(s) and sums is not None:
                 expect = [int(x) for x in sums[part].tolist()]
             piece = Piece(
-                self.shards[s], offsets[part].tolist(), lengths[part].tolist(), want, expect
+                self.shards[s],
+                offsets[part].tolist(),
+                lengths[part].tolist(),
+                want,
+                expect,
+                (part - self._starts[s]).tolist(),
             )
             pieces.append((s, a, b, piece))
-        # the batch's pieces of remote shards share one window of round trips
-        remote = [p for p in pieces if shard_kind(p[3].shard) == "remote"]
-        fetched: dict[int, list[tuple[str, dict[str, bytes]]]] = {}
-        if remote:
-            got_all = read_remote_pieces([p[3] for p in remote], self.read)
-            fetched = {p[0]: g for p, g in zip(remote, got_all, strict=True)}
-        for s, a, b, piece in pieces:
-            if s in fetched:
-                got: Iterable[tuple[str, dict[str, bytes]]] = fetched[s]
-            else:
-                got = read_samples(
-                    piece.shard,
-                    (sorted_pos[a:b] - self._starts[s]).tolist(),
-                    piece.offsets,
-                    piece.lengths,
-                    piece.keys,
-                    self.read,
-                    opened=self._file(s),
-                    sums=piece.sums,
-                )
-            for slot, (key, members) in zip(order[a:b].tolist(), got, strict=True):
-                sample: dict[str, Any] = {"__key__": key, "__url__": piece.shard, **members}
+        # one read for the batch: remote pieces share a window of round trips, local runs land in
+        # one buffer, and all samples are cut together (reading.read_pieces)
+        opened = {
+            k: self._file(p[0]) for k, p in enumerate(pieces) if shard_kind(p[3].shard) == "local"
+        }
+        got_all = read_pieces([p[3] for p in pieces], self.read, opened=opened)
+        for (_, a, b, _), got in zip(pieces, got_all, strict=True):
+            for slot, sample in zip(order[a:b].tolist(), got, strict=True):
                 out[slot] = sample if plain else _finish(sample, self.decode, self.transform)
         return out
 

@@ -86,7 +86,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any
@@ -108,10 +108,9 @@ from .reading import (
     DEFAULT_LOCAL_MAX_GAP,
     Piece,
     ReadOptions,
-    local_path,
+    fetch_remote,
     read_options,
-    read_remote_pieces,
-    read_samples,
+    read_pieces,
     shard_kind,
 )
 from .reading._threads import process_pool
@@ -431,14 +430,14 @@ class _Source:
     def _read_ahead(self, blocks: list[NDArray[np.int64]]) -> Iterator[list[Sample]]:
         """Blocks in order, the remote part of the next block fetched while one is delivered.
 
-        At most two blocks' windows are in flight (``2 * concurrency`` requests); the rest of a
-        block (local and ``pipe:`` pieces) is read in this thread.
+        At most two blocks' windows are in flight (``2 * concurrency`` requests); the fetching
+        thread only fetches bytes, the samples are cut in this thread with the rest of the block.
         """
         if not blocks:
             return
         self._expected_keys(blocks[0][:0])  # load the keys here, not in the fetching thread
         pool = process_pool("blocks", 1)
-        ahead: Future[dict[int, list[Sample]]] = pool.submit(self._fetch_remote, blocks[0])
+        ahead: Future[dict[int, list[bytes]]] = pool.submit(self._fetch_remote, blocks[0])
         try:
             for k, block in enumerate(blocks):
                 fetched = ahead.result()
@@ -448,62 +447,59 @@ class _Source:
         finally:
             ahead.cancel()
 
-    def _fetch_remote(self, block: NDArray[np.int64]) -> dict[int, list[Sample]]:
-        """The samples of ``block``'s remote (URL) pieces, by shard, fetched together.
+    def _pieces(self, ranked: NDArray[np.int64]) -> list[tuple[int, int, int, Piece]]:
+        """``(shard, a, b, piece)`` per shard of a sorted block: ``ranked[a:b]`` is ``piece``."""
+        index = self.index
+        out = []
+        for shard, a, b in shard_runs(ranked, index.shard_ids):
+            part = ranked[a:b]
+            piece = Piece(
+                index.shards[shard],
+                index.offsets[part].tolist(),
+                index.lengths[part].tolist(),
+                self._expected_keys(part),
+                self._sums(part, shard),
+                (part - int(index.shard_starts[shard])).tolist(),
+            )
+            out.append((shard, a, b, piece))
+        return out
+
+    def _fetch_remote(self, block: NDArray[np.int64]) -> dict[int, list[bytes]]:
+        """The run buffers of ``block``'s remote (URL) pieces, by shard, fetched together.
 
         The pieces go out in one window of ``concurrency`` requests, so a store's round trips
         overlap across the shards of a block instead of being paid piece after piece (a block
         touches up to ``sample_window`` shards; ``benchmarks/remote_io.py``).
         """
-        index = self.index
-        ranked = np.sort(block, kind="stable")
         remote = [
             p
-            for p in shard_runs(ranked, index.shard_ids)
-            if shard_kind(index.shards[p[0]]) == "remote"
+            for p in self._pieces(np.sort(block, kind="stable"))
+            if shard_kind(p[3].shard) == "remote"
         ]
         if not remote:
             return {}
-        got = read_remote_pieces(
-            [
-                Piece(
-                    index.shards[shard],
-                    index.offsets[ranked[a:b]].tolist(),
-                    index.lengths[ranked[a:b]].tolist(),
-                    self._expected_keys(ranked[a:b]),
-                    self._sums(ranked[a:b], shard),
-                )
-                for shard, a, b in remote
-            ],
-            self.read,
-        )
-        fetched: dict[int, list[Sample]] = {}
-        for (shard, _, _), cut in zip(remote, got, strict=True):
-            url = index.shards[shard]
-            fetched[shard] = [{"__key__": k, "__url__": url, **m} for k, m in cut]
-        return fetched
+        got = fetch_remote([p[3] for p in remote], self.read)
+        return {p[0]: bufs for p, bufs in zip(remote, got, strict=True)}
 
     def _read_block(
-        self, block: NDArray[np.int64], fetched: dict[int, list[Sample]]
+        self, block: NDArray[np.int64], fetched: dict[int, list[bytes]]
     ) -> list[Sample]:
         """The samples at ``block`` (global positions, any order, repeats allowed), in that order;
-        ``fetched`` holds its remote pieces (:meth:`_fetch_remote`)."""
-        index = self.index
+        ``fetched`` holds the run buffers of its remote pieces (:meth:`_fetch_remote`)."""
         order = np.argsort(block, kind="stable")
-        ranked = block[order]
+        pieces = self._pieces(block[order])
+        got = read_pieces(
+            [p[3] for p in pieces],
+            self.read,
+            fetched={k: fetched[p[0]] for k, p in enumerate(pieces) if p[0] in fetched},
+            local_paths=True,  # webdataset's StreamingOpen: a local url's path
+        )
+        if block.shape[0] < 2 or bool((block[1:] > block[:-1]).all()):  # already in file order
+            return [sample for samples in got for sample in samples]
         out: list[Sample | None] = [None] * int(block.shape[0])
-        for shard, a, b in shard_runs(ranked, index.shard_ids):
-            url = index.shards[shard]
-            part = ranked[a:b]
-            samples: Iterable[Sample]
-            if shard in fetched:
-                samples = fetched.pop(shard)
-            elif shard_kind(url) == "local":
-                samples = self._read_local(url, part, shard)
-            else:
-                samples = self._read_stream(url, part, shard)
+        for (_, a, b, _), samples in zip(pieces, got, strict=True):
             for slot, sample in zip(order[a:b].tolist(), samples, strict=True):
-                out[slot] = sample  # key (and checksum) checked where it was cut out
+                out[slot] = sample
         return out  # type: ignore[return-value]
 
     def _expected_keys(self, part: NDArray[np.int64]) -> list[str | None]:
@@ -519,36 +515,8 @@ class _Source:
         index = self.index
         if not self.verify or not index.checksummed[shard]:
             return None
-        return [int(s) for s in index.checksums[part].tolist()]
-
-    def _read_local(self, url: str, part: NDArray[np.int64], shard: int) -> Iterator[Sample]:
-        # webdataset's StreamingOpen: a local url's path (urlparse) is also __local_path__.
-        path = local_path(url)
-        index = self.index
-        for key, members in read_samples(
-            url,
-            (),
-            index.offsets[part].tolist(),
-            index.lengths[part].tolist(),
-            self._expected_keys(part),
-            self.read,
-            sums=self._sums(part, shard),
-        ):
-            yield {"__key__": key, "__url__": url, **members, "__local_path__": path}
-
-    def _read_stream(self, url: str, part: NDArray[np.int64], shard: int) -> Iterator[Sample]:
-        # `pipe:` streams in one pass, selecting by sample number
-        index = self.index
-        for key, members in read_samples(
-            url,
-            (part - int(index.shard_starts[shard])).tolist(),
-            index.offsets[part].tolist(),
-            index.lengths[part].tolist(),
-            self._expected_keys(part),
-            self.read,
-            sums=self._sums(part, shard),
-        ):
-            yield {"__key__": key, "__url__": url, **members}
+        sums: list[int | None] = index.checksums[part].tolist()  # uint64 -> Python int
+        return sums
 
     # -- state
     def _common(self, epoch: int, config: PruneConfig, world_size: int) -> dict[str, Any]:

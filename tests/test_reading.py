@@ -7,6 +7,7 @@ import itertools
 import os
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -276,16 +277,179 @@ def test_map_style_batches_read_with_coalesced_runs(
     order = [20, 3, 4, 5, 0, 13, 12, 4]
     single = [ds[i] for i in order]
     preads: list[tuple[int, int]] = []
-    real = local.pread_exact
+    real = local.LocalFile.read_into
 
-    def spy(fd: int, n: int, offset: int, name: str) -> bytes:
-        preads.append((offset, n))
-        return real(fd, n, offset, name)
+    def spy(self: local.LocalFile, runs: Any, out: memoryview) -> None:
+        starts, stops = runs.start.tolist(), runs.stop.tolist()
+        preads.extend((a, b - a) for a, b in zip(starts, stops, strict=True))
+        real(self, runs, out)
 
-    monkeypatch.setattr(local, "pread_exact", spy)
+    monkeypatch.setattr(local.LocalFile, "read_into", spy)
     batch = ds.__getitems__(order)
     assert batch == single  # same samples, asked order, the repeated 4 twice
     assert len(preads) == 4  # shard 0: {0}, {3, 4, 5} touching; shard 1: {12, 13}, {20}
     loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=list)
     keys = [s["__key__"] for b in loader for s in b]
     assert keys == [ds[i]["__key__"] for i in range(len(ds))]
+
+
+# --- one read for many pieces: the arena, the repeated-layout walk, cached reads (issue 11) ---
+
+
+def _layout_shard(path: Path) -> None:
+    """Samples whose member layouts change along the shard (what the repeated-layout walk must
+    notice): two members, then three, a pax header per member, a dotted folder, a long name."""
+    with wds.TarWriter(str(path)) as tw:  # pax headers: TarWriter's float mtimes
+        for i in range(6):
+            tw.write({"__key__": f"v1.0/a{i:02d}", "jpg": bytes([i]) * (700 + i), "cls": b"1"})
+        for i in range(6, 10):
+            tw.write({"__key__": f"v1.0/a{i:02d}", "jpg": b"j" * 3, "cls": b"2", "json": b"{}"})
+        tw.write({"__key__": "b/" + "n" * 120, "jpg": b"long"})  # GNU long name / pax path
+        for i in range(11, 14):
+            tw.write({"__key__": f"c{i}", "cls": b"3", "jpg": b"x" * i})  # other member order
+
+
+@pytest.mark.parametrize("name", ["gnu.tar", "pax.tar", "layouts.tar"])
+def test_read_pieces_equals_webdataset_for_any_subset(tmp_path: Path, name: str) -> None:
+    from rsprune_data.reading import Piece, read_pieces
+    from rsprune_data.tario import scan_tar
+
+    _odd_shard(tmp_path / "gnu.tar")
+    _layout_shard(tmp_path / "layouts.tar")
+    path = str(tmp_path / name)
+    plain = list(wds.WebDataset(path, shardshuffle=False))
+    ts = scan_tar(path)
+    assert [t.key for t in ts] == [s["__key__"] for s in plain]
+    rng = np.random.default_rng(0)
+    for keep in ([True] * len(ts), rng.random(len(ts)) < 0.5, rng.random(len(ts)) < 0.3):
+        idx = [i for i, k in enumerate(keep) if k]
+        half = len(idx) // 2  # two pieces of one shard in one read, and a read with opened
+        pieces = [
+            Piece(
+                path,
+                [ts[i].offset for i in part],
+                [ts[i].length for i in part],
+                [ts[i].key for i in part],
+                numbers=part,
+            )
+            for part in (idx[:half], idx[half:])
+        ]
+        got = read_pieces(pieces, ReadOptions(), local_paths=True)
+        want = [
+            [{**plain[i], "__local_path__": path} for i in part]
+            for part in (idx[:half], idx[half:])
+        ]
+        assert [[dict(s) for s in p] for p in got] == [[dict(s) for s in p] for p in want]
+        assert all(
+            type(v) is bytes for p in got for s in p for k, v in s.items() if not k.startswith("__")
+        )
+        # keys unknown to the index: read from the headers
+        blind = [Piece(p.shard, p.offsets, p.lengths, [None] * len(p.offsets)) for p in pieces]
+        again = read_pieces(blind, ReadOptions())
+        assert [[s["__key__"] for s in p] for p in again] == [
+            [plain[i]["__key__"] for i in part] for part in (idx[:half], idx[half:])
+        ]
+
+
+def test_read_pieces_results_survive_the_next_read(tmp_path: Path) -> None:
+    """Members are copies: the next read reuses the thread's arena and must not change them."""
+    from rsprune_data.reading import Piece, read_pieces
+
+    _layout_shard(tmp_path / "layouts.tar")
+    path = str(tmp_path / "layouts.tar")
+    ts = scan_tar(path)
+    first = read_pieces(
+        [
+            Piece(
+                path,
+                [t.offset for t in ts[:5]],
+                [t.length for t in ts[:5]],
+                [t.key for t in ts[:5]],
+            )
+        ],
+        ReadOptions(),
+    )
+    snapshot = [dict(s) for s in first[0]]
+    read_pieces(
+        [
+            Piece(
+                path,
+                [t.offset for t in ts[5:]],
+                [t.length for t in ts[5:]],
+                [t.key for t in ts[5:]],
+            )
+        ],
+        ReadOptions(),
+    )
+    assert first[0] == snapshot
+
+
+def test_repeated_layout_walk_refuses_a_changed_member(tmp_path: Path) -> None:
+    """A sample that looks like its neighbour but is not (another key in one member's header,
+    bytes changed without a checksum) still fails by name, not as a silent substitution."""
+    from rsprune_data.reading import Piece, read_pieces
+
+    path = tmp_path / "s.tar"
+    with wds.TarWriter(str(path)) as tw:
+        for i in range(4):
+            tw.write({"__key__": f"k{i}", "jpg": b"a" * 600, "cls": b"1"})
+    ts = scan_tar(str(path))
+    raw = bytearray(path.read_bytes())
+    at = raw.find(b"k2.cls")
+    raw[at : at + 2] = b"k9"  # sample 2's second member now names another key
+    path.write_bytes(bytes(raw))
+    piece = Piece(str(path), [t.offset for t in ts], [t.length for t in ts], [t.key for t in ts])
+    with pytest.raises(ShardError, match=r"k9|more than one sample|corrupt"):
+        read_pieces([piece], ReadOptions())
+
+
+def test_plain_keys() -> None:
+    from rsprune_data.reading.samples import plain_keys
+
+    assert plain_keys(["a/b", "c", "v1.0/d", "x/_y"])
+    for odd in (["a/b.c"], ["_x"], ["a/"], [""], ["a", ""], ["a", None], ["a", "_b"], []):
+        assert not plain_keys(odd), odd
+
+
+def test_cached_reads_skip_the_announcement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Warm runs are read with RWF_NOWAIT and need no WILLNEED; a run that is not cached, or a
+    file system without RWF_NOWAIT, falls back to announcing, with the same bytes."""
+    import rsprune_data.reading.local as local
+    from rsprune_data.reading.runs import Runs
+
+    path = tmp_path / "f.bin"
+    data = os.urandom(64 * 1024)
+    path.write_bytes(data)
+    runs = Runs(np.array([0, 8192, 40960]), np.array([100, 9000, 41000]), np.array([0, 1, 2, 3]))
+    want = data[0:100] + data[8192:9000] + data[40960:41000]
+    advised: list[int] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, off: int, n: int, how: int) -> None:
+        if how == os.POSIX_FADV_WILLNEED:
+            advised.append(off)
+        real(fd, off, n, how)
+
+    monkeypatch.setattr(local.os, "posix_fadvise", spy)
+    out = bytearray(runs.nbytes)
+    with LocalFile(str(path)) as f:
+        assert f.nowait == (local._NOWAIT != 0)
+        f.read_into(runs, memoryview(out))
+    assert bytes(out) == want
+    if local._NOWAIT:
+        assert advised == []  # the file was just written: every run is cached
+    real_preadv = os.preadv
+
+    def no_nowait(fd: int, bufs: Any, off: int, flags: int = 0) -> int:
+        if flags:
+            raise OSError(95, "Operation not supported")
+        return real_preadv(fd, bufs, off)
+
+    monkeypatch.setattr(local.os, "preadv", no_nowait)
+    out = bytearray(runs.nbytes)
+    with LocalFile(str(path)) as f:
+        f.read_into(runs, memoryview(out))
+        assert not f.nowait or not local._NOWAIT
+    assert bytes(out) == want and advised == [0, 8192, 40960]

@@ -273,14 +273,15 @@ def test_reads_only_selected_byte_ranges(
 ) -> None:
     import rsprune_data.reading.local as local
 
-    asked: list[tuple[str, int, int]] = []  # (shard, offset, length) of every pread
-    real = local.pread_exact
+    asked: list[tuple[str, int, int]] = []  # (shard, offset, length) of every run read
+    real = local.LocalFile.read_into
 
-    def spy(fd: int, n: int, offset: int, name: str) -> bytes:
-        asked.append((name, offset, n))
-        return real(fd, n, offset, name)
+    def spy(self: local.LocalFile, runs: Any, out: memoryview) -> None:
+        starts, stops = runs.start.tolist(), runs.stop.tolist()
+        asked.extend((self.path, a, b - a) for a, b in zip(starts, stops, strict=True))
+        real(self, runs, out)
 
-    monkeypatch.setattr(local, "pread_exact", spy)
+    monkeypatch.setattr(local.LocalFile, "read_into", spy)
     ds = PrunedWebDataset(shards, CFG, seed=2, max_gap=0)
     n = len(list(ds))
     sel = ds.selected
@@ -752,14 +753,14 @@ def test_sample_order_reads_sorted_coalesced_blocks(
 ) -> None:
     import rsprune_data.wds as wmod
 
-    calls: list[list[int]] = []
-    real = wmod.read_samples
+    calls: list[list[int]] = []  # the offsets of each shard's piece of each read
+    real = wmod.read_pieces
 
-    def spy(shard: str, numbers: Any, offsets: list[int], *args: Any, **kw: Any) -> Any:
-        calls.append(list(offsets))
-        return real(shard, numbers, offsets, *args, **kw)
+    def spy(pieces: Any, *args: Any, **kw: Any) -> Any:
+        calls.extend(list(p.offsets) for p in pieces)
+        return real(pieces, *args, **kw)
 
-    monkeypatch.setattr(wmod, "read_samples", spy)
+    monkeypatch.setattr(wmod, "read_pieces", spy)
     ds = PrunedWebDataset(shards, CFG, seed=2, sample_window=3)
     got = [s["__key__"] for s in ds]
     assert sorted(got) == sorted(selected_keys(ds))
@@ -775,16 +776,14 @@ def test_read_blocks_are_capped_in_bytes(
     import rsprune_data.wds as wmod
 
     ref = [s["__key__"] for s in PrunedWebDataset(shards, CFG, seed=4)]
-    sizes: list[int] = []
-    real = wmod.read_samples
+    sizes: list[int] = []  # samples per read
+    real = wmod.read_pieces
 
-    def spy(
-        shard: str, numbers: Any, offsets: list[int], lengths: list[int], *a: Any, **k: Any
-    ) -> Any:
-        sizes.append(len(offsets))
-        return real(shard, numbers, offsets, lengths, *a, **k)
+    def spy(pieces: Any, *a: Any, **k: Any) -> Any:
+        sizes.append(sum(len(p.offsets) for p in pieces))
+        return real(pieces, *a, **k)
 
-    monkeypatch.setattr(wmod, "read_samples", spy)
+    monkeypatch.setattr(wmod, "read_pieces", spy)
     monkeypatch.setattr(wmod, "_READ_BLOCK_BYTES", 1)
     assert [s["__key__"] for s in PrunedWebDataset(shards, CFG, seed=4)] == ref
     assert sizes and set(sizes) == {1}  # every sample is larger than 1 byte: blocks of one

@@ -1,19 +1,24 @@
-"""The reading path shared by both loaders, as small stages (webdataset-style generators).
+"""The reading path shared by both loaders, as small stages.
 
 ::
 
-    positions of one shard piece, in tar order (the loaders' plan)
-      -> runs.coalesce(offsets, lengths)           Runs: [start, stop) per read, samples per run
-      -> local.LocalFile.read_runs  (pread, POSIX_FADV_RANDOM + WILLNEED of the planned runs,
-                                    or O_DIRECT reads)
-         remote.RemoteFile.read_runs (fsspec cat_ranges, bounded concurrency, retries)
-         stream.stream_samples       (``pipe:``: one pass, unwanted samples dropped undecoded)
-      -> samples.cut_runs           (key, {ext: bytes}) per sample, cut out of the run buffer;
-                                    samples.check_sample: key (and checksum) against the index row
+    one read (a loader's block or batch): Pieces, one per shard, offsets in tar order
+      -> runs.coalesce(offsets, lengths)      Runs: [start, stop) per read, samples per run
+      -> local.LocalFile.read_into  (preadv into this thread's arena.buffer: RWF_NOWAIT while
+                                    cached, else POSIX_FADV_RANDOM + WILLNEED of the planned
+                                    runs, or O_DIRECT reads)
+         fetch_remote               (fsspec cat_ranges, one window for all remote pieces,
+                                    bounded concurrency, retries; copied into the arena)
+         stream.stream_samples      (``pipe:``: one pass, unwanted samples dropped undecoded)
+      -> samples.cut_block          webdataset dicts, one ``bytes`` per member copied out of the
+                                    arena; checksum, then the key in the headers against the
+                                    index row (a repeated member layout checked by prefix)
 
 Stages take explicit inputs (a path or URL, ranges, lists) and never import the loaders or the
-index. :func:`read_samples` strings them together for one shard; :class:`ReadOptions` carries
-every knob, picklable, so DataLoader workers get the same settings.
+index. :func:`read_pieces` strings them together for one read (:func:`read_samples` for one
+shard); :class:`ReadOptions` carries every knob, picklable, so DataLoader workers get the same
+settings. ``samples.cut_runs`` (one buffer per run) is the same cut for callers holding run
+buffers.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from .._validate import check_int
 from ..errors import ConfigError
+from .arena import buffer
 from .local import READAHEAD_MODES, LocalFile, check_readahead
 from .remote import (
     DEFAULT_CONCURRENCY,
@@ -35,7 +42,7 @@ from .remote import (
     remote_metadata,
 )
 from .runs import Runs, coalesce
-from .samples import Sample, check_sample, cut_runs
+from .samples import Item, Piece, Sample, check_sample, cut_block, cut_runs
 from .stream import stream_samples
 
 __all__ = [
@@ -54,10 +61,12 @@ __all__ = [
     "Sample",
     "check_sample",
     "coalesce",
+    "cut_block",
     "cut_runs",
+    "fetch_remote",
     "local_path",
     "read_options",
-    "read_remote_pieces",
+    "read_pieces",
     "read_samples",
     "remote_metadata",
     "shard_kind",
@@ -200,45 +209,23 @@ def read_samples(
     Yields:
         ``(key, {ext: bytes})``, checked against ``keys`` by :func:`check_sample`.
     """
-    kind = shard_kind(shard)
-    if kind == "stream":
-        yield from stream_samples(shard, numbers, keys, offsets, sums)
-        return
-    runs = options.runs(offsets, lengths, kind == "remote")
-    if opened is not None:
-        yield from cut_runs(opened.read_runs(runs), runs, offsets, lengths, keys, shard, sums)
-        return
-    if kind == "remote":
-        yield from cut_runs(
-            options.remote_file(shard).read_runs(runs), runs, offsets, lengths, keys, shard, sums
-        )
-        return
-    with LocalFile(local_path(shard), readahead=options.readahead, prefetch=options.prefetch) as f:
-        yield from cut_runs(f.read_runs(runs), runs, offsets, lengths, keys, shard, sums)
+    piece = Piece(shard, offsets, lengths, keys, sums, numbers)
+    for item in read_pieces([piece], options, opened=None if opened is None else {0: opened})[0]:
+        key, _ = item.pop("__key__"), item.pop("__url__")
+        yield key, item
 
 
-@dataclass(frozen=True)
-class Piece:
-    """The samples of one shard that one read wants (the arguments of :func:`read_samples`)."""
-
-    shard: str
-    offsets: Sequence[int]
-    lengths: Sequence[int]
-    keys: Sequence[str | None]
-    sums: Sequence[int | None] | None = None
-
-
-def read_remote_pieces(pieces: Sequence[Piece], options: ReadOptions) -> list[list[Sample]]:
-    """The samples of several remote shards, their runs fetched through one shared window.
+def fetch_remote(pieces: Sequence[Piece], options: ReadOptions) -> list[list[bytes]]:
+    """The run buffers of several remote pieces, fetched through one shared window.
 
     With a piece per shard each read would wait for its own round trips; here the runs of every
     piece go out together, ``options.concurrency`` requests in flight in all (pieces on other
     filesystems, e.g. ``s3://`` beside ``https://``, in windows of their own), in batches of at
-    most ``max_batch_bytes``, retried as one :class:`RemoteFile` retries. Samples are cut and
-    checked as in :func:`read_samples`.
+    most ``max_batch_bytes``, retried as one :class:`RemoteFile` retries. Nothing is cut here, so
+    a loader may fetch the next read while it delivers one (:func:`read_pieces` cuts).
 
     Returns:
-        One list of ``(key, {ext: bytes})`` per piece, in the order of its offsets.
+        One list of buffers per piece, one per run of ``options.runs`` of its ranges.
     """
     files = [options.remote_file(p.shard) for p in pieces]
     runs = [options.runs(p.offsets, p.lengths, True) for p in pieces]
@@ -256,7 +243,100 @@ def read_remote_pieces(pieces: Sequence[Piece], options: ReadOptions) -> list[li
             got = lead.fetch(starts[a:b], stops[a:b], others=owners[a:b])
             for i, buf in zip(which[a:b], got, strict=True):
                 bufs[i].append(buf)
-    return [
-        list(cut_runs(bufs[i], runs[i], p.offsets, p.lengths, p.keys, p.shard, p.sums))
-        for i, p in enumerate(pieces)
+    return bufs
+
+
+def read_pieces(
+    pieces: Sequence[Piece],
+    options: ReadOptions,
+    *,
+    opened: Mapping[int, LocalFile | RemoteFile] | None = None,
+    fetched: Mapping[int, list[bytes]] | None = None,
+    local_paths: bool = False,
+) -> list[list[Item]]:
+    """The samples of one read (a loader's block or batch): every piece's, in its order, as
+    webdataset dicts (``__key__``, ``__url__``: the shard, one ``bytes`` per member, and with
+    ``local_paths`` a local shard's ``__local_path__``, as webdataset's own reader adds).
+
+    ``pipe:`` pieces are streamed (:func:`stream_samples`). The runs of the other pieces land back
+    to back in this thread's :mod:`~rsprune_data.reading.arena`: local runs read straight into it,
+    remote runs (``fetched[k]`` for piece ``k`` where given, else fetched here through one window,
+    :func:`fetch_remote`) copied in; then all their samples are cut with one array pass
+    (:func:`cut_block`) and checked against their keys and checksums.
+
+    Args:
+        pieces: one per shard and read, offsets ascending within a piece.
+        options: the :class:`ReadOptions`.
+        opened: files already open, by piece position (kept open; others opened and closed).
+        fetched: run buffers of remote pieces already fetched (:func:`fetch_remote`), by position.
+
+    Returns:
+        One list of samples per piece.
+    """
+    kinds = [shard_kind(p.shard) for p in pieces]
+    ranged = [k for k, kind in enumerate(kinds) if kind != "stream"]
+    runs = {
+        k: options.runs(pieces[k].offsets, pieces[k].lengths, kinds[k] == "remote") for k in ranged
+    }
+    bufs: dict[int, list[bytes]] = dict(fetched or {})
+    for k, f in (opened or {}).items():
+        if isinstance(f, RemoteFile) and k not in bufs:
+            bufs[k] = list(f.read_runs(runs[k]))
+    remote = [k for k in ranged if kinds[k] == "remote" and k not in bufs]
+    if remote:
+        bufs.update(zip(remote, fetch_remote([pieces[k] for k in remote], options), strict=True))
+    out: list[list[Item]] = [[] for _ in pieces]
+    for k, kind in enumerate(kinds):
+        if kind == "stream":
+            p = pieces[k]
+            out[k] = [
+                {"__key__": key, "__url__": p.shard, **members}
+                for key, members in stream_samples(p.shard, p.numbers, p.keys, p.offsets, p.sums)
+            ]
+    if not ranged:
+        return out
+    total = sum(runs[k].nbytes for k in ranged)
+    arena = buffer(total)
+    view = memoryview(arena)
+    pos = []
+    at = 0
+    try:
+        for k in ranged:
+            r = runs[k]
+            size = r.nbytes
+            if kinds[k] == "remote":
+                w = at
+                for b in bufs[k]:
+                    view[w : w + len(b)] = b
+                    w += len(b)
+            else:
+                mine = None if opened is None else opened.get(k)
+                if isinstance(mine, LocalFile):
+                    mine.read_into(r, view[at : at + size])
+                else:
+                    p = pieces[k]
+                    with LocalFile(
+                        local_path(p.shard), readahead=options.readahead, prefetch=options.prefetch
+                    ) as g:
+                        g.read_into(r, view[at : at + size])
+            pos.append(_positions(r, pieces[k].offsets, at))
+            at += size
+    finally:
+        view.release()
+    paths = [
+        local_path(pieces[k].shard) if local_paths and kinds[k] == "local" else None for k in ranged
     ]
+    cut = cut_block(
+        arena, np.concatenate(pos).tolist(), [pieces[k] for k in ranged], local_paths=paths
+    )
+    for k, got in zip(ranged, cut, strict=True):
+        out[k] = got
+    return out
+
+
+def _positions(runs: Runs, offsets: Sequence[int], at: int) -> NDArray[np.int64]:
+    """Where each sample of a piece starts once its runs lie back to back from ``at``."""
+    sizes = runs.stop - runs.start
+    placed = at + np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
+    run_of = np.repeat(np.arange(len(runs)), np.diff(runs.bounds))
+    return placed[run_of] + np.asarray(offsets, np.int64) - runs.start[run_of]

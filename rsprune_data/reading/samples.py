@@ -16,6 +16,8 @@ the key is compared with the index's, and where the index has a per-sample check
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from ..errors import StaleIndexError
 from ..integrity import check_sample as check_checksum
@@ -23,9 +25,12 @@ from ..integrity import digest as xxh3
 from ..tario import parse_sample
 from .runs import Runs
 
-__all__ = ["check_sample", "cut_run", "cut_runs"]
+__all__ = ["Item", "Piece", "plain_keys", "check_sample", "cut_block", "cut_run", "cut_runs"]
 
 Sample = tuple[str, dict[str, bytes]]
+Item = dict[
+    str, Any
+]  # a webdataset sample: __key__, __url__, one bytes per member[, __local_path__]
 
 
 def check_sample(
@@ -84,12 +89,25 @@ def _ext(raw: bytes) -> str:
 def _walk_sample(buf: bytes, p: int, end: int, shard: str, at: int) -> Sample:
     """Members of the sample in ``buf[p:end]``; ``at`` is ``p``'s offset in the shard.
 
-    The fast path reads only what it needs from each header (type, name, size) and checks the
-    structure instead of header checksums: every member is a plain file whose name carries one
-    key, the members tile ``[p, end)`` exactly, and the caller compares the key with the index
-    (:func:`check_sample`). Anything unusual goes to :func:`rsprune_data.tario.parse_sample`,
-    which checks checksums and names the damage. Keys are compared as bytes and decoded once,
-    extensions decoded once per distinct name: this walk runs once per delivered sample.
+    The fast path (:func:`_walk_fast`) handles plain members; anything unusual goes to
+    :func:`rsprune_data.tario.parse_sample`, which checks checksums and names the damage.
+    """
+    got = _walk_fast(buf, p, end, None)
+    return got if got is not None else _slow(buf, p, end, shard, at)
+
+
+Template = list[tuple[bytes, str]]  # (b"." + raw extension, extension) per member, in tar order
+
+
+def _walk_fast(buf: bytes, p: int, end: int, names: Template | None) -> Sample | None:
+    """The sample in ``buf[p:end]`` if its members are plain, else ``None``.
+
+    Reads only what it needs from each header (type, name, size) and checks the structure
+    instead of header checksums: every member is a plain file whose name carries one key, the
+    members tile ``[p, end)`` exactly, and the caller compares the key with the index
+    (:func:`check_sample`). Keys are compared as bytes and decoded once, extensions decoded once
+    per distinct name. ``names``, where given, receives the members' extensions (a
+    :data:`Template` for :func:`_walk_known`).
     """
     stem: bytes | None = None
     members: dict[str, bytes] = {}
@@ -101,33 +119,113 @@ def _walk_sample(buf: bytes, p: int, end: int, shard: str, at: int) -> Sample:
                 size = int(buf[q + 124 : q + 135], 8)
                 pax = buf[q + 512 : q + 512 + size]
                 if b" path=" in pax or b" size=" in pax or b" GNU.sparse." in pax:
-                    return _slow(buf, p, end, shard, at)
+                    return None
                 q += 512 + ((size + 511) & ~511)
                 kind = buf[q + 156]
             if (kind != 48 and kind != 0) or buf[q + 345] or buf[q] == 95:  # 95: '_' (__meta__)
-                return _slow(buf, p, end, shard, at)
+                return None
             size = int(buf[q + 124 : q + 135], 8)
             nul = buf.find(b"\0", q, q + 100)
             name = buf[q : q + 100 if nul < 0 else nul]
             slash = name.rfind(b"/") + 1
             dot = name.find(b".", slash)
             if dot <= slash or name[-1] == 47:  # 47: '/', an old-style directory
-                return _slow(buf, p, end, shard, at)
+                return None
             if stem is None:
                 stem = name[:dot]
             elif name[:dot] != stem:
-                return _slow(buf, p, end, shard, at)  # raises the precise error
+                return None  # the slow path raises the precise error
             ext = _ext(name[dot + 1 :])
             data = q + 512
             q = data + ((size + 511) & ~511)
             if ext in members or data + size > end:
-                return _slow(buf, p, end, shard, at)
+                return None
             members[ext] = buf[data : data + size]
+            if names is not None:
+                names.append((name[dot:], ext))
     except (ValueError, IndexError):  # a non-octal size, a header past the buffer
-        return _slow(buf, p, end, shard, at)
+        return None
     if stem is None or q != end:
-        return _slow(buf, p, end, shard, at)
+        return None
     return stem.decode("utf-8", "surrogateescape"), members
+
+
+def _walk_known(
+    buf: bytes | bytearray,
+    view: memoryview,
+    p: int,
+    end: int,
+    key: bytes,
+    names: Template,
+    item: dict[str, Any],
+) -> bool:
+    """Whether the members of the sample in ``buf[p:end]`` are exactly ``key`` + each name of
+    ``names`` (the previous sample's members, :func:`_walk_fast`); if so they are in ``item``
+    (if not, ``item`` may hold some of them: discard it).
+
+    Samples of a shard nearly always repeat one member layout, so checking that each header
+    names what is expected costs one ``startswith`` per member instead of splitting the name.
+    The caller ensures ``key`` is one webdataset's split would give (:func:`plain_keys`), so
+    the name splits into exactly ``key`` and the extension. Member data is copied out of
+    ``view`` (``buf`` may be a reused buffer).
+    """
+    q = p
+    try:
+        for dotted, ext in names:
+            if q + 512 > end:
+                return False
+            kind = buf[q + 156]
+            if kind == 120:  # 'x': a pax header, as in _walk_fast
+                size = int(buf[q + 124 : q + 135], 8)
+                a = q + 512
+                if (
+                    buf.find(b" path=", a, a + size) >= 0
+                    or buf.find(b" size=", a, a + size) >= 0
+                    or buf.find(b" GNU.sparse.", a, a + size) >= 0
+                ):
+                    return False
+                q = a + ((size + 511) & ~511)
+                kind = buf[q + 156]
+            name = key + dotted
+            n = len(name)
+            if (
+                (kind != 48 and kind != 0)
+                or buf[q + 345]
+                or n > 100
+                or not buf.startswith(name, q)
+                or (n < 100 and buf[q + n])
+            ):
+                return False
+            size = int(buf[q + 124 : q + 135], 8)
+            data = q + 512
+            q = data + ((size + 511) & ~511)
+            if q > end:
+                return False
+            item[ext] = view[data : data + size].tobytes()
+    except (ValueError, IndexError):
+        return False
+    return q == end
+
+
+def plain_keys(keys: Sequence[str | None]) -> bool:
+    """Whether every key is known and is what webdataset's split of its member names gives
+    back: a non-empty basename without a dot, no leading underscore (webdataset's ``__meta__``
+    rule). The condition of :func:`_walk_known`, checked over all keys at once."""
+    if not keys or None in keys:
+        return False
+    joined = "\0".join(keys).encode("utf-8", "surrogateescape")  # type: ignore[arg-type]
+    if (
+        not joined
+        or joined[:1] in (b"_", b"\0")
+        or joined[-1:] in (b"/", b"\0")
+        or b"\0_" in joined
+        or b"\0\0" in joined
+        or b"/\0" in joined
+    ):
+        return False
+    if b"." not in joined:  # the common case: no dots at all
+        return True
+    return all(b"." not in k[k.rfind(b"/") + 1 :] for k in joined.split(b"\0"))
 
 
 def _slow(buf: bytes, p: int, end: int, shard: str, at: int) -> Sample:
@@ -175,6 +273,102 @@ def cut_runs(
     yield from _cut(
         buffers, runs.start.tolist(), runs.bounds.tolist(), offsets, lengths, keys, shard, sums
     )
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The samples of one shard that one read wants (the arguments of :func:`read_samples`).
+
+    ``numbers`` (each sample's number in its shard) is needed only by ``pipe:`` streams.
+    """
+
+    shard: str
+    offsets: Sequence[int]
+    lengths: Sequence[int]
+    keys: Sequence[str | None]
+    sums: Sequence[int | None] | None = None
+    numbers: Sequence[int] = ()
+
+
+def cut_block(
+    buf: bytes | bytearray,
+    pos: Sequence[int],
+    pieces: Sequence[Piece],
+    *,
+    local_paths: Sequence[str | None] | None = None,
+) -> list[list[Item]]:
+    """The samples of several pieces whose bytes are in one buffer, as webdataset dicts.
+
+    Args:
+        buf: the read's bytes (typically this thread's :mod:`~rsprune_data.reading.arena`).
+        pos: where each sample starts in ``buf``, the pieces' samples in turn.
+        pieces: the pieces, in the order of ``pos``: shard name, shard offsets, lengths,
+            expected keys and checksums of their samples.
+        local_paths: per piece, the ``__local_path__`` to add (``None``: none).
+
+    Returns:
+        One list per piece, in its order, of ``{"__key__", "__url__", <ext>: bytes, ...,
+        ["__local_path__"]}`` (the shard as ``__url__``); every member is a new ``bytes``
+        (nothing refers to ``buf`` afterwards).
+
+    Raises:
+        ShardError, StaleIndexError, ChecksumError: as :func:`cut_runs`.
+
+    A sample whose members repeat the previous sample's layout, in a piece whose index keys
+    are all plain (:func:`plain_keys`), is checked and cut by :func:`_walk_known`; the others
+    (the first of a read, a new layout, an unusual header) by :func:`_walk_fast`, or
+    :func:`rsprune_data.tario.parse_sample`, which names any damage.
+    """
+    view = memoryview(buf)
+    out: list[list[Item]] = []
+    where = iter(pos)
+    names: Template | None = None
+    try:
+        for k, piece in enumerate(pieces):
+            got: list[Item] = []
+            shard = piece.shard
+            path = None if local_paths is None else local_paths[k]
+            sums = piece.sums if piece.sums is not None else [None] * len(piece.offsets)
+            known = plain_keys(piece.keys)
+            for o, size, want, want_sum in zip(
+                piece.offsets, piece.lengths, piece.keys, sums, strict=True
+            ):
+                p = next(where)
+                if want_sum is not None and xxh3(view[p : p + size]) != want_sum:
+                    check_checksum(  # before parsing: damaged bytes fail as changed, by name
+                        view[p : p + size],
+                        want_sum,
+                        shard=shard,
+                        offset=o,
+                        key=want if want is not None else f"#{o}",
+                    )
+                item: Item = {"__key__": want, "__url__": shard}
+                if not (
+                    known
+                    and names is not None
+                    and want is not None
+                    and _walk_known(
+                        buf, view, p, p + size, want.encode("utf-8", "surrogateescape"), names, item
+                    )
+                ):
+                    raw = bytes(view[p : p + size])
+                    names = []
+                    fast = _walk_fast(raw, 0, size, names)
+                    if fast is None:
+                        names = None
+                        fast = _slow(raw, 0, size, shard, o)
+                    key, members = fast
+                    if want is not None and key != want:
+                        check_sample(shard, o, key, want, members, raw, 0, size)
+                    item = {"__key__": key, "__url__": shard}
+                    item.update(members)
+                if path is not None:
+                    item["__local_path__"] = path
+                got.append(item)
+            out.append(got)
+    finally:
+        view.release()
+    return out
 
 
 def _cut(
