@@ -1,8 +1,8 @@
 """One reusable read buffer per thread, so that a block's runs land in memory that is already there.
 
 A block of ~1,000 small samples is a few MiB; a fresh buffer of that size comes from ``mmap`` and
-goes back to the system when freed, so every block paid one page fault per 4 KiB touched (on the
-benchmark's VM 2.9 ms per 4.6 MB block, about as much as reading it). The runs of a block are read
+goes back to the system when freed, so every block would pay one page fault per 4 KiB touched
+(on a virtual machine, where faults are dear, about as much as reading it). The runs of a block are read
 into this thread's arena instead, the samples cut out of it as new ``bytes``, and the arena is
 reused by the next block. Per thread, because a loader may cut in several threads (torchdata's
 thread mappers); after a fork the child keeps its own copy-on-write copy.
