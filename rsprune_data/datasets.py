@@ -44,7 +44,7 @@ from .reading import (
     read_pieces,
     shard_kind,
 )
-from .reading.samples import cut_run
+from .reading.samples import cut_block
 
 if TYPE_CHECKING:
     from .index import KeyList, PruneIndex
@@ -205,8 +205,7 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         expect = int(self._checksums[j]) if self._verifies(s) else None  # type: ignore[index]
         shard, f = self.shards[s], self._file(s)
         buf = f.read(o, o + n) if isinstance(f, LocalFile) else f.fetch([o], [o + n])[0]
-        ((key, members),) = cut_run(buf, o, [o], [n], [want], shard, [expect])
-        sample: dict[str, Any] = {"__key__": key, "__url__": shard, **members}
+        ((sample,),) = cut_block(buf, [0], [Piece(shard, [o], [n], [want], [expect])])
         if self.decode is None and self.transform is None:
             return sample
         return _finish(sample, self.decode, self.transform)

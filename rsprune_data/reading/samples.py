@@ -1,16 +1,19 @@
-"""Cut samples out of the buffer of one run: no per-sample system call, one header walk per member.
+"""Cut samples out of the bytes of a read: no per-sample system call, no member data scanned.
 
-Shape: ``(buffer of run [start, stop), sample offsets and lengths inside it, expected keys)`` ->
-``(key, {ext: bytes})`` per sample, in the order given. The members of a sample are contiguous
-(:class:`rsprune_data.tario.TarSample`), so each sample is walked from its own first header to its
-own end; member data is sliced, never scanned. Plain ustar members (what ``tarfile``, GNU tar and
-webdataset's ``TarWriter`` write for names under 100 bytes) take a fast path; anything else (GNU
-long names, pax headers, name prefixes, metadata members, damage) goes through
+Shape: ``(buffer, where each sample starts in it, Pieces: shard, offsets, lengths, expected keys
+and checksums)`` -> one webdataset dict per sample (:func:`cut_block`), in the order given. The
+members of a sample are contiguous (:class:`rsprune_data.tario.TarSample`), so each sample is
+walked from its own first header to its own end. Three walks, cheapest first: a sample that
+repeats the previous sample's member layout is checked by prefix (:func:`_walk_known`); plain
+ustar members (what ``tarfile``, GNU tar and webdataset's ``TarWriter`` write for names under
+100 bytes) are split as webdataset does (:func:`_walk_fast`); anything else (GNU long names, pax
+paths, name prefixes, metadata members, damage) goes through
 :func:`rsprune_data.tario.parse_sample`, which handles every case and names the damage.
+:func:`cut_run` and :func:`cut_runs` are the same cut for a run buffer or a list of them.
 
-:func:`check_sample` is the one place where a sample's raw bytes, its key and its index row meet:
-the key is compared with the index's, and where the index has a per-sample checksum
-(:mod:`rsprune_data.integrity`) the raw bytes are hashed and compared with it.
+:func:`check_sample` is the one place where a mismatch between a sample's bytes, its key and
+its index row is named: the checksum is compared first (where the index has one,
+:mod:`rsprune_data.integrity`), then the key.
 """
 
 from __future__ import annotations
@@ -25,12 +28,11 @@ from ..integrity import digest as xxh3
 from ..tario import parse_sample
 from .runs import Runs
 
-__all__ = ["Item", "Piece", "plain_keys", "check_sample", "cut_block", "cut_run", "cut_runs"]
+__all__ = ["Item", "Piece", "check_sample", "cut_block", "cut_run", "cut_runs", "plain_keys"]
 
 Sample = tuple[str, dict[str, bytes]]
-Item = dict[
-    str, Any
-]  # a webdataset sample: __key__, __url__, one bytes per member[, __local_path__]
+#: A webdataset sample: ``__key__``, ``__url__``, one ``bytes`` per member[, ``__local_path__``].
+Item = dict[str, Any]
 
 
 def check_sample(
@@ -86,14 +88,10 @@ def _ext(raw: bytes) -> str:
     return ext
 
 
-def _walk_sample(buf: bytes, p: int, end: int, shard: str, at: int) -> Sample:
-    """Members of the sample in ``buf[p:end]``; ``at`` is ``p``'s offset in the shard.
-
-    The fast path (:func:`_walk_fast`) handles plain members; anything unusual goes to
-    :func:`rsprune_data.tario.parse_sample`, which checks checksums and names the damage.
-    """
-    got = _walk_fast(buf, p, end, None)
-    return got if got is not None else _slow(buf, p, end, shard, at)
+def _harmless_pax(buf: bytes | bytearray, a: int, size: int) -> bool:
+    """Whether the pax records at ``buf[a:a + size]`` leave the member's name and size alone
+    (webdataset's ``TarWriter`` writes one per member for its float ``mtime``)."""
+    return all(buf.find(word, a, a + size) < 0 for word in (b" path=", b" size=", b" GNU.sparse."))
 
 
 Template = list[tuple[bytes, str]]  # (b"." + raw extension, extension) per member, in tar order
@@ -117,8 +115,7 @@ def _walk_fast(buf: bytes, p: int, end: int, names: Template | None) -> Sample |
             kind = buf[q + 156]
             if kind == 120:  # 'x': pax header; tarfile writes one per member for a float mtime
                 size = int(buf[q + 124 : q + 135], 8)
-                pax = buf[q + 512 : q + 512 + size]
-                if b" path=" in pax or b" size=" in pax or b" GNU.sparse." in pax:
+                if not _harmless_pax(buf, q + 512, size):
                     return None
                 q += 512 + ((size + 511) & ~511)
                 kind = buf[q + 156]
@@ -177,14 +174,9 @@ def _walk_known(
             kind = buf[q + 156]
             if kind == 120:  # 'x': a pax header, as in _walk_fast
                 size = int(buf[q + 124 : q + 135], 8)
-                a = q + 512
-                if (
-                    buf.find(b" path=", a, a + size) >= 0
-                    or buf.find(b" size=", a, a + size) >= 0
-                    or buf.find(b" GNU.sparse.", a, a + size) >= 0
-                ):
+                if not _harmless_pax(buf, q + 512, size):
                     return False
-                q = a + ((size + 511) & ~511)
+                q += 512 + ((size + 511) & ~511)
                 kind = buf[q + 156]
             name = key + dotted
             n = len(name)
@@ -257,7 +249,10 @@ def cut_run(
         ShardError: a range does not hold one complete sample.
         StaleIndexError: a key differs from the index's.
     """
-    yield from _cut([buf], [base], [0, len(offsets)], offsets, lengths, keys, shard, sums)
+    piece = Piece(shard, offsets, lengths, keys, sums)
+    for item in cut_block(buf, [o - base for o in offsets], [piece])[0]:
+        key, _ = item.pop("__key__"), item.pop("__url__")
+        yield key, item
 
 
 def cut_runs(
@@ -270,9 +265,21 @@ def cut_runs(
     sums: Sequence[int | None] | None = None,
 ) -> Iterator[Sample]:
     """:func:`cut_run` over the buffers of ``runs`` (one buffer per run, in run order)."""
-    yield from _cut(
-        buffers, runs.start.tolist(), runs.bounds.tolist(), offsets, lengths, keys, shard, sums
-    )
+    bufs = list(buffers)
+    placed, at = [], 0
+    for b in bufs:
+        placed.append(at)
+        at += len(b)
+    starts, bounds = runs.start.tolist(), runs.bounds.tolist()
+    pos = [
+        placed[r] + o - starts[r]
+        for r in range(len(bufs))
+        for o in offsets[bounds[r] : bounds[r + 1]]
+    ]
+    piece = Piece(shard, offsets, lengths, keys, sums)
+    for item in cut_block(b"".join(bufs), pos, [piece])[0]:
+        key, _ = item.pop("__key__"), item.pop("__url__")
+        yield key, item
 
 
 @dataclass(frozen=True)
@@ -369,43 +376,3 @@ def cut_block(
     finally:
         view.release()
     return out
-
-
-def _cut(
-    buffers: Iterable[bytes],
-    starts: Sequence[int],
-    bounds: Sequence[int],
-    offsets: Sequence[int],
-    lengths: Sequence[int],
-    keys: Sequence[str | None],
-    shard: str,
-    sums: Sequence[int | None] | None,
-) -> Iterator[Sample]:
-    """One loop over every sample of every run (no generator per run: this is the hot path).
-
-    The cheap comparisons are made here; a mismatch goes to :func:`check_sample`, which raises
-    the error that names it (the one home of what a mismatch means).
-    """
-    walk = _walk_sample
-    i = 0
-    for r, buf in enumerate(buffers):
-        base, stop = starts[r], bounds[r + 1]
-        view = memoryview(buf) if sums is not None else None
-        while i < stop:
-            o, n, want = offsets[i], lengths[i], keys[i]
-            p = o - base
-            want_sum = None if sums is None else sums[i]
-            # before parsing: damaged bytes fail as changed, by name
-            if want_sum is not None and view is not None and xxh3(view[p : p + n]) != want_sum:
-                check_checksum(
-                    view[p : p + n],
-                    want_sum,
-                    shard=shard,
-                    offset=o,
-                    key=want if want is not None else f"#{o}",
-                )
-            key, members = walk(buf, p, p + n, shard, o)
-            if want is not None and key != want:
-                check_sample(shard, o, key, want, members, buf, p, p + n)
-            i += 1
-            yield key, members
