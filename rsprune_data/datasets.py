@@ -236,7 +236,7 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
             )
             expect: list[int | None] | None = None
             if self._verifies(s) and sums is not None:
-                expect = [int(x) for x in sums[part].tolist()]
+                expect = sums[part].tolist()  # uint64 -> Python int
             piece = Piece(
                 self.shards[s],
                 offsets[part].tolist(),
@@ -248,9 +248,11 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
             pieces.append((s, a, b, piece))
         # one read for the batch: remote pieces share a window of round trips, local runs land in
         # one buffer, and all samples are cut together (reading.read_pieces)
-        opened = {
-            k: self._file(p[0]) for k, p in enumerate(pieces) if shard_kind(p[3].shard) == "local"
-        }
+        opened: dict[int, LocalFile] = {}
+        for k, p in enumerate(pieces):
+            f = self._file(p[0]) if shard_kind(p[3].shard) == "local" else None
+            if isinstance(f, LocalFile):
+                opened[k] = f
         got_all = read_pieces([p[3] for p in pieces], self.read, opened=opened)
         for (_, a, b, _), got in zip(pieces, got_all, strict=True):
             for slot, sample in zip(order[a:b].tolist(), got, strict=True):

@@ -471,15 +471,19 @@ class _Source:
         overlap across the shards of a block instead of being paid piece after piece (a block
         touches up to ``sample_window`` shards; ``benchmarks/remote_io.py``).
         """
-        remote = [
-            p
-            for p in self._pieces(np.sort(block, kind="stable"))
-            if shard_kind(p[3].shard) == "remote"
-        ]
+        index = self.index
+        ranked = np.sort(block, kind="stable")
+        # only the ranges: keys and checksums are checked where the block is cut
+        remote: list[tuple[int, Piece]] = []
+        for shard, a, b in shard_runs(ranked, index.shard_ids):
+            url, part = index.shards[shard], ranked[a:b]
+            if shard_kind(url) == "remote":
+                offsets, lengths = index.offsets[part].tolist(), index.lengths[part].tolist()
+                remote.append((shard, Piece(url, offsets, lengths, ())))
         if not remote:
             return {}
-        got = fetch_remote([p[3] for p in remote], self.read)
-        return {p[0]: bufs for p, bufs in zip(remote, got, strict=True)}
+        got = fetch_remote([p for _, p in remote], self.read)
+        return {shard: bufs for (shard, _), bufs in zip(remote, got, strict=True)}
 
     def _read_block(
         self, block: NDArray[np.int64], fetched: dict[int, list[bytes]]

@@ -192,7 +192,7 @@ def read_samples(
     keys: Sequence[str | None],
     options: ReadOptions,
     *,
-    opened: LocalFile | RemoteFile | None = None,
+    opened: LocalFile | None = None,
     sums: Sequence[int | None] | None = None,
 ) -> Iterator[Sample]:
     """The samples of one shard, in the order given (tar order: ascending ``offsets``).
@@ -203,7 +203,7 @@ def read_samples(
         offsets, lengths: each sample's byte range (the index's ``offset``/``length``).
         keys: each sample's key in the index (``None`` where the index has none).
         options: the :class:`ReadOptions`.
-        opened: a file already open for ``shard`` (kept open; otherwise one is opened and closed).
+        opened: a local shard's file already open (kept open; otherwise one is opened and closed).
         sums: each sample's checksum in the index (``None``: bytes not verified, keys still are).
 
     Yields:
@@ -250,7 +250,7 @@ def read_pieces(
     pieces: Sequence[Piece],
     options: ReadOptions,
     *,
-    opened: Mapping[int, LocalFile | RemoteFile] | None = None,
+    opened: Mapping[int, LocalFile] | None = None,
     fetched: Mapping[int, list[bytes]] | None = None,
     local_paths: bool = False,
 ) -> list[list[Item]]:
@@ -267,7 +267,8 @@ def read_pieces(
     Args:
         pieces: one per shard and read, offsets ascending within a piece.
         options: the :class:`ReadOptions`.
-        opened: files already open, by piece position (kept open; others opened and closed).
+        opened: local files already open, by piece position (kept open; others are opened and
+            closed here).
         fetched: run buffers of remote pieces already fetched (:func:`fetch_remote`), by position.
 
     Returns:
@@ -279,9 +280,6 @@ def read_pieces(
         k: options.runs(pieces[k].offsets, pieces[k].lengths, kinds[k] == "remote") for k in ranged
     }
     bufs: dict[int, list[bytes]] = dict(fetched or {})
-    for k, f in (opened or {}).items():
-        if isinstance(f, RemoteFile) and k not in bufs:
-            bufs[k] = list(f.read_runs(runs[k]))
     remote = [k for k in ranged if kinds[k] == "remote" and k not in bufs]
     if remote:
         bufs.update(zip(remote, fetch_remote([pieces[k] for k in remote], options), strict=True))
@@ -311,7 +309,7 @@ def read_pieces(
                     w += len(b)
             else:
                 mine = None if opened is None else opened.get(k)
-                if isinstance(mine, LocalFile):
+                if mine is not None:
                     mine.read_into(r, view[at : at + size])
                 else:
                     p = pieces[k]
