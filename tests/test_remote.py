@@ -328,3 +328,36 @@ def test_latency_relay_delays_and_keeps_bytes(local: list[str], nginx: Nginx) ->
         assert fs.cat_file(url, start=512, end=2048) == data[512:2048]
         assert time.perf_counter() - t0 >= 0.1
         assert fs.cat_file(url) == data
+
+
+def _collect_garbage(batch: list[Any]) -> list[Any]:
+    import gc
+
+    gc.collect()  # any GC pass in a forked worker used to close the parent's connections
+    return batch
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("loader", ["map", "iterable"])
+def test_main_process_reads_after_forked_workers(
+    local: list[str], index_dir: str, nginx: Nginx, loader: str
+) -> None:
+    """A forked worker inherits the parent's fsspec session and event loop (whose epoll set the
+    two processes share); nothing it does may stall the parent's next read."""
+    index = PruneIndex.load(urls(nginx.url, local), index_dir)
+    ds: Any = PrunedShardDataset(index) if loader == "map" else PrunedWebDataset(index, CFG)
+    ref: Any = (PrunedShardDataset if loader == "map" else PrunedWebDataset)(
+        PruneIndex.load(local), *([] if loader == "map" else [CFG])
+    )
+    want = strip(list(ref))
+
+    def epoch(workers: int) -> list[tuple[str, bytes, bytes]]:
+        if loader == "iterable":
+            ds.set_epoch(0)  # the same order every pass
+        collate = _collect_garbage if workers else list
+        batches = DataLoader(ds, batch_size=4, num_workers=workers, collate_fn=collate)
+        return strip([s for batch in batches for s in batch])
+
+    assert epoch(0) == want  # the parent now holds a session with pooled keep-alive connections
+    assert sorted(epoch(2)) == sorted(want)
+    assert epoch(0) == want  # and its next read is not stalled by what the workers closed

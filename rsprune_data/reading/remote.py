@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import selectors
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -102,6 +104,33 @@ def _after_fork() -> None:
 
         fsspec.asyn.reset_lock()
         _loop_pid[0] = os.getpid()
+
+
+def _detach_inherited_loop() -> None:
+    """Run in a forked child: give the parent's fsspec loop, inherited as a copy, a selector of
+    the child's own.
+
+    The copy's epoll descriptor names the parent's epoll set. When the child drops an inherited
+    filesystem, fsspec's finalizer closes its session through that loop, and every socket it
+    unregisters is taken out of the *parent's* set: the parent then never sees the replies on
+    its pooled keep-alive connections and waits for aiohttp's timeout (300 s). With a fresh
+    selector the child's unregistering finds nothing and the parent's set is left alone. The
+    loop is also marked stopped, so the finalizer closes the connector at once instead of waiting
+    0.1 s on a loop that has no thread here."""
+    asyn = sys.modules.get("fsspec.asyn")
+    inherited = getattr(asyn, "loop", [None])[0]
+    selector = getattr(inherited, "_selector", None)
+    if inherited is None or selector is None:
+        return
+    inherited._selector = selectors.DefaultSelector()
+    selector.close()  # the child's copy of the descriptor only; the parent's set stays open
+    if hasattr(inherited, "_thread_id"):
+        inherited._thread_id = None  # asyncio's own mark of a running loop; its thread is gone
+    _after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_detach_inherited_loop)
 
 
 def open_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
