@@ -495,10 +495,11 @@ class KeyList(Sequence[str]):
         a, b = self._offsets[pos], self._offsets[pos + 1]
         lo = int(a.min())
         raw = self._data[lo : int(b.max())].tobytes()
-        return [
-            raw[x:y].decode("utf-8", "surrogateescape")
-            for x, y in zip((a - lo).tolist(), (b - lo).tolist(), strict=True)
-        ]
+        xs, ys = (a - lo).tolist(), (b - lo).tolist()
+        if raw.isascii():  # byte offsets are character offsets: slice one decoded string
+            text = raw.decode("ascii")
+            return list(map(text.__getitem__, map(slice, xs, ys)))
+        return [raw[x:y].decode("utf-8", "surrogateescape") for x, y in zip(xs, ys, strict=True)]
 
     def __iter__(self) -> Iterator[str]:
         raw, off = self._data.tobytes(), self._offsets.tolist()

@@ -305,3 +305,16 @@ def test_select_and_summary_delegate(shards: list[Path]) -> None:
     cfg = PruneConfig(prune_ratio=0.5)
     assert np.array_equal(index.select(cfg), select_with_config(index, cfg))
     assert isinstance(index.summary(cfg), dict)
+
+
+def test_key_list_take_decodes_every_kind_of_key() -> None:
+    """``take`` slices one decoded string for ASCII keys and decodes one by one otherwise
+    (UTF-8, and bytes that are not UTF-8, kept with surrogateescape as tar names are)."""
+    names = [b"a/0001", b"a/0002", "b/\u00e9t\u00e9".encode(), b"c/\xff\xfe", b"d", b""]
+    data = np.frombuffer(b"".join(names), np.uint8)
+    offsets = np.cumsum([0, *map(len, names)]).astype(np.int64)
+    keys = idx.KeyList(data, offsets)
+    want = [n.decode("utf-8", "surrogateescape") for n in names]
+    assert list(keys) == want
+    for pos in ([0, 1], [1, 0, 1], [2, 3], [0, 2, 5], [4], [5], []):
+        assert keys.take(np.asarray(pos, np.int64)) == [want[i] for i in pos]

@@ -307,6 +307,9 @@ def _layout_shard(path: Path) -> None:
         tw.write({"__key__": "b/" + "n" * 120, "jpg": b"long"})  # GNU long name / pax path
         for i in range(11, 14):
             tw.write({"__key__": f"c{i}", "cls": b"3", "jpg": b"x" * i})  # other member order
+        for n in (95, 96, 97):  # member names of 99, 100 (no NUL in the field) and 101 bytes
+            for tag in "xy":  # twice each: the second repeats the first's layout
+                tw.write({"__key__": "d/" + "k" * (n - 3) + tag, "jpg": tag.encode(), "cls": b"4"})
 
 
 @pytest.mark.parametrize("name", ["gnu.tar", "pax.tar", "layouts.tar"])

@@ -94,18 +94,29 @@ def _harmless_pax(buf: bytes | bytearray, a: int, size: int) -> bool:
     return all(buf.find(word, a, a + size) < 0 for word in (b" path=", b" size=", b" GNU.sparse."))
 
 
-Template = list[tuple[bytes, str]]  # (b"." + raw extension, extension) per member, in tar order
+class Template:
+    """A sample's member layout for :func:`_walk_known`: per member, in tar order, the name
+    after the key with the name field's NUL (``b".jpg\\0"``) and the extension; ``longest``
+    is the longest of those names without the NUL."""
+
+    __slots__ = ("longest", "members")
+
+    def __init__(self, names: list[tuple[bytes, str]]) -> None:
+        self.members = [(dotted + b"\0", ext) for dotted, ext in names]
+        self.longest = max((len(dotted) for dotted, _ in names), default=0)
 
 
-def _walk_fast(buf: bytes, p: int, end: int, names: Template | None) -> Sample | None:
+def _walk_fast(
+    buf: bytes, p: int, end: int, names: list[tuple[bytes, str]] | None
+) -> Sample | None:
     """The sample in ``buf[p:end]`` if its members are plain, else ``None``.
 
     Reads only what it needs from each header (type, name, size) and checks the structure
     instead of header checksums: every member is a plain file whose name carries one key, the
     members tile ``[p, end)`` exactly, and the caller compares the key with the index
     (:func:`check_sample`). Keys are compared as bytes and decoded once, extensions decoded once
-    per distinct name. ``names``, where given, receives the members' extensions (a
-    :data:`Template` for :func:`_walk_known`).
+    per distinct name. ``names``, where given, receives each member's name after the key and
+    its extension (what a :class:`Template` for :func:`_walk_known` is made of).
     """
     stem: bytes | None = None
     members: dict[str, bytes] = {}
@@ -161,16 +172,18 @@ def _walk_known(
     (if not, ``item`` may hold some of them: discard it).
 
     Samples of a shard nearly always repeat one member layout, so checking that each header
-    names what is expected costs one ``startswith`` per member instead of splitting the name.
-    The caller ensures ``key`` is one webdataset's split would give (:func:`plain_keys`), so
-    the name splits into exactly ``key`` and the extension. Member data is copied out of
-    ``view`` (``buf`` may be a reused buffer).
+    names what is expected costs two ``startswith`` per member (the key, then the extension with
+    the name field's NUL) instead of splitting the name. The caller ensures ``key`` is one
+    webdataset's split would give (:func:`plain_keys`), so the name splits into exactly ``key``
+    and the extension. A name of 100 bytes or more (no NUL in the field, or no room) is left to
+    the full walk. Member data is copied out of ``view`` (``buf`` may be a reused buffer).
     """
+    at = len(key)
+    if at + names.longest >= 100:
+        return False
     q = p
     try:
-        for dotted, ext in names:
-            if q + 512 > end:
-                return False
+        for dotted, ext in names.members:
             kind = buf[q + 156]
             if kind == 120:  # 'x': a pax header, as in _walk_fast
                 size = int(buf[q + 124 : q + 135], 8)
@@ -178,14 +191,11 @@ def _walk_known(
                     return False
                 q += 512 + ((size + 511) & ~511)
                 kind = buf[q + 156]
-            name = key + dotted
-            n = len(name)
             if (
-                (kind != 48 and kind != 0)
+                kind not in _PLAIN
                 or buf[q + 345]
-                or n > 100
-                or not buf.startswith(name, q)
-                or (n < 100 and buf[q + n])
+                or not buf.startswith(key, q)
+                or not buf.startswith(dotted, q + at)
             ):
                 return False
             size = int(buf[q + 124 : q + 135], 8)
@@ -199,12 +209,20 @@ def _walk_known(
     return q == end
 
 
+_PLAIN = b"0\0"  # the type flags of a regular file ('0', and NUL from old tars)
+
+
 def plain_keys(keys: Sequence[str | None]) -> bool:
     """Whether every key is known and is what webdataset's split of its member names gives
     back: a non-empty basename without a dot, no leading underscore (webdataset's ``__meta__``
     rule). The condition of :func:`_walk_known`, checked over all keys at once."""
+    return _plain_encoded(keys) is not None
+
+
+def _plain_encoded(keys: Sequence[str | None]) -> list[bytes] | None:
+    """The keys encoded (as tar names hold them) if :func:`plain_keys`, else ``None``."""
     if not keys or None in keys:
-        return False
+        return None
     joined = "\0".join(keys).encode("utf-8", "surrogateescape")  # type: ignore[arg-type]
     if (
         not joined
@@ -214,10 +232,11 @@ def plain_keys(keys: Sequence[str | None]) -> bool:
         or b"\0\0" in joined
         or b"/\0" in joined
     ):
-        return False
+        return None
+    split = joined.split(b"\0")
     if b"." not in joined:  # the common case: no dots at all
-        return True
-    return all(b"." not in k[k.rfind(b"/") + 1 :] for k in joined.split(b"\0"))
+        return split
+    return split if all(b"." not in k[k.rfind(b"/") + 1 :] for k in split) else None
 
 
 def _slow(buf: bytes, p: int, end: int, shard: str, at: int) -> Sample:
@@ -328,19 +347,26 @@ def cut_block(
     """
     view = memoryview(buf)
     out: list[list[Item]] = []
-    where = iter(pos)
     names: Template | None = None
+    at = 0
     try:
         for k, piece in enumerate(pieces):
             got: list[Item] = []
             shard = piece.shard
             path = None if local_paths is None else local_paths[k]
-            sums = piece.sums if piece.sums is not None else [None] * len(piece.offsets)
-            known = plain_keys(piece.keys)
-            for o, size, want, want_sum in zip(
-                piece.offsets, piece.lengths, piece.keys, sums, strict=True
+            count = len(piece.offsets)
+            sums = piece.sums if piece.sums is not None else [None] * count
+            raw_keys = _plain_encoded(piece.keys)
+            plain = raw_keys is not None
+            for o, size, want, raw_key, want_sum, p in zip(
+                piece.offsets,
+                piece.lengths,
+                piece.keys,
+                raw_keys if raw_keys is not None else piece.keys,
+                sums,
+                pos[at : at + count],
+                strict=True,
             ):
-                p = next(where)
                 if want_sum is not None and xxh3(view[p : p + size]) != want_sum:
                     check_checksum(  # before parsing: damaged bytes fail as changed, by name
                         view[p : p + size],
@@ -351,18 +377,15 @@ def cut_block(
                     )
                 item: Item = {"__key__": want, "__url__": shard}
                 if not (
-                    known
+                    plain
                     and names is not None
-                    and want is not None
-                    and _walk_known(
-                        buf, view, p, p + size, want.encode("utf-8", "surrogateescape"), names, item
-                    )
+                    and _walk_known(buf, view, p, p + size, raw_key, names, item)
                 ):
                     raw = bytes(view[p : p + size])
-                    names = []
-                    fast = _walk_fast(raw, 0, size, names)
+                    layout: list[tuple[bytes, str]] = []
+                    fast = _walk_fast(raw, 0, size, layout)
+                    names = None if fast is None else Template(layout)
                     if fast is None:
-                        names = None
                         fast = _slow(raw, 0, size, shard, o)
                     key, members = fast
                     if want is not None and key != want:
@@ -373,6 +396,9 @@ def cut_block(
                     item["__local_path__"] = path
                 got.append(item)
             out.append(got)
+            at += count
     finally:
         view.release()
+    if at != len(pos):
+        raise ValueError(f"cut_block: {len(pos)} positions for {at} samples")
     return out
