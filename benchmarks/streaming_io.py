@@ -73,6 +73,7 @@ import numpy as np
 from rsprune_data import PruneConfig, PrunedSampler, PruneIndex
 from rsprune_data import index as idx
 from rsprune_data.integrity import range_checksums
+from rsprune_data.layout import EXTS_KEY, encode_members
 from rsprune_data.reading import DEFAULT_LOCAL_MAX_GAP
 from rsprune_data.tario import scan_tar
 
@@ -91,7 +92,7 @@ def prepare(src: Path, cache: Path, shard_size: int) -> list[str]:
     rng = np.random.default_rng(0)
     for shard in shards:
         out = idx.index_path_for(shard)
-        if out.exists() and idx.has_checksums(idx.read_metadata(out)):
+        if out.exists() and idx.has_checksums(meta := idx.read_metadata(out)) and EXTS_KEY in meta:
             continue
         ts = scan_tar(shard)
         n = len(ts)
@@ -107,12 +108,16 @@ def prepare(src: Path, cache: Path, shard_size: int) -> list[str]:
             "checksum": range_checksums(shard, [(t.offset, t.length) for t in ts]),
             **idx.encode_keys([t.key for t in ts]),
         }
+        layout = encode_members([t.members for t in ts], [t.offset for t in ts])
+        assert layout is not None
+        arrays.update(layout[0])
         meta = {
             **idx.shard_metadata(shard),
             "encoder": "synthetic",
             "centroids_digest": "synthetic",
             "num_clusters": str(NUM_CLUSTERS),
             "reasons": json.dumps(["ok"]),
+            EXTS_KEY: layout[1],
         }
         idx.write_index(out, arrays, meta)
     return shards

@@ -52,6 +52,7 @@ class SampleRow(NamedTuple):
     reason: str  # "" = valid
     checksum: int  # integrity.checksum of the sample's byte range
     extras: tuple[float, ...] = ()  # optional columns: (cloud score if asked, *meta values)
+    members: dict[str, tuple[int, int]] | None = None  # TarSample.members (the member layout)
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,17 @@ def shard_chunks(job: Job, shard_no: int) -> Iterator[dict[str, Any]]:
                     examples.setdefault(reason, f"{ts.key}: {describe(exc)}")
                 extras = ((cloud,) if job.cloud else ()) + meta_values(sample, job.meta_fields)
                 rows.append(
-                    SampleRow(ts.key, ts.offset, ts.length, ent, nod, reason, checksum(raw), extras)
+                    SampleRow(
+                        ts.key,
+                        ts.offset,
+                        ts.length,
+                        ent,
+                        nod,
+                        reason,
+                        checksum(raw),
+                        extras,
+                        ts.members,
+                    )
                 )
                 if len(rows) >= job.batch_size:
                     yield flush(False)

@@ -48,6 +48,7 @@ from .reading.samples import cut_block
 
 if TYPE_CHECKING:
     from .index import KeyList, PruneIndex
+    from .layout import MemberLayout
 
 __all__ = ["Decode", "PrunedImageFolder", "PrunedShardDataset"]
 
@@ -183,6 +184,8 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
             None if index.index_paths else np.asarray(index.checksums, np.uint64)
         )
         self._keys: KeyList | None = None
+        #: per shard, the member layout of file-backed indexes (loaded with the checksums)
+        self._layouts: dict[int, MemberLayout | None] = {}
         if not index.index_paths and len(index.keys) == len(index):
             self._keys = index.keys
         self._n = int(self._starts[-1])
@@ -205,7 +208,10 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         expect = int(self._checksums[j]) if self._verifies(s) else None  # type: ignore[index]
         shard, f = self.shards[s], self._file(s)
         buf = f.read(o, o + n) if isinstance(f, LocalFile) else f.fetch([o], [o + n])[0]
-        ((sample,),) = cut_block(buf, [0], [Piece(shard, [o], [n], [want], [expect])])
+        layout = self._layouts.get(s) if expect is not None else None
+        members = None if layout is None else layout.take(np.array([j - self._starts[s]]))
+        piece = Piece(shard, [o], [n], [want], [expect], members=members)
+        ((sample,),) = cut_block(buf, [0], [piece])
         if self.decode is None and self.transform is None:
             return sample
         return _finish(sample, self.decode, self.transform)
@@ -237,13 +243,16 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
             expect: list[int | None] | None = None
             if self._verifies(s) and sums is not None:
                 expect = sums[part].tolist()  # uint64 -> Python int
+            numbers = part - self._starts[s]
+            layout = self._layouts.get(s) if expect is not None else None
             piece = Piece(
                 self.shards[s],
                 offsets[part].tolist(),
                 lengths[part].tolist(),
                 want,
                 expect,
-                (part - self._starts[s]).tolist(),
+                numbers.tolist(),
+                None if layout is None else layout.take(numbers),
             )
             pieces.append((s, a, b, piece))
         # one read for the batch: remote pieces share a window of round trips, local runs land in
@@ -278,10 +287,13 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
     def _reload_integrity(self) -> None:
         """Keys and checksums from the index files (a file-backed index, once per process)."""
         from .index import KeyList, read_index
+        from .layout import layout_of
 
         sums, kb, ko, base = [], [np.zeros(0, np.uint8)], [np.zeros(1, np.int64)], 0
+        self._layouts = {}
         for s, path in enumerate(self._index_paths):
-            arrays, _ = read_index(path)
+            arrays, meta = read_index(path)
+            self._layouts[s] = layout_of(arrays, meta, path)
             n = int(self._starts[s + 1] - self._starts[s])
             if len(arrays["key_offsets"]) != n + 1:
                 raise StaleIndexError(
@@ -345,6 +357,7 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         state["_files"] = {}
         if self._index_paths:  # loaded from files: the worker re-reads the ranges itself
             state["_offsets"] = state["_lengths"] = state["_checksums"] = state["_keys"] = None
+            state["_layouts"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

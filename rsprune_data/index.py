@@ -11,7 +11,9 @@ indexes are still read, without checksums: their samples are checked by key only
 them warns once per process with the command that upgrades them (``rsprune-data index`` treats
 a version-1 index as not current and rewrites it, same kind, no ``--overwrite`` needed). An index
 written without a ``checksum`` array (hand-made, tests) has ``checksum = "none"`` and is read the
-same way.
+same way. The member layout (four ``member_*`` tensors and the ``member_exts`` metadata,
+:mod:`rsprune_data.layout`) is optional in version 2: indexes written before it existed, or by
+hand without it, are read as they are and their samples' headers are walked at load time.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .errors import (
     IndexNotFoundError,
     StaleIndexError,
 )
+from .layout import EXTS_KEY, MEMBER_TENSORS, MemberLayout, Members, check_members, layout_of
 
 if TYPE_CHECKING:
     from .config import PruneConfig
@@ -217,6 +220,7 @@ def write_index(path: _PathLike, arrays: Mapping[str, Any], metadata: Mapping[st
         _validate(out, meta, path)
     except IndexCorruptError as exc:
         raise ConfigError(f"index {path}: field {exc.field!r} {exc.problem}") from None
+    out.update(_member_arrays(arrays, meta, out["length"], path))  # after the ranges' checks
     atomic_write_bytes(path, save(out, metadata=meta))
 
 
@@ -236,6 +240,28 @@ def _optional_arrays(
         raise ConfigError(
             f"index {path}: optional columns {wrong} must have num_samples={n} values"
         )
+    return out
+
+
+def _member_arrays(
+    arrays: Mapping[str, Any], meta: Mapping[str, str], lengths: NDArray[Any], path: object
+) -> dict[str, NDArray[Any]]:
+    """The member layout tensors to write (:mod:`.layout`): all four with ``member_exts``, or
+    none of them."""
+    given = [k for k in MEMBER_TENSORS if k in arrays]
+    if not given and EXTS_KEY not in meta:
+        return {}
+    if len(given) < len(MEMBER_TENSORS) or EXTS_KEY not in meta:
+        raise ConfigError(
+            f"index {path}: the member layout needs all of {sorted(MEMBER_TENSORS)} and the "
+            f"{EXTS_KEY!r} metadata, got {given} and {sorted(k for k in meta if k == EXTS_KEY)}: "
+            "pass all of them (layout.encode_members) or none"
+        )
+    out = {k: np.ascontiguousarray(arrays[k], dtype=dt) for k, dt in MEMBER_TENSORS.items()}
+    try:
+        check_members(out, meta, lengths, path)
+    except IndexCorruptError as exc:
+        raise ConfigError(f"index {path}: field {exc.field!r} {exc.problem}") from None
     return out
 
 
@@ -359,10 +385,27 @@ def read_index(path: _PathLike) -> tuple[dict[str, NDArray[Any]], dict[str, str]
         meta = _metadata(f, p)
         names = {k: dt for k, dt in _SCHEMA.items() if k != "checksum" or has_checksums(meta)}
         optional = {k: OPTIONAL_DTYPE for k in sorted(_column_infos(meta, p))}
-        arrays = _tensors(f, {**names, **optional}, p, meta)
+        layout = MEMBER_TENSORS if EXTS_KEY in meta else {}
+        arrays = _tensors(f, {**names, **optional, **layout}, p, meta)
     _validate(arrays, meta, p)
     _check_optional(arrays, optional, meta, p)
+    if layout:
+        check_members(arrays, meta, arrays["length"], p)
     return arrays, meta
+
+
+def read_layout(path: _PathLike) -> tuple[MemberLayout | None, dict[str, NDArray[Any]]]:
+    """The member layout of one index file (``None`` if it has none) and its ``offset``,
+    ``length`` and ``checksum`` (for the caller to check that the file is still the one it
+    loaded)."""
+    p = Path(path)
+    with _open(p) as f:
+        meta = _metadata(f, p)
+        core = {k: SAMPLE_TENSORS[k] for k in ("offset", "length", "checksum")}
+        layout = MEMBER_TENSORS if EXTS_KEY in meta else {}
+        arrays = _tensors(f, {**core, **layout}, p, meta)
+    _validate({k: arrays[k] for k in core}, meta, p)
+    return layout_of(arrays, meta, p), arrays
 
 
 def read_columns(
@@ -564,6 +607,7 @@ class PruneIndex:
         self.centroids_digest: str = self.metadata[0].get("centroids_digest", "")
         self.num_clusters: int = int(self.metadata[0].get("num_clusters", "0"))
         self._keys = keys
+        self._layouts: dict[int, MemberLayout | None] = {}  # per shard, read by members()
         self.columns: dict[str, NDArray[np.float32]] = {
             k: np.asarray(v, dtype=OPTIONAL_DTYPE)
             for k, v in columns.items()
@@ -612,6 +656,32 @@ class PruneIndex:
                 base += len(kb)
             self._keys = KeyList(np.concatenate(data), np.concatenate(offsets))
         return self._keys
+
+    def members(self, shard: int, numbers: NDArray[np.int64]) -> Members | None:
+        """The member layout of samples ``numbers`` (numbers in shard ``shard``), from its
+        index file (read on first use; :mod:`.layout`), or ``None`` where there is none: an
+        index written without one, an index in memory, or a file that changed since loading."""
+        if shard not in self._layouts:
+            got = None
+            if self.index_paths:
+                try:
+                    layout, cols = read_layout(self.index_paths[shard])
+                except (OSError, IndexCorruptError, IndexMismatchError):
+                    pass  # the loaders' own checks name what is wrong with the shard
+                else:
+                    a, b = int(self.shard_starts[shard]), int(self.shard_starts[shard + 1])
+                    same = all(
+                        np.array_equal(cols[k], mine[a:b])
+                        for k, mine in (
+                            ("offset", self.offsets),
+                            ("length", self.lengths),
+                            ("checksum", self.checksums),
+                        )
+                    )
+                    got = layout if same else None
+            self._layouts[shard] = got
+        layout = self._layouts[shard]
+        return None if layout is None else layout.take(numbers)
 
     def attach_embeddings(self, embeddings: Any) -> PruneIndex:
         """Give an in-memory index its ``[n, d]`` embeddings (for ``dedup_threshold``); returns self.

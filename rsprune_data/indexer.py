@@ -56,6 +56,7 @@ from ._supervisor import Died, supervised
 from ._validate import check_int, check_rgb_bands
 from .errors import ConfigError, IndexMismatchError, OverwriteError, StaleIndexError
 from .images import CLOUD_VERSION, DEFAULT_DECODE_BUDGET
+from .layout import EXTS_KEY, encode_members
 from .reading import remote_metadata, shard_kind
 from .world import distributed_rank
 
@@ -344,6 +345,9 @@ def _finish(
         lacking = int(np.isnan(col).sum())
         if missing is not None and name.startswith(META_PREFIX) and lacking:
             missing[name.removeprefix(META_PREFIX)] += lacking
+    layout = encode_members([r.members for r in rows], [r.offset for r in rows])
+    if layout is not None:
+        arrays.update(layout[0])
     meta = {
         **before,
         "encoder": encoder_id,
@@ -357,6 +361,8 @@ def _finish(
         meta[idx.COLUMNS_KEY] = json.dumps(infos, sort_keys=True)
     if image_key:
         meta["image_key"] = image_key
+    if layout is not None:
+        meta[EXTS_KEY] = layout[1]
     idx.write_index(out, arrays, meta)
     return reasons
 

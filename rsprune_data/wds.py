@@ -453,13 +453,16 @@ class _Source:
         out = []
         for shard, a, b in shard_runs(ranked, index.shard_ids):
             part = ranked[a:b]
+            sums = self._sums(part, shard)
+            numbers = part - int(index.shard_starts[shard])
             piece = Piece(
                 index.shards[shard],
                 index.offsets[part].tolist(),
                 index.lengths[part].tolist(),
                 self._expected_keys(part),
-                self._sums(part, shard),
-                (part - int(index.shard_starts[shard])).tolist(),
+                sums,
+                numbers.tolist(),
+                None if sums is None else index.members(shard, numbers),
             )
             out.append((shard, a, b, piece))
         return out

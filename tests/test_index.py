@@ -318,3 +318,41 @@ def test_key_list_take_decodes_every_kind_of_key() -> None:
     assert list(keys) == want
     for pos in ([0, 1], [1, 0, 1], [2, 3], [0, 2, 5], [4], [5], []):
         assert keys.take(np.asarray(pos, np.int64)) == [want[i] for i in pos]
+
+
+def test_indexer_records_the_member_layout_of_every_sample(tmp_path: Path) -> None:
+    """The indexer keeps what its scan found: per sample, each member's extension, data start
+    (relative to the sample) and size, in tar order; reassign-style rewrites keep it."""
+    from rsprune_data.indexer import index_shards
+    from rsprune_data.layout import layout_of
+
+    shard = tmp_path / "a.tar"
+    with wds.TarWriter(str(shard)) as tw:
+        for i in range(7):
+            extra = {"json": b"{}"} if i % 3 == 0 else {}
+            tw.write({"__key__": f"s/{i:02d}", "jpg": b"j" * (10 + 600 * i), "cls": b"1", **extra})
+    index_shards([str(shard)], workers=0, progress=False)
+    arrays, meta = read_index(index_path_for(shard))
+    layout = layout_of(arrays, meta, "a")
+    assert layout is not None and layout.repeat == 0  # the members change along the shard
+    want = scan_tar(shard)
+    got = layout.take(np.arange(len(want)))
+    for i, ts in enumerate(want):
+        cut = got.cuts[got.bounds[i] : got.bounds[i + 1]]
+        assert cut == [(e, a - ts.offset, a - ts.offset + n) for e, (a, n) in ts.members.items()]
+    # the layout survives a rewrite of the index (what reassign does)
+    write_index(index_path_for(shard), arrays, meta)
+    again, meta2 = read_index(index_path_for(shard))
+    assert all(np.array_equal(again[k], arrays[k]) for k in idx.MEMBER_TENSORS)
+    assert meta2[idx.EXTS_KEY] == meta[idx.EXTS_KEY]
+    # a shard whose samples repeat one layout is noticed as such
+    plain = tmp_path / "b.tar"
+    with wds.TarWriter(str(plain)) as tw:
+        for i in range(5):
+            tw.write({"__key__": f"t/{i}", "jpg": b"x" * i, "cls": b"2"})
+    index_shards([str(plain)], workers=0, progress=False)
+    layout = layout_of(*read_index(index_path_for(plain)), "b")
+    order = list(scan_tar(plain)[0].members)  # tar order (TarWriter sorts the extensions)
+    assert layout is not None and (layout.repeat, layout.pattern) == (2, order)
+    taken = layout.take(np.array([1, 3]))
+    assert taken.bounds == [0, 2, 4] and [c[0] for c in taken.cuts] == order * 2

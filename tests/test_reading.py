@@ -456,3 +456,117 @@ def test_cached_reads_skip_the_announcement(
         f.read_into(runs, memoryview(out))
         assert not f.nowait or not local._NOWAIT
     assert bytes(out) == want and advised == [0, 8192, 40960]
+
+
+# --- the member layout recorded by the indexer (rsprune_data.layout) ---
+
+
+def _indexed_all_valid(path: str) -> None:
+    """Index ``path`` with the indexer, then mark every sample valid (its members are not
+    images), keeping everything else of the file, the member layout included."""
+    from rsprune_data import index as idx
+    from rsprune_data.indexer import index_shards
+
+    index_shards([path], workers=0, progress=False)
+    arrays, meta = idx.read_index(idx.index_path_for(path))
+    assert "member_bounds" in arrays and idx.EXTS_KEY in meta
+    n = len(arrays["valid"])
+    arrays = {**arrays, "valid": np.ones(n, np.uint8), "reason": np.zeros(n, np.uint8)}
+    idx.write_index(idx.index_path_for(path), arrays, {**meta, "reasons": "[]"})
+
+
+@pytest.mark.parametrize("name", ["gnu.tar", "pax.tar", "layouts.tar", "plain.tar"])
+def test_indexed_layout_cuts_verified_samples_without_their_headers(
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both loaders cut a verified sample from the layout its index records and deliver what
+    webdataset does; without verification (or without a layout) the headers are walked."""
+    from rsprune_data import PruneConfig, PrunedShardDataset, PrunedWebDataset, PruneIndex
+    from rsprune_data.reading import samples
+
+    _odd_shard(tmp_path / "gnu.tar")
+    _layout_shard(tmp_path / "layouts.tar")
+    with wds.TarWriter(str(tmp_path / "plain.tar")) as tw:  # a pax header before every member
+        for i in range(40):
+            tw.write({"__key__": f"p/{i:03d}", "jpg": bytes([i]) * (900 + 37 * i), "cls": b"1"})
+    path = str(tmp_path / name)
+    _indexed_all_valid(path)
+    want = [{**s, "__local_path__": path} for s in wds.WebDataset(path, shardshuffle=False)]
+    walked: list[int] = []
+    for fn in ("_walk_fast", "_walk_known", "_slow"):
+        real = getattr(samples, fn)
+
+        def spy(*args: Any, _real: Any = real) -> Any:
+            walked.append(1)
+            return _real(*args)
+
+        monkeypatch.setattr(samples, fn, spy)
+    index = PruneIndex.load([path])
+    everything = PruneConfig(
+        prune_ratio=0.0, entropy_filter="none", max_nodata=None, strategy="entropy"
+    )
+    for verify in (True, False):
+        walked.clear()
+        ds = PrunedWebDataset(index, everything, shuffle_shards=False, verify=verify)
+        got = sorted((dict(s) for s in ds), key=lambda s: s["__key__"])
+        assert got == sorted(want, key=lambda s: s["__key__"])
+        odd = sum(len(s["__key__"].encode()) >= 99 for s in want)  # no plain header holds them
+        if verify:  # each odd sample: at most the repeated-layout walk, then the full one
+            assert len(walked) <= 2 * odd and (odd > 0 or not walked)
+        else:
+            assert len(walked) >= len(want)
+        walked.clear()
+        mapped = PrunedShardDataset(index, verify=verify)
+        items = mapped.__getitems__(list(range(len(mapped)))) + [
+            mapped[i] for i in range(len(mapped))
+        ]
+        assert [{k: v for k, v in s.items() if k != "__local_path__"} for s in items] == [
+            {k: v for k, v in s.items() if k != "__local_path__"} for s in want * 2
+        ]
+        assert bool(walked) == (not verify or odd > 0)
+
+
+def test_layout_that_does_not_fit_its_samples_is_refused(tmp_path: Path) -> None:
+    from rsprune_data import IndexCorruptError, PruneIndex
+    from rsprune_data import index as idx
+
+    _layout_shard(tmp_path / "layouts.tar")
+    path = str(tmp_path / "layouts.tar")
+    _indexed_all_valid(path)
+    where = idx.index_path_for(path)
+    arrays, meta = idx.read_index(where)
+    assert PruneIndex.load([path]).members(0, np.arange(3)) is not None
+    past = arrays["member_start"].copy()
+    past[1] = int(arrays["length"][0]) + 1  # a member past the end of its sample
+    with pytest.raises(ConfigError, match="member_start"):
+        idx.write_index(where, {**arrays, "member_start": past}, meta)
+    with pytest.raises(ConfigError, match="member_bounds"):  # half a layout
+        idx.write_index(where, {k: v for k, v in arrays.items() if k != "member_ext"}, meta)
+    bad_ext = {**meta, idx.EXTS_KEY: '["jpg"]'}  # fewer extensions than member_ext names
+    with pytest.raises(ConfigError, match="member_ext"):
+        idx.write_index(where, arrays, bad_ext)
+    # a file damaged on disk is refused when read, naming the field
+    from safetensors.numpy import save
+
+    raw = {k: np.ascontiguousarray(v) for k, v in {**arrays, "member_start": past}.items()}
+    where.write_bytes(save(raw, metadata=meta))
+    with pytest.raises(IndexCorruptError, match="member_start"):
+        idx.read_index(where)
+
+
+def test_layout_of_an_index_that_changed_since_loading_is_not_used(tmp_path: Path) -> None:
+    """The layout is read from the file on first use; a file whose ranges or checksums no
+    longer match the loaded index gives no layout (the loaders walk the headers)."""
+    from rsprune_data import PruneIndex
+    from rsprune_data import index as idx
+
+    _layout_shard(tmp_path / "layouts.tar")
+    path = str(tmp_path / "layouts.tar")
+    _indexed_all_valid(path)
+    loaded = PruneIndex.load([path])
+    arrays, meta = idx.read_index(idx.index_path_for(path))
+    sums = arrays["checksum"].copy()
+    sums[0] ^= 1
+    idx.write_index(idx.index_path_for(path), {**arrays, "checksum": sums}, meta)
+    assert loaded.members(0, np.arange(2)) is None
+    assert PruneIndex.load([path]).members(0, np.arange(2)) is not None

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 from ..errors import StaleIndexError
 from ..integrity import check_sample as check_checksum
 from ..integrity import digest as xxh3
+from ..layout import Members
 from ..tario import parse_sample
 from .runs import Runs
 
@@ -314,6 +316,9 @@ class Piece:
     keys: Sequence[str | None]
     sums: Sequence[int | None] | None = None
     numbers: Sequence[int] = ()
+    #: the samples' member layout from the index (:mod:`rsprune_data.layout`), used for the
+    #: samples whose checksum is verified
+    members: Members | None = None
 
 
 def cut_block(
@@ -358,13 +363,18 @@ def cut_block(
             sums = piece.sums if piece.sums is not None else [None] * count
             raw_keys = _plain_encoded(piece.keys)
             plain = raw_keys is not None
-            for o, size, want, raw_key, want_sum, p in zip(
+            given = piece.members
+            cuts = given.cuts if given is not None else []
+            bounds = given.bounds if given is not None else [0] * (count + 1)
+            known = given is not None and raw_keys is not None
+            for o, size, want, raw_key, want_sum, p, (first, last) in zip(
                 piece.offsets,
                 piece.lengths,
                 piece.keys,
-                raw_keys if raw_keys is not None else piece.keys,
+                raw_keys if raw_keys is not None else [b""] * count,
                 sums,
                 pos[at : at + count],
+                pairwise(bounds),
                 strict=True,
             ):
                 if want_sum is not None and xxh3(view[p : p + size]) != want_sum:
@@ -376,7 +386,20 @@ def cut_block(
                         key=want if want is not None else f"#{o}",
                     )
                 item: Item = {"__key__": want, "__url__": shard}
-                if not (
+                if (
+                    known
+                    and want_sum is not None
+                    and first < last
+                    and len(raw_key) < 99  # a plain ustar name: key, '.', extension
+                    and buf.startswith(raw_key, h := p + cuts[first][1] - 512)
+                    and buf[h + len(raw_key)] == 46  # '.'
+                ):
+                    # verified: these are the indexed bytes, so the indexed layout holds (the
+                    # first member's ustar header still names the index's key: a key column
+                    # shifted against the ranges is caught, by the walk below)
+                    for ext, a, b in cuts[first:last]:
+                        item[ext] = view[p + a : p + b].tobytes()
+                elif not (
                     plain
                     and names is not None
                     and _walk_known(buf, view, p, p + size, raw_key, names, item)
