@@ -517,13 +517,12 @@ def test_indexed_layout_cuts_verified_samples_without_their_headers(
             assert len(walked) >= len(want)
         walked.clear()
         mapped = PrunedShardDataset(index, verify=verify)
-        items = mapped.__getitems__(list(range(len(mapped)))) + [
-            mapped[i] for i in range(len(mapped))
-        ]
-        assert [{k: v for k, v in s.items() if k != "__local_path__"} for s in items] == [
+        batch = mapped.__getitems__(list(range(len(mapped))))  # a DataLoader batch: the layout
+        assert bool(walked) == (not verify or odd > 0)
+        singles = [mapped[i] for i in range(len(mapped))]  # ds[i]: one header walk each
+        assert [{k: v for k, v in s.items() if k != "__local_path__"} for s in batch + singles] == [
             {k: v for k, v in s.items() if k != "__local_path__"} for s in want * 2
         ]
-        assert bool(walked) == (not verify or odd > 0)
 
 
 def test_layout_that_does_not_fit_its_samples_is_refused(tmp_path: Path) -> None:

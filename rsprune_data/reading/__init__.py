@@ -333,8 +333,8 @@ def read_pieces(
 
 
 def _positions(runs: Runs, offsets: Sequence[int], at: int) -> NDArray[np.int64]:
-    """Where each sample of a piece starts once its runs lie back to back from ``at``."""
+    """Where each sample of a piece starts once its runs lie back to back from ``at``: its
+    offset less the shift of its run (the run's start less where the run lands)."""
     sizes = runs.stop - runs.start
-    placed = at + np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
-    run_of = np.repeat(np.arange(len(runs)), np.diff(runs.bounds))
-    return placed[run_of] + np.asarray(offsets, np.int64) - runs.start[run_of]
+    shift = runs.start - (np.cumsum(sizes) - sizes + at)
+    return np.asarray(offsets, np.int64) - np.repeat(shift, np.diff(runs.bounds))
