@@ -211,15 +211,19 @@ _Member = tuple[int, str, int, int, bool]
 _Read = Callable[[int, int], bytes]
 
 
-def _walk(read: _Read, shard: str, *, eof_ok: bool = False) -> Iterator[_Member]:
+def _walk(
+    read: _Read, shard: str, *, eof_ok: bool = False, start: int = 0
+) -> Iterator[_Member]:
     """Yield every member with data, in tar order, up to the end-of-archive block.
 
     ``read(pos, n)`` returns up to ``n`` bytes at ``pos`` (fewer only at EOF). Member data is never
     read here: the caller checks or reads it before asking for the next member. A tar that stops
     between members without the end-of-archive block is reported as truncated (a cut download
-    looks just like it), unless ``eof_ok`` (a sample's byte range has no such block).
+    looks just like it), unless ``eof_ok`` (a sample's byte range has no such block). The walk
+    begins at byte ``start`` of the shard (a sample's range): positions, yielded and in messages,
+    are the shard's.
     """
-    pos = 0
+    pos = start
     while True:
         start, name, pax_size = pos, None, None
         while True:  # extension headers, then the member's own header
@@ -528,22 +532,23 @@ def parse_sample(
         >>> blob = next(read_ranges("shard.tar", [(s.offset, s.length)]))  # doctest: +SKIP
         >>> key, data = parse_sample(blob, s.offset, shard="shard.tar")  # doctest: +SKIP
     """
-    name = f"{shard or '<buffer>'} (range at byte {base_offset})"
+    name = f"{shard or '<buffer>'} (the sample range at byte {base_offset})"
     view = bytes(buf)
     group = _Group(name)
     out: dict[str, bytes] = {}
-    for member in _walk(lambda p, n: view[p : p + n], name, eof_ok=True):
+    b = base_offset  # the walk's positions are the shard's; view[0] is its byte b
+    for member in _walk(lambda p, n: view[p - b : p - b + n], name, eof_ok=True, start=b):
         _, mname, off, size, regular = member
         split = split_key_ext(mname) if regular else None
-        if off + size > len(view):
-            detail = _expected_data(mname, base_offset + off, size) + " inside the range"
-            raise _truncated(name, base_offset + len(view), detail)
+        if off - b + size > len(view):
+            detail = _expected_data(mname, off, size) + " inside the range"
+            raise _truncated(name, b + len(view), detail)
         if split is None:
             continue
         if group.key is not None and split[0] != group.key:
-            raise _corrupt(name, base_offset + member[0], "the range holds more than one sample")
+            raise _corrupt(name, member[0], "the range holds more than one sample")
         group.add(split[0], split[1], member)
-        out[split[1]] = view[off : off + size]
+        out[split[1]] = view[off - b : off - b + size]
     if group.key is None:
         raise _corrupt(name, base_offset, "the range holds no sample")
     return group.key, out

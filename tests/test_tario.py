@@ -353,3 +353,18 @@ def test_property_ranges_reproduce_webdataset(
         return
     assert via_ranges(path) == ref
     assert [(s.key, m) for s, m in iter_tar_samples(path)] == ref
+
+
+def test_parse_sample_names_the_damaged_byte_of_the_shard(tmp_path: Path) -> None:
+    """A damaged header inside a sample's range is reported at its byte in the shard (the range
+    starts at ``base_offset``), not at its byte in the range."""
+    path = write_tarfile(tmp_path / "s.tar", make_samples(6), tarfile.USTAR_FORMAT)
+    s = scan_tar(path)[4]
+    raw = bytearray(path.read_bytes()[s.offset : s.offset + s.length])
+    second = min(a for a, _ in s.members.values() if a > min(a for a, _ in s.members.values()))
+    header = second - 512 - s.offset  # the second member's header, in the range
+    raw[header + 148] ^= 0x01  # its checksum field
+    with pytest.raises(ShardError, match=rf"corrupt at byte {s.offset + header}\b"):
+        parse_sample(bytes(raw), s.offset, shard="s.tar")
+    with pytest.raises(ShardError, match=rf"truncated at byte {s.offset + header + 100}\b"):
+        parse_sample(bytes(raw[: header + 100]), s.offset, shard="s.tar")
