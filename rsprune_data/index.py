@@ -929,14 +929,46 @@ def check_distinct_index_paths(shards: Sequence[str], paths: Sequence[Path]) -> 
         seen[path] = shard
 
 
+def expand_shards(shards: Sequence[_PathLike] | _PathLike) -> list[str]:
+    """Shard names from one pattern or a list of names and patterns, in order.
+
+    A local name that exists is taken as it is. Anything else is brace-expanded as webdataset
+    does (``pool-{000000..000127}.tar``, URLs included); local names that then hold glob
+    characters are globbed, sorted (``shards/*.tar``: what a shell would have expanded, for
+    patterns passed quoted or from Python).
+
+    Raises:
+        ConfigError: a local glob pattern matches no file (naming the pattern).
+    """
+    import glob
+
+    from braceexpand import braceexpand
+
+    items = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
+    out: list[str] = []
+    for item in items:
+        s = os.fspath(item)
+        if not is_remote(s) and os.path.exists(s.removeprefix("file://")):
+            out.append(s)
+            continue
+        for name in braceexpand(s):
+            if is_remote(name) or not glob.has_magic(name) or os.path.exists(name):
+                out.append(name)
+                continue
+            found = sorted(glob.glob(name))
+            if not found:
+                raise ConfigError(
+                    f"shard pattern {name!r} matches no file: check the folder and the pattern "
+                    "(globs * ? [..] and braces {a,b} / {000..127} are expanded)"
+                )
+            out.extend(found)
+    return out
+
+
 def _resolve(
     shards: Sequence[_PathLike] | str, index_dir: _PathLike | None
 ) -> tuple[list[str], list[Path]]:
-    if isinstance(shards, (str, os.PathLike)):
-        from braceexpand import braceexpand
-
-        shards = list(braceexpand(os.fspath(shards)))
-    names = [os.fspath(s) for s in shards]
+    names = expand_shards(shards)
     if not names:
         raise ConfigError("shards is empty: pass at least one shard path or index file")
     if len(set(names)) < len(names):

@@ -512,7 +512,7 @@ def index_shards(
             f"`image_key` must be a member name such as 'img_content' or "
             f"'rgb.npy', got {image_key!r}"
         )
-    names = [os.fspath(s) for s in shards]
+    names = idx.expand_shards(shards)
     streams = [s for s in names if shard_kind(s) == "stream"]
     if streams:
         raise ConfigError(

@@ -172,7 +172,7 @@ def reassign_shards(
     """
     from tqdm.auto import tqdm
 
-    names = [os.fspath(s) for s in shards]
+    names = idx.expand_shards(shards)
     paths = [idx.index_path_for(s, index_dir) for s in names]
     idx.check_distinct_index_paths(names, paths)
     path_of = dict(zip(names, paths, strict=True))

@@ -211,9 +211,7 @@ _Member = tuple[int, str, int, int, bool]
 _Read = Callable[[int, int], bytes]
 
 
-def _walk(
-    read: _Read, shard: str, *, eof_ok: bool = False, start: int = 0
-) -> Iterator[_Member]:
+def _walk(read: _Read, shard: str, *, eof_ok: bool = False, start: int = 0) -> Iterator[_Member]:
     """Yield every member with data, in tar order, up to the end-of-archive block.
 
     ``read(pos, n)`` returns up to ``n`` bytes at ``pos`` (fewer only at EOF). Member data is never

@@ -356,3 +356,23 @@ def test_indexer_records_the_member_layout_of_every_sample(tmp_path: Path) -> No
     assert layout is not None and (layout.repeat, layout.pattern) == (2, order)
     taken = layout.take(np.array([1, 3]))
     assert taken.bounds == [0, 2, 4] and [c[0] for c in taken.cuts] == order * 2
+
+
+def test_shard_patterns_expand_like_a_shell_and_webdataset(tmp_path: Path) -> None:
+    """Braces as webdataset expands them, globs as a shell would (sorted); an existing name is
+    literal, a URL is never globbed, a glob that matches nothing is an error naming it."""
+    for i in (2, 0, 1):
+        make_shard(tmp_path / f"p-{i}.tar", 3, tag=f"t{i}")
+    odd = make_shard(tmp_path / "odd{x}.tar", 2, tag="odd")
+    names = [str(tmp_path / f"p-{i}.tar") for i in range(3)]
+    assert idx.expand_shards(str(tmp_path / "p-*.tar")) == names
+    assert idx.expand_shards(str(tmp_path / "p-{0..2}.tar")) == names
+    assert idx.expand_shards([str(tmp_path / "p-[12].tar"), str(odd)]) == [*names[1:], str(odd)]
+    assert idx.expand_shards("https://h/s-{0..1}.tar") == ["https://h/s-0.tar", "https://h/s-1.tar"]
+    assert idx.expand_shards(["https://h/*.tar"]) == ["https://h/*.tar"]
+    with pytest.raises(ConfigError, match=r"pattern '.*q-\*\.tar' matches no file"):
+        idx.expand_shards(str(tmp_path / "q-*.tar"))
+    for s in names:
+        index_shard(Path(s))
+    loaded = PruneIndex.load(str(tmp_path / "p-*.tar"))
+    assert loaded.shards == names and len(loaded) == 9

@@ -337,4 +337,5 @@ def _positions(runs: Runs, offsets: Sequence[int], at: int) -> NDArray[np.int64]
     offset less the shift of its run (the run's start less where the run lands)."""
     sizes = runs.stop - runs.start
     shift = runs.start - (np.cumsum(sizes) - sizes + at)
-    return np.asarray(offsets, np.int64) - np.repeat(shift, np.diff(runs.bounds))
+    out: NDArray[np.int64] = np.asarray(offsets, np.int64) - np.repeat(shift, np.diff(runs.bounds))
+    return out
