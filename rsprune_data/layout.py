@@ -143,7 +143,8 @@ class MemberLayout:
     """The layout of one shard's samples (module docstring), checked (:func:`check_members`).
 
     Shards nearly always repeat one layout (the same extensions in the same order in every
-    sample); that case is noticed once here, so :meth:`take` gathers only the positions.
+    sample); that case is noticed once here, so :meth:`take` gathers only the positions, and only
+    those are kept: 8 bytes per member (int32 start and stop; int64 for samples over 2 GiB).
     """
 
     def __init__(
@@ -154,8 +155,11 @@ class MemberLayout:
         ext: NDArray[np.uint16],
         exts: list[str],
     ) -> None:
-        self.bounds, self.start, self.ext, self.exts = bounds, start, ext, exts
-        self.stop = start + size
+        stop = start + size
+        narrow = not stop.size or int(stop.max()) < 2**31  # offsets inside a sample: nearly always
+        kind = np.int32 if narrow else np.int64
+        self.start, self.stop = start.astype(kind), stop.astype(kind)
+        self.exts = exts
         n = int(bounds.shape[0]) - 1
         counts = np.diff(bounds)
         #: members per sample where every sample has the same ones in the same order, else 0
@@ -166,6 +170,14 @@ class MemberLayout:
             rows = ext.reshape(n, c)
             if (rows == rows[0]).all():
                 self.repeat, self.pattern = c, [exts[e] for e in rows[0].tolist()]
+        # a repeated layout needs neither the bounds nor the extension of every member
+        self.bounds = bounds if not self.repeat else np.zeros(0, np.int64)
+        self.ext = ext if not self.repeat else np.zeros(0, np.uint16)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held (per worker, for the shards it has read)."""
+        return sum(a.nbytes for a in (self.start, self.stop, self.bounds, self.ext))
 
     def take(self, numbers: NDArray[np.int64]) -> Members:
         """The members of samples ``numbers`` (their numbers in the shard)."""

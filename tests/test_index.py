@@ -354,6 +354,7 @@ def test_indexer_records_the_member_layout_of_every_sample(tmp_path: Path) -> No
     layout = layout_of(*read_index(index_path_for(plain)), "b")
     order = list(scan_tar(plain)[0].members)  # tar order (TarWriter sorts the extensions)
     assert layout is not None and (layout.repeat, layout.pattern) == (2, order)
+    assert layout.nbytes == 5 * 2 * 8  # int32 start and stop per member, nothing else
     taken = layout.take(np.array([1, 3]))
     assert taken.bounds == [0, 2, 4] and [c[0] for c in taken.cuts] == order * 2
 
