@@ -41,7 +41,16 @@ from .errors import (
     IndexNotFoundError,
     StaleIndexError,
 )
-from .layout import EXTS_KEY, MEMBER_TENSORS, MemberLayout, Members, check_members, layout_of
+from .layout import (
+    DIGEST_KEY,
+    EXTS_KEY,
+    MEMBER_TENSORS,
+    MemberLayout,
+    Members,
+    check_members,
+    layout_digest,
+    layout_of,
+)
 
 if TYPE_CHECKING:
     from .config import PruneConfig
@@ -221,6 +230,7 @@ def write_index(path: _PathLike, arrays: Mapping[str, Any], metadata: Mapping[st
     except IndexCorruptError as exc:
         raise ConfigError(f"index {path}: field {exc.field!r} {exc.problem}") from None
     out.update(_member_arrays(arrays, meta, out["length"], path))  # after the ranges' checks
+    _digest_members(out, meta)
     atomic_write_bytes(path, save(out, metadata=meta))
 
 
@@ -263,6 +273,13 @@ def _member_arrays(
     except IndexCorruptError as exc:
         raise ConfigError(f"index {path}: field {exc.field!r} {exc.problem}") from None
     return out
+
+
+def _digest_members(out: Mapping[str, NDArray[Any]], meta: dict[str, str]) -> None:
+    """Set ``member_digest`` for the layout being written (:func:`layout.layout_digest`)."""
+    meta.pop(DIGEST_KEY, None)
+    if EXTS_KEY in meta:
+        meta[DIGEST_KEY] = layout_digest(out, meta[EXTS_KEY], out["checksum"])
 
 
 def _column_infos(meta: Mapping[str, str], path: object) -> dict[str, dict[str, str]]:
@@ -390,7 +407,8 @@ def read_index(path: _PathLike) -> tuple[dict[str, NDArray[Any]], dict[str, str]
     _validate(arrays, meta, p)
     _check_optional(arrays, optional, meta, p)
     if layout:
-        check_members(arrays, meta, arrays["length"], p)
+        sums = arrays.get("checksum", np.zeros(int(meta["num_samples"]), np.uint64))
+        check_members(arrays, meta, arrays["length"], p, sums)
     return arrays, meta
 
 
@@ -666,8 +684,8 @@ class PruneIndex:
             if self.index_paths:
                 try:
                     layout, cols = read_layout(self.index_paths[shard])
-                except (OSError, IndexCorruptError, IndexMismatchError):
-                    pass  # the loaders' own checks name what is wrong with the shard
+                except FileNotFoundError:
+                    pass  # gone since loading: the headers are walked, checksums still verified
                 else:
                     a, b = int(self.shard_starts[shard]), int(self.shard_starts[shard + 1])
                     same = all(
@@ -929,6 +947,9 @@ def check_distinct_index_paths(shards: Sequence[str], paths: Sequence[Path]) -> 
         seen[path] = shard
 
 
+_OWN_FILES = (INDEX_SUFFIX, ".rsemb.safetensors")  # index files and embedding sidecars
+
+
 def expand_shards(shards: Sequence[_PathLike] | _PathLike) -> list[str]:
     """Shard names from one pattern or a list of names and patterns, in order.
 
@@ -952,10 +973,14 @@ def expand_shards(shards: Sequence[_PathLike] | _PathLike) -> list[str]:
             out.append(s)
             continue
         for name in braceexpand(s):
-            if is_remote(name) or not glob.has_magic(name) or os.path.exists(name):
+            scheme = "file://" if name.startswith("file://") else ""
+            local = name.removeprefix(scheme)
+            if is_remote(name) or not glob.has_magic(local) or os.path.exists(local):
                 out.append(name)
                 continue
-            found = sorted(glob.glob(name))
+            found = [scheme + f for f in sorted(glob.glob(local))]
+            if not local.endswith(_OWN_FILES):  # `pool/*` means the shards, not our own files
+                found = [f for f in found if not f.endswith(_OWN_FILES)]
             if not found:
                 raise ConfigError(
                     f"shard pattern {name!r} matches no file: check the folder and the pattern "

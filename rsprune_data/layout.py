@@ -26,12 +26,14 @@ from numpy.typing import NDArray
 from . import index_check as check
 
 __all__ = [
+    "DIGEST_KEY",
     "EXTS_KEY",
     "MEMBER_TENSORS",
     "MemberLayout",
     "Members",
     "check_members",
     "encode_members",
+    "layout_digest",
     "layout_of",
 ]
 
@@ -43,6 +45,8 @@ MEMBER_TENSORS: dict[str, type[np.generic]] = {
 }
 #: The metadata entry naming the extensions ``member_ext`` points into (a JSON list of str).
 EXTS_KEY = "member_exts"
+#: The metadata entry holding :func:`layout_digest` (written by ``index.write_index``).
+DIGEST_KEY = "member_digest"
 _MAX_EXTS = int(np.iinfo(np.uint16).max) + 1
 
 
@@ -82,23 +86,49 @@ def encode_members(
     return tensors, json.dumps(list(exts))
 
 
+def layout_digest(tensors: Mapping[str, NDArray[Any]], exts: str, checksums: NDArray[Any]) -> str:
+    """``xxh3_64`` of the layout tensors, the extensions and the samples' checksums: a layout
+    changed in the file (a flipped bit, a hand edit) no longer matches the checksums it was
+    written with."""
+    import xxhash
+
+    h = xxhash.xxh3_64()
+    for name in MEMBER_TENSORS:
+        h.update(np.ascontiguousarray(tensors[name]).tobytes())
+    h.update(exts.encode())
+    h.update(np.ascontiguousarray(checksums, np.uint64).tobytes())
+    return h.hexdigest()
+
+
 def check_members(
     tensors: Mapping[str, NDArray[Any]],
     meta: Mapping[str, str],
     lengths: NDArray[Any],
     path: object,
+    checksums: NDArray[Any] | None = None,
 ) -> list[str]:
     """Refuse a layout that does not fit its samples; returns the extensions.
 
-    Every member's data lies after a header (``start >= 512``) and inside its sample
-    (``start + size <= length``), members of a sample follow one another, ``member_ext`` names
-    an extension of ``member_exts``, and ``member_bounds`` runs from 0 to the member count.
+    As tar lays members out: every member's data starts on a 512-byte block after its header
+    (``start`` a multiple of 512, ``>= 512``), the next member's data starts at least one header
+    after this one's padded end, the last member's padded end is the sample's end; ``member_ext``
+    names distinct extensions of ``member_exts`` (itself without repeats) within a sample, and
+    ``member_bounds`` runs from 0 to the member count. With ``checksums``, the
+    ``member_digest`` metadata must match (:func:`layout_digest`).
 
     Raises:
         IndexCorruptError: naming the field.
     """
     n = int(lengths.shape[0])
     exts = _exts(meta.get(EXTS_KEY), path)
+    if len(set(exts)) < len(exts):
+        raise check.corrupt(path, EXTS_KEY, "names an extension twice")
+    if checksums is not None and meta.get(DIGEST_KEY) != layout_digest(
+        tensors, meta.get(EXTS_KEY, ""), checksums
+    ):
+        raise check.corrupt(
+            path, DIGEST_KEY, "does not match the member layout and checksums of the file"
+        )
     bounds = tensors["member_bounds"]
     check.check_tensor("member_bounds", bounds, np.int64, (n + 1,), path)
     m = int(bounds[-1]) if n + 1 == bounds.shape[0] else 0
@@ -107,15 +137,27 @@ def check_members(
     if bounds[0] != 0 or (np.diff(bounds) < 0).any():
         raise check.corrupt(path, "member_bounds", "must rise from 0 to the member count")
     start, size = tensors["member_start"], tensors["member_size"]
-    sample = np.repeat(np.arange(n), np.diff(bounds))
+    counts = np.diff(bounds)
+    sample = np.repeat(np.arange(n), counts)
     end = start + size
-    if (start < 512).any() or (size < 0).any() or (end > lengths[sample]).any():
+    padded = (end + 511) // 512 * 512
+    if (start < 512).any() or (start % 512).any() or (size < 0).any():
+        raise check.corrupt(path, "member_start", "puts a member's data off a tar block")
+    if (end > lengths[sample]).any():
         raise check.corrupt(path, "member_start", "puts a member outside its sample")
     follows = sample[1:] == sample[:-1]
-    if (start[1:][follows] < end[:-1][follows] + 512).any():
+    if (start[1:][follows] < padded[:-1][follows] + 512).any():
         raise check.corrupt(path, "member_start", "has members of one sample overlapping")
-    if m and int(tensors["member_ext"].max()) >= len(exts):
+    last = bounds[1:][counts > 0] - 1
+    if (padded[last] != lengths[counts > 0]).any():
+        raise check.corrupt(path, "member_size", "does not end the sample with its last member")
+    ext = tensors["member_ext"]
+    if m and int(ext.max()) >= len(exts):
         raise check.corrupt(path, "member_ext", f"points past the {len(exts)} member_exts")
+    if m:
+        order = np.lexsort((ext, sample))
+        if ((sample[order][1:] == sample[order][:-1]) & (np.diff(ext[order]) == 0)).any():
+            raise check.corrupt(path, "member_ext", "names one extension twice in a sample")
     return exts
 
 
@@ -205,7 +247,10 @@ def layout_of(
     returns them (``None`` if it has none)."""
     if EXTS_KEY not in meta:
         return None
-    exts = check_members(arrays, meta, arrays["length"], path)
+    sums = arrays.get("checksum")
+    if sums is None:
+        sums = np.zeros(int(arrays["length"].shape[0]), np.uint64)
+    exts = check_members(arrays, meta, arrays["length"], path, sums)
     return MemberLayout(
         arrays["member_bounds"],
         arrays["member_start"],

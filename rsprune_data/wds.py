@@ -100,8 +100,8 @@ from webdataset.pipeline import DataPipeline
 from ._control import _Control
 from ._validate import check_int
 from .config import PruneConfig, Schedule, as_config
-from .errors import ConfigError, StateDictError
-from .index import KeyList, PruneIndex
+from .errors import ConfigError, StaleIndexError, StateDictError
+from .index import KeyList, PruneIndex, expand_shards
 from .partition import per_rank
 from .plan import check_servable
 from .reading import (
@@ -198,7 +198,7 @@ class _Source:
     ) -> None:
         self._index: PruneIndex | None = index
         self.verify = verify
-        self._load_args = load_args  # (shards, index_dir, check_stale) to reload after pickling
+        self._load_args = load_args  # (shards, index_dir, check_stale, fingerprint): reloads
         self.seed, self.shuffle_shards, self.drop_last = seed, shuffle_shards, drop_last
         self.read = read
         self.sample_window = sample_window
@@ -244,8 +244,14 @@ class _Source:
     @property
     def index(self) -> PruneIndex:
         if self._index is None:  # dropped by __getstate__ only when _load_args can reload it
-            shards, index_dir, check_stale = self._load_args or ((), None, True)
-            self._index = PruneIndex.load(shards, index_dir, check_stale=check_stale)
+            shards, index_dir, check_stale, fingerprint = self._load_args or ((), None, True, "")
+            index = PruneIndex.load(shards, index_dir, check_stale=check_stale)
+            if index.fingerprint != fingerprint:
+                raise StaleIndexError(
+                    f"the indexes of {len(shards)} shard(s) changed after the dataset was built "
+                    "(a worker re-read them): build the dataset again after re-indexing"
+                )
+            self._index = index
         return self._index
 
     def refresh_world(self) -> None:
@@ -727,13 +733,10 @@ class PrunedWebDataset(DataPipeline, FluidInterface):  # type: ignore[misc]  # u
         if isinstance(shards, PruneIndex):
             index, load_args = shards, None
         else:
-            names: str | list[str] = (
-                os.fspath(shards)
-                if isinstance(shards, str | os.PathLike)
-                else [os.fspath(s) for s in shards]
-            )
+            # patterns expanded once, here: a spawned worker reloads exactly these shards
+            names = expand_shards(shards)
             index = PruneIndex.load(names, index_dir, check_stale=check_stale)
-            load_args = (names, index_dir, check_stale)
+            load_args = (names, index_dir, check_stale, index.fingerprint)
         self._source = _Source(
             index,
             load_args,

@@ -408,8 +408,10 @@ def test_version_1_indexes_are_read_without_checksums_and_upgraded(tmp_path: Pat
     index_shards(shards, workers=0, progress=False)
     path = idx.index_path_for(shards[0])
     arrays, meta = idx.read_index(path)
-    del arrays["checksum"]  # what rsprune_data 0.1 wrote
-    meta = {k: v for k, v in meta.items() if k != "checksum"} | {"version": "1"}
+    del arrays["checksum"]  # what rsprune_data 0.1 wrote: no checksums, no member layout
+    arrays = {k: v for k, v in arrays.items() if not k.startswith("member_")}
+    meta = {k: v for k, v in meta.items() if k != "checksum" and not k.startswith("member_")}
+    meta |= {"version": "1"}
     save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path), metadata=meta)
     idx._warned_unchecked = False
     with pytest.warns(UserWarning, match="no per-sample checksums .*rsprune-data index"):

@@ -377,3 +377,5 @@ def test_shard_patterns_expand_like_a_shell_and_webdataset(tmp_path: Path) -> No
         index_shard(Path(s))
     loaded = PruneIndex.load(str(tmp_path / "p-*.tar"))
     assert loaded.shards == names and len(loaded) == 9
+    assert idx.expand_shards(str(tmp_path / "p-*")) == names  # not the index files beside them
+    assert idx.expand_shards(f"file://{tmp_path}/p-*.tar") == [f"file://{n}" for n in names]

@@ -15,7 +15,7 @@ import webdataset as wds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rsprune_data import ConfigError, StaleIndexError
+from rsprune_data import ConfigError, PruneConfig, StaleIndexError
 from rsprune_data.errors import ShardError, ShardNotFoundError
 from rsprune_data.reading import (
     LocalFile,
@@ -510,7 +510,10 @@ def test_indexed_layout_cuts_verified_samples_without_their_headers(
         ds = PrunedWebDataset(index, everything, shuffle_shards=False, verify=verify)
         got = sorted((dict(s) for s in ds), key=lambda s: s["__key__"])
         assert got == sorted(want, key=lambda s: s["__key__"])
-        odd = sum(len(s["__key__"].encode()) >= 99 for s in want)  # no plain header holds them
+        odd = sum(  # names over 100 bytes: a GNU or pax header holds them, the sample is walked
+            any(len(s["__key__"].encode()) + 1 + len(e) > 100 for e in s if not e.startswith("__"))
+            for s in want
+        )
         if verify:  # each odd sample: at most the repeated-layout walk, then the full one
             assert len(walked) <= 2 * odd and (odd > 0 or not walked)
         else:
@@ -526,7 +529,12 @@ def test_indexed_layout_cuts_verified_samples_without_their_headers(
 
 
 def test_layout_that_does_not_fit_its_samples_is_refused(tmp_path: Path) -> None:
-    from rsprune_data import IndexCorruptError, PruneIndex
+    """``write_index`` refuses a layout that tar could not have written; a layout changed in the
+    file afterwards (a flipped bit, a hand edit of any kind) no longer matches ``member_digest``
+    and the index is refused when read, by both loaders."""
+    from safetensors.numpy import save
+
+    from rsprune_data import IndexCorruptError, PrunedShardDataset, PrunedWebDataset, PruneIndex
     from rsprune_data import index as idx
 
     _layout_shard(tmp_path / "layouts.tar")
@@ -535,22 +543,77 @@ def test_layout_that_does_not_fit_its_samples_is_refused(tmp_path: Path) -> None
     where = idx.index_path_for(path)
     arrays, meta = idx.read_index(where)
     assert PruneIndex.load([path]).members(0, np.arange(3)) is not None
-    past = arrays["member_start"].copy()
-    past[1] = int(arrays["length"][0]) + 1  # a member past the end of its sample
-    with pytest.raises(ConfigError, match="member_start"):
-        idx.write_index(where, {**arrays, "member_start": past}, meta)
-    with pytest.raises(ConfigError, match="member_bounds"):  # half a layout
-        idx.write_index(where, {k: v for k, v in arrays.items() if k != "member_ext"}, meta)
-    bad_ext = {**meta, idx.EXTS_KEY: '["jpg"]'}  # fewer extensions than member_ext names
-    with pytest.raises(ConfigError, match="member_ext"):
-        idx.write_index(where, arrays, bad_ext)
-    # a file damaged on disk is refused when read, naming the field
-    from safetensors.numpy import save
 
-    raw = {k: np.ascontiguousarray(v) for k, v in {**arrays, "member_start": past}.items()}
-    where.write_bytes(save(raw, metadata=meta))
-    with pytest.raises(IndexCorruptError, match="member_start"):
-        idx.read_index(where)
+    def changed(name: str, i: int, delta: int) -> dict[str, Any]:
+        col = arrays[name].copy()
+        col[i] += delta
+        return {**arrays, name: col}
+
+    refused = {
+        "member_start": [changed("member_start", 1, 1), changed("member_start", 1, 1 << 20)],
+        "member_s(tart|ize)": [changed("member_size", 1, 512)],  # a member ends past the sample
+        "member_bounds": [{k: v for k, v in arrays.items() if k != "member_ext"}],  # half of one
+    }
+    for field, variants in refused.items():
+        for bad in variants:
+            with pytest.raises(ConfigError, match=field):
+                idx.write_index(where, bad, meta)
+    twice = arrays["member_ext"].copy()
+    twice[1] = twice[0]
+    with pytest.raises(ConfigError, match="member_ext"):
+        idx.write_index(where, {**arrays, "member_ext": twice}, meta)
+    with pytest.raises(ConfigError, match="member_exts"):
+        idx.write_index(where, arrays, {**meta, idx.EXTS_KEY: '["jpg", "jpg", "cls"]'})
+    # in the file: any edit of the layout (here: two members' extensions swapped, which fits)
+    swapped = arrays["member_ext"].copy()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    for edit in ({**arrays, "member_ext": swapped}, changed("member_size", 0, -1)):
+        raw = {k: np.ascontiguousarray(v) for k, v in edit.items()}
+        where.write_bytes(save(raw, metadata=meta))
+        with pytest.raises(IndexCorruptError, match="member_digest"):
+            idx.read_index(where)
+        everything = PruneConfig(
+            prune_ratio=0.0, entropy_filter="none", max_nodata=None, strategy="entropy"
+        )
+        with pytest.raises(IndexCorruptError, match="member_digest"):
+            list(PrunedWebDataset([path], everything, shuffle_shards=False))
+        with pytest.raises(IndexCorruptError, match="member_digest"):
+            PrunedShardDataset([path]).__getitems__([0, 1])
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ("v1.0/x", "v1"),  # the shifted key is a prefix up to a dot of a folder
+        ("d" * 95 + "/k", "k"),  # ustar splits the long folder into the prefix field
+    ],
+)
+def test_layout_cut_still_catches_a_shifted_key_column(
+    tmp_path: Path, names: tuple[str, str]
+) -> None:
+    """The layout is used only where the first header names exactly the index's key: a key
+    column rolled by one fails by name, as without the layout."""
+    from rsprune_data import PrunedShardDataset, PrunedWebDataset, PruneIndex
+    from rsprune_data import index as idx
+
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for key in names:
+            for ext, data in (("jpg", b"j" * 600), ("cls", b"7")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    _indexed_all_valid(str(path))
+    arrays, meta = idx.read_index(idx.index_path_for(path))
+    idx.write_index(idx.index_path_for(path), {**arrays, **idx.encode_keys(names[::-1])}, meta)
+    assert list(PruneIndex.load([str(path)]).keys) == list(names[::-1])
+    everything = PruneConfig(
+        prune_ratio=0.0, entropy_filter="none", max_nodata=None, strategy="entropy"
+    )
+    with pytest.raises(StaleIndexError, match="but the index says"):
+        list(PrunedWebDataset([str(path)], everything, shuffle_shards=False))
+    with pytest.raises(StaleIndexError, match="but the index says"):
+        PrunedShardDataset([str(path)]).__getitems__([0, 1])
 
 
 def test_layout_of_an_index_that_changed_since_loading_is_not_used(tmp_path: Path) -> None:

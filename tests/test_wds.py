@@ -896,3 +896,25 @@ def test_repeated_epoch_warns_with_fresh_workers(shards: list[str]) -> None:
         first < i < second for i in warned
     )  # raised in the second epoch's workers
     assert not any(i > after for i in warned) and len(lines) - after == 1
+
+
+def test_patterns_are_expanded_once_for_the_workers(tmp_path: Path) -> None:
+    """A worker that reloads the index (spawn, or any unpickling) reads the shards the dataset
+    was built on, not what the pattern matches by then; changed indexes are refused."""
+    import pickle
+    import shutil
+
+    made = write_shards(tmp_path / "b", [5, 6, 7])
+    aside = tmp_path / "later.tar"
+    shutil.move(made[2], aside)
+    ds = PrunedWebDataset(str(tmp_path / "b" / "*.tar"), CFG, shuffle_shards=False)
+    assert ds.index.shards == made[:2]
+    shutil.move(aside, made[2])  # a shard that matches the pattern appears
+    again = pickle.loads(pickle.dumps(ds))
+    assert again.index.shards == made[:2]
+    assert sorted(s["__key__"] for s in again) == sorted(s["__key__"] for s in ds)
+    other = write_shards(tmp_path / "c", [5, 9])  # shard 1 replaced, with its index
+    for f in (other[1], str(idx.index_path_for(other[1]))):
+        shutil.copy(f, tmp_path / "b" / Path(f).name)
+    with pytest.raises(StaleIndexError, match="changed after the dataset was built"):
+        _ = pickle.loads(pickle.dumps(ds)).index

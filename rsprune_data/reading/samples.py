@@ -211,6 +211,21 @@ def _walk_known(
     return q == end
 
 
+def _first_header(buf: bytes | bytearray, p: int, h: int) -> bool:
+    """Whether the sample at ``p`` opens with the ustar header at ``h`` of its first member:
+    ``h == p``, or one pax header that leaves name and size alone lies between (what
+    webdataset's ``TarWriter`` writes for a float mtime)."""
+    if h == p:
+        return True
+    try:
+        if buf[p + 156] != 120:  # 'x'
+            return False
+        size = int(buf[p + 124 : p + 135], 8)
+    except ValueError:
+        return False
+    return h == p + 512 + ((size + 511) & ~511) and _harmless_pax(buf, p + 512, size)
+
+
 _PLAIN = b"0\0"  # the type flags of a regular file ('0', and NUL from old tars)
 
 
@@ -390,13 +405,16 @@ def cut_block(
                     known
                     and want_sum is not None
                     and first < last
-                    and len(raw_key) < 99  # a plain ustar name: key, '.', extension
-                    and buf.startswith(raw_key, h := p + cuts[first][1] - 512)
-                    and buf[h + len(raw_key)] == 46  # '.'
+                    and (n := len(raw_key)) < 99
+                    and _first_header(buf, p, h := p + cuts[first][1] - 512)
+                    and buf.startswith(raw_key, h)
+                    and buf[h + n] == 46  # '.'
+                    and buf.find(b"/", h + n, h + 100) < 0
+                    and not buf[h + 345]  # no ustar prefix: the name field is the whole name
                 ):
-                    # verified: these are the indexed bytes, so the indexed layout holds (the
-                    # first member's ustar header still names the index's key: a key column
-                    # shifted against the ranges is caught, by the walk below)
+                    # verified: these are the indexed bytes, so the indexed layout holds; and the
+                    # first header names exactly the index's key (key, '.', an extension without
+                    # '/'), so a key column shifted against the ranges is caught by the walk below
                     for ext, a, b in cuts[first:last]:
                         item[ext] = view[p + a : p + b].tobytes()
                 elif not (
