@@ -73,7 +73,7 @@ import numpy as np
 from rsprune_data import PruneConfig, PrunedSampler, PruneIndex
 from rsprune_data import index as idx
 from rsprune_data.integrity import range_checksums
-from rsprune_data.layout import EXTS_KEY, encode_members
+from rsprune_data.layout import DIGEST_KEY, EXTS_KEY, encode_members
 from rsprune_data.reading import DEFAULT_LOCAL_MAX_GAP
 from rsprune_data.tario import scan_tar
 
@@ -92,7 +92,8 @@ def prepare(src: Path, cache: Path, shard_size: int) -> list[str]:
     rng = np.random.default_rng(0)
     for shard in shards:
         out = idx.index_path_for(shard)
-        if out.exists() and idx.has_checksums(meta := idx.read_metadata(out)) and EXTS_KEY in meta:
+        meta = idx.read_metadata(out) if out.exists() else {}
+        if idx.has_checksums(meta) and DIGEST_KEY in meta:  # current: checksums and a layout
             continue
         ts = scan_tar(shard)
         n = len(ts)

@@ -406,7 +406,7 @@ def cut_block(
                     and want_sum is not None
                     and first < last
                     and (n := len(raw_key)) < 99
-                    and _first_header(buf, p, h := p + cuts[first][1] - 512)
+                    and ((h := p + cuts[first][1] - 512) == p or _first_header(buf, p, h))
                     and buf.startswith(raw_key, h)
                     and buf[h + n] == 46  # '.'
                     and buf.find(b"/", h + n, h + 100) < 0
