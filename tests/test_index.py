@@ -378,4 +378,6 @@ def test_shard_patterns_expand_like_a_shell_and_webdataset(tmp_path: Path) -> No
     loaded = PruneIndex.load(str(tmp_path / "p-*.tar"))
     assert loaded.shards == names and len(loaded) == 9
     assert idx.expand_shards(str(tmp_path / "p-*")) == names  # not the index files beside them
+    with pytest.raises(IndexNotFoundError, match="the shard itself does not exist"):
+        PruneIndex.load(str(tmp_path / "p-{7..8}.tar"))  # braces expand to files that are not there
     assert idx.expand_shards(f"file://{tmp_path}/p-*.tar") == [f"file://{n}" for n in names]
