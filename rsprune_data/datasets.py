@@ -291,7 +291,7 @@ class PrunedShardDataset(torch.utils.data.Dataset[Any]):
         self._layouts = {}
         for s, path in enumerate(self._index_paths):
             arrays, meta = read_index(path)
-            self._layouts[s] = layout_of(arrays, meta, path)
+            self._layouts[s] = layout_of(arrays, meta, path, checked=True)  # by read_index
             n = int(self._starts[s + 1] - self._starts[s])
             if len(arrays["key_offsets"]) != n + 1:
                 raise StaleIndexError(

@@ -98,11 +98,6 @@ _PathLike = str | os.PathLike[str]
 _MISSING = "its shard does not exist"
 
 
-def local_name(shard: str) -> str:
-    """The file of a local shard name (``file://`` removed)."""
-    return shard.removeprefix("file://")
-
-
 def is_remote(shard: _PathLike) -> bool:
     """Whether ``shard`` is a URL or ``pipe:`` command rather than a local file."""
     s = os.fspath(shard)
@@ -354,7 +349,9 @@ def _open(path: Path, shard: str | None = None, index_dir: object = None) -> Any
         return safe_open(path, framework="np")
     except FileNotFoundError:
         where = "" if index_dir is None else f" --index-dir {index_dir}"
-        if shard is not None and not is_remote(shard) and not os.path.exists(local_name(shard)):
+        from .reading import local_path
+
+        if shard is not None and not is_remote(shard) and not os.path.exists(local_path(shard)):
             raise IndexNotFoundError(
                 f"no index for shard {shard} (looked for {path}), and the shard itself does not "
                 "exist: check the path or the pattern it came from"

@@ -241,16 +241,24 @@ class MemberLayout:
 
 
 def layout_of(
-    arrays: Mapping[str, NDArray[Any]], meta: Mapping[str, str], path: object
+    arrays: Mapping[str, NDArray[Any]],
+    meta: Mapping[str, str],
+    path: object,
+    *,
+    checked: bool = False,
 ) -> MemberLayout | None:
     """The layout in the tensors of one index file as :func:`rsprune_data.index.read_index`
-    returns them (``None`` if it has none)."""
+    returns them (``None`` if it has none); ``checked``: ``read_index`` has already checked it
+    (:func:`check_members`), so it is not checked twice."""
     if EXTS_KEY not in meta:
         return None
-    sums = arrays.get("checksum")
-    if sums is None:
-        sums = np.zeros(int(arrays["length"].shape[0]), np.uint64)
-    exts = check_members(arrays, meta, arrays["length"], path, sums)
+    if checked:
+        exts = _exts(meta[EXTS_KEY], path)
+    else:
+        sums = arrays.get("checksum")
+        if sums is None:
+            sums = np.zeros(int(arrays["length"].shape[0]), np.uint64)
+        exts = check_members(arrays, meta, arrays["length"], path, sums)
     return MemberLayout(
         arrays["member_bounds"],
         arrays["member_start"],

@@ -96,6 +96,14 @@ def _harmless_pax(buf: bytes | bytearray, a: int, size: int) -> bool:
     return all(buf.find(word, a, a + size) < 0 for word in (b" path=", b" size=", b" GNU.sparse."))
 
 
+def _past_pax(buf: bytes | bytearray, q: int) -> int:
+    """Where the member header after the pax header at ``q`` starts, or -1 when its records
+    change the member's name or size (the full walk handles those). A non-octal size raises
+    ``ValueError``, as the walks' own size reads do."""
+    size = int(buf[q + 124 : q + 135], 8)
+    return q + 512 + ((size + 511) & ~511) if _harmless_pax(buf, q + 512, size) else -1
+
+
 class Template:
     """A sample's member layout for :func:`_walk_known`: per member, in tar order, the name
     after the key with the name field's NUL (``b".jpg\\0"``) and the extension; ``longest``
@@ -127,10 +135,9 @@ def _walk_fast(
         while q < end:
             kind = buf[q + 156]
             if kind == 120:  # 'x': pax header; tarfile writes one per member for a float mtime
-                size = int(buf[q + 124 : q + 135], 8)
-                if not _harmless_pax(buf, q + 512, size):
+                q = _past_pax(buf, q)
+                if q < 0:
                     return None
-                q += 512 + ((size + 511) & ~511)
                 kind = buf[q + 156]
             if (kind != 48 and kind != 0) or buf[q + 345] or buf[q] == 95:  # 95: '_' (__meta__)
                 return None
@@ -188,10 +195,9 @@ def _walk_known(
         for dotted, ext in names.members:
             kind = buf[q + 156]
             if kind == 120:  # 'x': a pax header, as in _walk_fast
-                size = int(buf[q + 124 : q + 135], 8)
-                if not _harmless_pax(buf, q + 512, size):
+                q = _past_pax(buf, q)
+                if q < 0:
                     return False
-                q += 512 + ((size + 511) & ~511)
                 kind = buf[q + 156]
             if (
                 kind not in _PLAIN
@@ -215,15 +221,10 @@ def _first_header(buf: bytes | bytearray, p: int, h: int) -> bool:
     """Whether the sample at ``p`` opens with the ustar header at ``h`` of its first member:
     ``h == p``, or one pax header that leaves name and size alone lies between (what
     webdataset's ``TarWriter`` writes for a float mtime)."""
-    if h == p:
-        return True
     try:
-        if buf[p + 156] != 120:  # 'x'
-            return False
-        size = int(buf[p + 124 : p + 135], 8)
+        return h == p or (buf[p + 156] == 120 and _past_pax(buf, p) == h)  # 120: 'x'
     except ValueError:
         return False
-    return h == p + 512 + ((size + 511) & ~511) and _harmless_pax(buf, p + 512, size)
 
 
 _PLAIN = b"0\0"  # the type flags of a regular file ('0', and NUL from old tars)
